@@ -1,0 +1,135 @@
+"""The ``imagerec`` command: a thin shell over the library.
+
+Each sub-command parses its arguments and calls one library function. A user error
+(:class:`~imagerec.errors.ImagerecError`, or a bad argument) prints one line on stderr and exits
+with status 2, with no traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from ._version import __version__
+from .errors import ImagerecError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="a folder of images, DIR/<class>/*, a split root, a CSV manifest, or 'cifar10'")
+    p.add_argument("--split", choices=["train", "val", "test"], help="one split of the data (default: all images)")
+    p.add_argument(
+        "--max-pixels", type=_positive_int, default=None, help="skip images with more pixels (decompression-bomb guard)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="imagerec", description="Image recognition with transfer learning, and image clustering.")
+    parser.add_argument("--version", action="version", version=f"imagerec {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    p = commands.add_parser("models", help="list the backbones, or recommend one for a data set")
+    p.add_argument("--recommend", action="store_true", help="recommend a backbone instead of listing them")
+    p.add_argument("--images", type=int, help="number of labelled training images (with --recommend)")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (default: 10)")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="compute to train on (default: cpu)")
+    p.add_argument("--image-side", type=int, help="longer side of the images in pixels, if known")
+    p.set_defaults(run=_run_models)
+
+    p = commands.add_parser("embed", help="turn images into feature vectors (.npz)")
+    _add_data_arguments(p)
+    p.add_argument("--backbone", default="efficientnet_lite0", help="registry name (see 'imagerec models')")
+    p.add_argument("--out", required=True, help="output .npz file (resumable: run again to continue)")
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--workers", type=int, help="decoding processes for large images (default: CPUs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_embed)
+    return parser
+
+
+def _run_models(args) -> None:
+    from .backbones import model_cards, recommend_backbone  # noqa: PLC0415 - fast --help
+
+    if args.recommend:
+        if args.images is None:
+            raise ImagerecError("--recommend needs --images N, the number of labelled training images")
+        rec = recommend_backbone(args.images, num_classes=args.classes, device=args.device, image_side=args.image_side)
+        print(f"backbone: {rec.backbone}\nstrategy: {rec.strategy}\nimage size: {rec.image_size} px")
+        for reason in rec.reasons:
+            print(f"  - {reason}")
+        return
+    rows = [("backbone", "params", "MACs", "features", "ImageNet top-1", "input", "mean / std", "weights")]
+    for c in model_cards():
+        pp = c.preprocessing
+        rows.append(
+            (
+                c.name,
+                f"{c.params / 1e6:.2f} M",
+                f"{c.macs / 1e6:,.{1 if c.macs < 1e7 else 0}f} M @ {pp.input_size}px",
+                str(c.num_features),
+                f"{c.imagenet_top1:.1f}%" if c.imagenet_top1 else "-",
+                f"{pp.input_size} px {pp.interpolation}",
+                f"{_fmt(pp.mean)} / {_fmt(pp.std)}",
+                "ImageNet" if c.weights else "none (from scratch)",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def _run_embed(args) -> None:
+    from .data import DEFAULT_MAX_PIXELS  # noqa: PLC0415
+    from .embedding import embed  # noqa: PLC0415
+
+    result = embed(
+        args.data,
+        args.backbone,
+        out=args.out,
+        split=args.split,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        workers=args.workers,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {args.out}: {len(result):,} x {result.features.shape[1]} float32 features ({result.backbone})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except ImagerecError as e:
+        print(f"imagerec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imagerec: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Preprocessing that travels with the weights, and the transforms built from it.
+
+A backbone carries a :class:`Preprocessing` (mean, std, input size, interpolation, crop share);
+checkpoints and embedding files store it, and every command builds its transforms from it, so
+normalisation is never restated by hand.
+
+Two forms of each transform exist:
+
+* per image, on PIL images (torchvision.transforms.v2), for folders of large photos decoded in
+  DataLoader workers;
+* per batch, on uint8 tensors of shape (N, 3, H, W), for small images held decoded in memory:
+  one call resizes and normalises a whole batch, and :class:`BatchAugment` draws a different
+  crop, scale, rotation and flip for every image in one ``grid_sample``.
+
+The evaluation transform is the same torchvision pipeline in both forms, so a batch and its
+images one by one give the same tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms import InterpolationMode, v2
+
+from ..errors import ImagerecError
+
+AUGMENTS = ("none", "default", "strong")
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for a model: what timm calls its pretrained data config.
+
+    Attributes:
+        input_size: side of the square input in pixels.
+        mean: per-channel mean subtracted after scaling pixels to [0, 1].
+        std: per-channel standard deviation divided by after that.
+        interpolation: ``"bicubic"``, ``"bilinear"`` or ``"nearest"``.
+        crop_pct: share of the resized image kept by the centre crop at evaluation.
+        fixed_input_size: True when the model accepts only ``input_size`` (e.g. ``seed_cnn``).
+    """
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    fixed_input_size: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocessing:
+        data = dict(data)
+        data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
+        return cls(**data)
+
+    def resolve(self, image_size: int | None = None, crop_pct: float | None = None) -> Preprocessing:
+        """A copy at another input size or crop share, validated.
+
+        Raises:
+            ImagerecError: the size is outside [16, 1024], differs from a fixed input size, or
+                the crop share is outside (0, 1].
+        """
+        size = self.input_size if image_size is None else int(image_size)
+        if self.fixed_input_size and size != self.input_size:
+            raise ImagerecError(
+                f"image size {size} px: this model takes only {self.input_size} px input; "
+                f"drop --image-size or set it to {self.input_size}"
+            )
+        if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+            raise ImagerecError(
+                f"image size {size} px is outside [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]; pick e.g. 128"
+            )
+        crop = self.crop_pct if crop_pct is None else float(crop_pct)
+        if not 0.0 < crop <= 1.0:
+            raise ImagerecError(f"crop_pct={crop} must be in (0, 1]; 1 keeps the whole image")
+        return replace(self, input_size=size, crop_pct=crop)
+
+
+def _interp(name: str) -> InterpolationMode:
+    try:
+        return InterpolationMode(name)
+    except ValueError:
+        raise ImagerecError(f"interpolation {name!r} is not one of bicubic, bilinear, nearest") from None
+
+
+def eval_transform(pp: Preprocessing, *, batched: bool = False) -> v2.Compose:
+    """Resize, centre crop and normalise.
+
+    Args:
+        pp: the preprocessing (see :meth:`Preprocessing.resolve` for another size).
+        batched: True for uint8 tensors of shape (N, 3, H, W); False for one PIL image.
+
+    Returns:
+        A transform giving float32 tensors of shape ([N,] 3, S, S) with S = ``pp.input_size``.
+    """
+    resize = math.floor(pp.input_size / pp.crop_pct)
+    steps = [] if batched else [v2.ToImage()]
+    steps += [
+        v2.ToDtype(torch.float32, scale=True),  # resize in float: no rounding back to 8 bits
+        v2.Resize(resize, interpolation=_interp(pp.interpolation), antialias=True),
+        v2.CenterCrop(pp.input_size),
+        v2.Normalize(pp.mean, pp.std),
+    ]
+    return v2.Compose(steps)
+
+
+def train_transform(
+    pp: Preprocessing, augment: str = "default", *, scale: tuple[float, float] = (0.35, 1.0), degrees: float = 15.0
+) -> v2.Compose:
+    """Per-image training augmentation for one PIL image.
+
+    ``default`` is the origin document's: random scaling and cropping, rotation and horizontal
+    flip. ``strong`` adds TrivialAugment (colour and geometry) and random erasing. ``none``
+    only resizes like :func:`eval_transform`.
+
+    Returns:
+        A transform giving a float32 tensor of shape (3, S, S).
+    """
+    _check_augment(augment)
+    if augment == "none":
+        return eval_transform(replace(pp, crop_pct=1.0))
+    interp = _interp(pp.interpolation)
+    steps = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(pp.input_size, scale=scale, interpolation=interp, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomRotation(degrees, interpolation=InterpolationMode.BILINEAR),
+    ]
+    if augment == "strong":
+        steps.append(v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(pp.mean, pp.std)]
+    if augment == "strong":
+        steps.append(v2.RandomErasing(p=0.25))
+    return v2.Compose(steps)
+
+
+def _check_augment(augment: str) -> None:
+    if augment not in AUGMENTS:
+        raise ImagerecError(f"augment={augment!r} is not one of {AUGMENTS}")
+
+
+class BatchAugment(nn.Module):
+    """Training augmentation for a whole batch of small images at once.
+
+    Every image gets its own random crop (area share in ``scale``, aspect ratio 3/4 to 4/3),
+    rotation (up to ``degrees``) and horizontal flip, applied as one affine ``grid_sample`` that
+    also resizes to the input size; ``strong`` adds a random erased square (cutout).
+
+    Args:
+        pp: the preprocessing (input size, mean, std).
+        augment: ``"default"``, ``"strong"`` or ``"none"`` (resize and normalise only).
+        scale: range of the crop's share of the image area.
+        degrees: largest rotation either way.
+    """
+
+    def __init__(self, pp: Preprocessing, augment: str = "default", scale=(0.35, 1.0), degrees: float = 15.0):
+        super().__init__()
+        _check_augment(augment)
+        self.size, self.augment, self.scale, self.degrees = pp.input_size, augment, scale, degrees
+        self.register_buffer("mean", torch.tensor(pp.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(pp.std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Augment ``images``: uint8 tensor of shape (N, 3, H, W); returns float (N, 3, S, S)."""
+        x = images.float().div_(255)
+        n = x.shape[0]
+        if self.augment == "none":
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            return (x - self.mean) / self.std
+
+        def uniform(low, high):
+            return torch.rand(n, generator=generator) * (high - low) + low
+
+        area = uniform(*self.scale)
+        log_ratio = uniform(math.log(3 / 4), math.log(4 / 3))
+        width = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)  # share of the image kept
+        height = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
+        shift_x, shift_y = uniform(-1, 1) * (1 - width), uniform(-1, 1) * (1 - height)
+        angle = uniform(-self.degrees, self.degrees) * (math.pi / 180)
+        flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+        cos, sin = angle.cos(), angle.sin()
+        theta = torch.stack(
+            [
+                torch.stack([cos * width * flip, -sin * height, shift_x], 1),
+                torch.stack([sin * width * flip, cos * height, shift_y], 1),
+            ],
+            1,
+        )
+        grid = F.affine_grid(theta, [n, 3, self.size, self.size], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        if self.augment == "strong":
+            x = _cutout(x, self.size // 4, generator)
+        return (x - self.mean) / self.std
+
+
+def _cutout(x: torch.Tensor, side: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Set a random ``side`` x ``side`` square of each image to 0.5 grey."""
+    n, _, h, w = x.shape
+    top = torch.randint(0, h - side + 1, (n, 1, 1), generator=generator)
+    left = torch.randint(0, w - side + 1, (n, 1, 1), generator=generator)
+    rows = torch.arange(h).view(1, h, 1)
+    cols = torch.arange(w).view(1, 1, w)
+    mask = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
+    return x.masked_fill(mask.unsqueeze(1), 0.5)

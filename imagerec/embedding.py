@@ -1,0 +1,301 @@
+"""Embeddings: every image turned into a feature vector by a backbone.
+
+The file format is a numpy ``.npz`` archive, read with numpy alone (``allow_pickle=False``):
+
+* ``features``: float32 array (N, D), one row per image;
+* ``paths``: str array (N,), the image each row came from;
+* ``labels``: int64 array (N,) indexing ``classes`` (absent for unlabelled images);
+* ``classes``: str array of class names (absent for unlabelled images);
+* ``meta``: a JSON string: backbone, preprocessing, imagerec version.
+
+pandas users: ``d = np.load(f); pd.DataFrame(d["features"], index=d["paths"])``.
+
+A run with an output file is resumable: finished chunks of images are written to
+``OUT.partial/`` as they complete, and a run started again with the same inputs continues
+from there. The output file is written atomically at the end and the partial folder removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._io import atomic_path, write_text_atomic
+from ._version import __version__
+from .backbones import create_backbone
+from .data import (
+    DEFAULT_MAX_PIXELS,
+    ImageSource,
+    Preprocessing,
+    Skipped,
+    decode_small_images,
+    iter_batches,
+    load_images,
+    report_skipped,
+)
+from .errors import ImagerecError
+
+CHUNK = 2048  # images per resumable chunk
+
+
+@dataclass
+class Embeddings:
+    """Feature vectors of a set of images.
+
+    Attributes:
+        features: float32 array of shape (N, D).
+        paths: the image of each row.
+        labels: int64 array of shape (N,), or None when unlabelled.
+        classes: class names, or None when unlabelled.
+        backbone: name of the backbone that made them.
+        preprocessing: how the images were prepared.
+        skipped: images that could not be read (not in ``features``).
+    """
+
+    features: np.ndarray
+    paths: list[str]
+    labels: np.ndarray | None
+    classes: list[str] | None
+    backbone: str
+    preprocessing: Preprocessing
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the ``.npz`` file atomically (see the module docstring for its layout)."""
+        path = Path(path)
+        arrays = {
+            "features": self.features.astype(np.float32, copy=False),
+            "paths": np.asarray(self.paths, dtype=str),
+            "meta": np.asarray(json.dumps(self._meta())),
+        }
+        if self.labels is not None:
+            arrays["labels"] = self.labels.astype(np.int64, copy=False)
+            arrays["classes"] = np.asarray(self.classes, dtype=str)
+        with atomic_path(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        return path
+
+    def _meta(self) -> dict:
+        return {
+            "backbone": self.backbone,
+            "preprocessing": self.preprocessing.to_dict(),
+            "imagerec_version": __version__,
+            "skipped": len(self.skipped),
+        }
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Embeddings:
+        """Read a file written by :meth:`save`.
+
+        Raises:
+            ImagerecError: the file is missing or not an imagerec embeddings file.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                labelled = "labels" in data
+                return cls(
+                    features=data["features"],
+                    paths=data["paths"].tolist(),
+                    labels=data["labels"] if labelled else None,
+                    classes=data["classes"].tolist() if labelled else None,
+                    backbone=meta["backbone"],
+                    preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
+                )
+        except FileNotFoundError:
+            raise ImagerecError(f"{path}: no such embeddings file; make one with 'imagerec embed'") from None
+        except (KeyError, ValueError, OSError) as e:
+            raise ImagerecError(f"{path}: not an imagerec embeddings file ({e}); make one with 'imagerec embed'") from None
+
+
+def embed(
+    data: str | os.PathLike | ImageSource,
+    backbone: str | nn.Module = "efficientnet_lite0",
+    *,
+    out: str | os.PathLike | None = None,
+    split: str | None = None,
+    image_size: int | None = None,
+    crop_pct: float | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> Embeddings:
+    """Embed images with a backbone's pooled features (``forward_head(pre_logits=True)``).
+
+    Args:
+        data: a data set spec for :func:`~imagerec.data.load_images`, or an ImageSource.
+        backbone: a registry name (pretrained weights where it has them), or a model that keeps
+            the model contract and carries ``preprocessing``.
+        out: ``.npz`` file to write; with it the run is resumable (see the module docstring).
+        split: ``"train"``, ``"val"``, ``"test"`` or None (all images).
+        image_size: input side in pixels (default: the backbone's).
+        crop_pct: centre-crop share; default: the backbone's, but 1.0 (no crop) for images smaller
+            than the input, which are upsampled whole.
+        batch_size: images per forward pass.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        workers: decoding processes for folders of large images (default: number of CPUs).
+        max_pixels: decompression-bomb limit per image.
+        progress: show a progress bar with images/s and ETA.
+
+    Returns:
+        The :class:`Embeddings` (also written to ``out`` when given).
+
+    Raises:
+        ImagerecError: bad arguments, unreadable data, or no readable image at all.
+    """
+    if batch_size < 1:
+        raise ImagerecError(f"batch_size={batch_size} must be at least 1; try 64")
+    source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
+    model = create_backbone(backbone, num_classes=0) if isinstance(backbone, str) else backbone
+    name = getattr(model, "backbone_name", type(model).__name__)
+    torch_device = _device(device)
+    source = decode_small_images(source, progress=progress) or source
+    if crop_pct is None and source.pixels is not None and max(source.pixels.shape[1:3]) < (image_size or model.preprocessing.input_size):
+        crop_pct = 1.0
+    pp = model.preprocessing.resolve(image_size, crop_pct)
+    model = model.eval().to(torch_device, memory_format=torch.channels_last)
+
+    partial = _Partial(Path(f"{out}.partial"), _fingerprint(source, name, pp, model)) if out else None
+    done = partial.load() if partial else {}
+    todo = [s for s in range(0, len(source), CHUNK) if s not in done]
+    indices = np.concatenate([np.arange(s, min(s + CHUNK, len(source))) for s in todo]) if todo else np.empty(0, np.int64)
+    finished = sum(len(c["indices"]) + len(c["skipped"]) for c in done.values())
+
+    bar = tqdm(total=len(source), initial=finished, desc=f"embed {name}", unit="img", disable=not progress, smoothing=0.1)
+    collector = _ChunkCollector(len(source), todo, partial, done)
+    with torch.inference_mode():
+        for batch in iter_batches(source, pp, batch_size=batch_size, indices=indices, workers=workers):
+            features = np.zeros((0, 0), np.float32)
+            if len(batch.indices):
+                images = batch.images.to(torch_device, non_blocking=True)
+                features = model.forward_head(model.forward_features(images), pre_logits=True).float().cpu().numpy()
+            collector.add(batch.indices.numpy(), features, batch.skipped)
+            bar.update(len(batch.indices) + len(batch.skipped))
+    bar.close()
+
+    result = collector.result(source, name, pp)
+    if len(result) == 0:
+        raise ImagerecError(f"{source.root}: none of its {len(source)} images could be read; see the skipped list")
+    if out:
+        result.save(out)
+        partial.remove()
+    report_skipped(result.skipped, out)
+    return result
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ImagerecError(f"device {name!r} is not one of cpu, cuda, cuda:N, auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ImagerecError(f"device {name!r}: no CUDA GPU is visible to PyTorch; use --device cpu")
+    return torch.device(name)
+
+
+def _fingerprint(source: ImageSource, name: str, pp: Preprocessing, model: nn.Module) -> str:
+    """Identifies a run's inputs: the images, the model's weights and the preprocessing."""
+    digest = hashlib.sha256(json.dumps([name, pp.to_dict(), __version__]).encode())
+    digest.update("\n".join(source.paths).encode())
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class _Partial:
+    """The ``OUT.partial/`` folder of a resumable run: one ``.npz`` per finished chunk."""
+
+    def __init__(self, folder: Path, fingerprint: str):
+        self.folder, self.fingerprint = folder, fingerprint
+
+    def load(self) -> dict[int, dict]:
+        meta = self.folder / "run.json"
+        if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == self.fingerprint:
+            chunks = {}
+            for file in sorted(self.folder.glob("chunk_*.npz")):
+                with np.load(file, allow_pickle=False) as d:
+                    chunks[int(file.stem[6:])] = {
+                        "features": d["features"],
+                        "indices": d["indices"],
+                        "skipped": json.loads(str(d["skipped"])),
+                    }
+            return chunks
+        shutil.rmtree(self.folder, ignore_errors=True)  # another run's leftovers: start afresh
+        self.folder.mkdir(parents=True)
+        write_text_atomic(meta, json.dumps({"fingerprint": self.fingerprint}))
+        return {}
+
+    def save(self, start: int, chunk: dict) -> None:
+        with atomic_path(self.folder / f"chunk_{start:09d}.npz", suffix=".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, features=chunk["features"], indices=chunk["indices"], skipped=np.asarray(json.dumps(chunk["skipped"])))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _ChunkCollector:
+    """Gathers batch results into chunks of ``CHUNK`` images and saves each as it completes."""
+
+    def __init__(self, n: int, todo: list[int], partial: _Partial | None, done: dict[int, dict]):
+        self.partial, self.chunks = partial, dict(done)
+        self.open = {s: {"features": [], "indices": [], "skipped": [], "left": min(CHUNK, n - s)} for s in todo}
+
+    def add(self, indices: np.ndarray, features: np.ndarray | None, skipped: list) -> None:
+        starts = indices // CHUNK * CHUNK
+        for start in np.unique(starts):
+            mask = starts == start
+            self._put(int(start), features[mask], indices[mask], [])
+        for index, item in skipped:
+            self._put(index // CHUNK * CHUNK, None, np.empty(0, np.int64), [[item.path, item.reason]])
+
+    def _put(self, start: int, features, indices, skipped) -> None:
+        chunk = self.open[start]
+        if features is not None:
+            chunk["features"].append(features)
+        chunk["indices"].append(indices)
+        chunk["skipped"] += skipped
+        chunk["left"] -= len(indices) + len(skipped)
+        if chunk["left"] == 0:
+            del self.open[start]
+            finished = {
+                "features": np.concatenate(chunk["features"]) if chunk["features"] else np.zeros((0, 0), np.float32),
+                "indices": np.concatenate(chunk["indices"]),
+                "skipped": chunk["skipped"],
+            }
+            if self.partial:
+                self.partial.save(start, finished)
+            self.chunks[start] = finished
+
+    def result(self, source: ImageSource, name: str, pp: Preprocessing) -> Embeddings:
+        assert not self.open, "every chunk is complete once all batches are in"
+        parts = [self.chunks[s] for s in sorted(self.chunks)]
+        with_features = [p["features"] for p in parts if len(p["features"])]
+        features = np.concatenate(with_features) if with_features else np.zeros((0, 0), np.float32)
+        indices = np.concatenate([p["indices"] for p in parts]).astype(np.int64)
+        order = np.argsort(indices, kind="stable")
+        indices = indices[order]
+        return Embeddings(
+            features=np.ascontiguousarray(features[order]) if len(features) else features,
+            paths=[source.paths[i] for i in indices],
+            labels=None if source.labels is None else source.labels[indices],
+            classes=source.classes,
+            backbone=name,
+            preprocessing=pp,
+            skipped=source.skipped + [Skipped(path, why) for part in parts for path, why in part["skipped"]],
+        )
