@@ -164,10 +164,10 @@ def embed(
     model = create_backbone(backbone, num_classes=0) if isinstance(backbone, str) else backbone
     name = getattr(model, "backbone_name", type(model).__name__)
     torch_device = _device(device)
+    pp = model.preprocessing.resolve(image_size, crop_pct)  # validated before any decoding
     source = decode_small_images(source, progress=progress) or source
-    if crop_pct is None and source.pixels is not None and max(source.pixels.shape[1:3]) < (image_size or model.preprocessing.input_size):
-        crop_pct = 1.0
-    pp = model.preprocessing.resolve(image_size, crop_pct)
+    if crop_pct is None and source.pixels is not None and max(source.pixels.shape[1:3]) < pp.input_size:
+        pp = pp.resolve(crop_pct=1.0)  # small images are upsampled whole, not cropped
     model = model.eval().to(torch_device, memory_format=torch.channels_last)
 
     partial = _Partial(Path(f"{out}.partial"), _fingerprint(source, name, pp, model)) if out else None

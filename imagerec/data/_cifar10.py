@@ -101,6 +101,11 @@ def _download(root: Path) -> None:
             f"could not download CIFAR-10 from {CIFAR10.url} ({e}); offline, copy {FOLDER} into "
             f"{root} or run with --data /path/to/{FOLDER} (or a folder of images)"
         ) from None
+    except RuntimeError as e:  # torchvision's word for a download that fails its MD5 checksum
+        raise ImagerecError(
+            f"the CIFAR-10 download from {CIFAR10.url} failed its checksum ({e}); retry, or run "
+            f"with --data /path/to/{FOLDER}"
+        ) from None
     for name, md5 in CIFAR10.train_list + CIFAR10.test_list:
         if not check_integrity(str(root / FOLDER / name), md5):
             raise ImagerecError(f"{root / FOLDER / name}: checksum mismatch after download; delete {root / FOLDER} and retry")

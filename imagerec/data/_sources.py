@@ -190,7 +190,7 @@ def _from_split_root(root, split_dirs, split, val_fraction, seed, max_pixels) ->
             )
     if split is None:
         return replace(_concat(list(parts.values())), root=str(root))
-    if split in parts:
+    if split in parts and not (split == "train" and "val" not in parts):
         return parts[split]
     if split == "test":
         raise ImagerecError(

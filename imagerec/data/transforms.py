@@ -150,7 +150,7 @@ def _check_augment(augment: str) -> None:
 class BatchAugment(nn.Module):
     """Training augmentation for a whole batch of small images at once.
 
-    Every image gets its own random crop (area share in ``scale``, aspect ratio 3/4 to 4/3),
+    Every image gets its own random crop (area share in ``scale``, aspect ratio in ``ratio``),
     rotation (up to ``degrees``) and horizontal flip, applied as one affine ``grid_sample`` that
     also resizes to the input size; ``strong`` adds a random erased square (cutout).
 
@@ -158,13 +158,17 @@ class BatchAugment(nn.Module):
         pp: the preprocessing (input size, mean, std).
         augment: ``"default"``, ``"strong"`` or ``"none"`` (resize and normalise only).
         scale: range of the crop's share of the image area.
+        ratio: range of the crop's aspect ratio (width / height).
         degrees: largest rotation either way.
     """
 
-    def __init__(self, pp: Preprocessing, augment: str = "default", scale=(0.35, 1.0), degrees: float = 15.0):
+    def __init__(
+        self, pp: Preprocessing, augment: str = "default", scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), degrees: float = 15.0
+    ):
         super().__init__()
         _check_augment(augment)
-        self.size, self.augment, self.scale, self.degrees = pp.input_size, augment, scale, degrees
+        self.size, self.augment, self.degrees = pp.input_size, augment, degrees
+        self.scale, self.ratio = scale, ratio
         self.register_buffer("mean", torch.tensor(pp.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(pp.std).view(1, 3, 1, 1), persistent=False)
 
@@ -180,7 +184,7 @@ class BatchAugment(nn.Module):
             return torch.rand(n, generator=generator) * (high - low) + low
 
         area = uniform(*self.scale)
-        log_ratio = uniform(math.log(3 / 4), math.log(4 / 3))
+        log_ratio = uniform(math.log(self.ratio[0]), math.log(self.ratio[1]))
         width = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)  # share of the image kept
         height = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
         shift_x, shift_y = uniform(-1, 1) * (1 - width), uniform(-1, 1) * (1 - height)

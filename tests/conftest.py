@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny generated images, and imagerec's cache redirected to a temporary folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CIFAR_JPEG = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10-jpeg"
+needs_cifar = pytest.mark.skipif(
+    not (CIFAR_JPEG / "test").is_dir(), reason=f"CIFAR-10 JPEG copy not found at {CIFAR_JPEG}"
+)
+
+
+@pytest.fixture(autouse=True)
+def imagerec_home(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets its own empty imagerec cache folder."""
+    home = tmp_path_factory.mktemp("imagerec_home")
+    monkeypatch.setenv("IMAGEREC_HOME", str(home))
+    return home
+
+
+def make_image(path: Path, size=(32, 32), seed: int = 0, mode: str = "RGB", fmt: str | None = None) -> Path:
+    """Write a random image of ``size`` (width, height) to ``path``."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(pixels, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt)
+    return path
+
+
+def make_class_folder(root: Path, classes=("cat", "dog"), per_class: int = 6, size=(32, 32), ext: str = ".png") -> Path:
+    """``root/<class>/<i><ext>`` with distinct random images."""
+    seed = 0
+    for name in classes:
+        for i in range(per_class):
+            make_image(root / name / f"{i:03d}{ext}", size, seed=seed)
+            seed += 1
+    return root
+
+
+@pytest.fixture
+def class_folder(tmp_path) -> Path:
+    return make_class_folder(tmp_path / "data")
