@@ -2,29 +2,44 @@
 
 Layers, each importing only from those before it::
 
-    data -> backbones -> embedding -> cli
+    data -> backbones -> checkpoint, inference, embedding -> training -> evaluation
+         -> classifier, prediction, quickstart -> cli
 """
 
 from ._version import __version__
 from .backbones import ModelCard, create_backbone, list_backbones, model_card, model_cards, recommend_backbone
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .classifier import Classifier
 from .data import ImageSource, Preprocessing, load_images
 from .embedding import Embeddings, embed
 from .errors import ImagerecError, ImagerecWarning, SkippedImagesWarning
+from .evaluation import EvaluationReport
+from .quickstart import quickstart
+from .training import TrainConfig, TrainResult, train
 
 __all__ = [
+    "Checkpoint",
+    "Classifier",
     "Embeddings",
+    "EvaluationReport",
     "ImageSource",
     "ImagerecError",
     "ImagerecWarning",
     "ModelCard",
     "Preprocessing",
     "SkippedImagesWarning",
+    "TrainConfig",
+    "TrainResult",
     "__version__",
     "create_backbone",
     "embed",
     "list_backbones",
+    "load_checkpoint",
     "load_images",
     "model_card",
     "model_cards",
+    "quickstart",
     "recommend_backbone",
+    "save_checkpoint",
+    "train",
 ]

@@ -8,6 +8,7 @@ with status 2, with no traceback; anything else is a bug and keeps its traceback
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -59,7 +60,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="decoding processes for large images (default: CPUs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_embed)
+
+    p = commands.add_parser("train", help="fine-tune a backbone on labelled images (or --recipe seed)")
+    p.add_argument("data", nargs="?", help="labelled images: DIR/<class>/*, a split root, a CSV manifest, or 'cifar10'")
+    p.add_argument("--out", help="run folder for checkpoints, metrics.csv and config.json")
+    p.add_argument("--resume", help="continue the run in this folder from its last checkpoint")
+    p.add_argument("--config", help="TOML or JSON file of training settings (flags override it)")
+    _add_config_flags(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_train)
+
+    p = commands.add_parser("evaluate", help="accuracy, per-class metrics, confusion matrix and calibration")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint, or a run folder (its best checkpoint)")
+    _add_data_arguments(p)
+    p.add_argument("--out", required=True, help="folder for summary.json, per_class.csv, confusion.png...")
+    p.add_argument("--tta", action="store_true", help="average each prediction with the mirrored image's")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.set_defaults(run=_run_evaluate, split="auto")
+
+    p = commands.add_parser("predict", help="top-k classes of new images")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint, or a run folder (its best checkpoint)")
+    p.add_argument("paths", nargs="+", help="image files, folders or glob patterns (quote them)")
+    p.add_argument("--top-k", type=_positive_int, default=3, help="classes shown per image (default: 3)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--out", help="write the result to this file instead of the console")
+    p.add_argument("--tta", action="store_true", help="average each prediction with the mirrored image's")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.set_defaults(run=_run_predict)
+
+    p = commands.add_parser("quickstart", help="the main job: download CIFAR-10, fine-tune, evaluate")
+    p.add_argument("--data", default="cifar10", help="a local copy instead of the download (a split root or the CIFAR batches)")
+    p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
+    p.add_argument("--time-budget", type=float, default=20.0, help="minutes for training and evaluation (default: 20)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_quickstart)
     return parser
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, help text and all; defaults stay in the dataclass."""
+    from dataclasses import fields  # noqa: PLC0415
+
+    from .training import TrainConfig  # noqa: PLC0415
+
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)})"
+        kind = str(f.type)
+        if kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            convert = int if kind.startswith("int") else float if kind.startswith("float") else str
+            p.add_argument(flag, type=convert, default=None, help=help_text)
 
 
 def _run_models(args) -> None:
@@ -114,6 +168,53 @@ def _run_embed(args) -> None:
         progress=not args.no_progress,
     )
     print(f"wrote {args.out}: {len(result):,} x {result.features.shape[1]} float32 features ({result.backbone})")
+
+
+def _run_train(args) -> None:
+    from dataclasses import fields  # noqa: PLC0415
+
+    from .training import TrainConfig, load_config, train  # noqa: PLC0415
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    config = None if args.resume and not args.config and not any(v is not None for v in overrides.values()) else load_config(args.config, **overrides)
+    if args.resume and config is not None:
+        raise ImagerecError("--resume continues a run with its own settings; drop the other flags (or start a new run with --out)")
+    result = train(args.data, args.out, config, resume=args.resume, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 reports
+    best = result.best_val_accuracy
+    print(f"run folder: {result.run_dir}" + (f"  best val accuracy: {best:.4f}" if best is not None else ""))
+
+
+def _run_evaluate(args) -> None:
+    from .classifier import Classifier  # noqa: PLC0415
+
+    clf = Classifier.load(args.checkpoint, device=args.device)
+    report = clf.evaluate(
+        args.data, split=args.split, out=args.out, tta=args.tta, batch_size=args.batch_size, max_pixels=args.max_pixels, progress=True
+    )
+    s = report.summary
+    print(f"accuracy {s['accuracy']:.4f}  macro F1 {s['macro_f1']:.4f}  ECE {s['ece']:.4f}  on {s['images']:,} images  -> {args.out}")
+
+
+def _run_predict(args) -> None:
+    from .prediction import format_predictions, predict_top_k  # noqa: PLC0415
+
+    rows = predict_top_k(args.checkpoint, args.paths, top_k=args.top_k, tta=args.tta, device=args.device)
+    text = format_predictions(rows, args.format)
+    if args.out:
+        from ._io import write_text_atomic  # noqa: PLC0415
+
+        write_text_atomic(args.out, text)
+        print(f"wrote {len(rows)} prediction(s) to {args.out}")
+    else:
+        print(text, end="")
+
+
+def _run_quickstart(args) -> None:
+    from .quickstart import quickstart  # noqa: PLC0415
+
+    quickstart(args.data, args.out, time_budget=args.time_budget, progress=not args.no_progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

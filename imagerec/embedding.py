@@ -43,6 +43,7 @@ from .data import (
     report_skipped,
 )
 from .errors import ImagerecError
+from .inference import resolve_device
 
 CHUNK = 2048  # images per resumable chunk
 
@@ -163,7 +164,7 @@ def embed(
     source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
     model = create_backbone(backbone, num_classes=0) if isinstance(backbone, str) else backbone
     name = getattr(model, "backbone_name", type(model).__name__)
-    torch_device = _device(device)
+    torch_device = resolve_device(device)
     pp = model.preprocessing.resolve(image_size, crop_pct)  # validated before any decoding
     source = decode_small_images(source, progress=progress) or source
     if crop_pct is None and source.pixels is not None and max(source.pixels.shape[1:3]) < pp.input_size:
@@ -196,16 +197,6 @@ def embed(
         partial.remove()
     report_skipped(result.skipped, out)
     return result
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ImagerecError(f"device {name!r} is not one of cpu, cuda, cuda:N, auto")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ImagerecError(f"device {name!r}: no CUDA GPU is visible to PyTorch; use --device cpu")
-    return torch.device(name)
 
 
 def _fingerprint(source: ImageSource, name: str, pp: Preprocessing, model: nn.Module) -> str:

@@ -8,6 +8,7 @@ export depend, whatever the architecture:
 * ``forward_head(features, pre_logits=False)``: feature map -> logits (N, num_classes), or the
   pooled embedding (N, num_features) with ``pre_logits=True``;
 * ``reset_classifier(num_classes)``: a new, randomly initialised head (0: none);
+* ``get_classifier()``: the head module (trained alone in the first stage of transfer learning);
 * attributes ``num_features``, ``num_classes``, ``preprocessing`` (a
   :class:`~imagerec.data.Preprocessing`) and ``backbone_name``.
 """

@@ -40,6 +40,9 @@ class SeedCNN(nn.Module):
         x = F.relu(self.fc2(F.relu(self.fc1(x))))
         return x if pre_logits else self.fc3(x)
 
+    def get_classifier(self) -> nn.Module:
+        return self.fc3
+
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.fc3 = nn.Linear(84, num_classes) if num_classes else nn.Identity()

@@ -51,6 +51,7 @@ def iter_batches(
     seed: int = 0,
     workers: int | None = None,
     drop_last: bool = False,
+    start_batch: int = 0,
 ) -> Iterator[Batch]:
     """Yield batches of ``source`` prepared by ``pp``.
 
@@ -65,6 +66,9 @@ def iter_batches(
         seed: seed for the order and the augmentation.
         workers: decoding processes for file-backed sources (default: the number of CPUs).
         drop_last: drop a last batch smaller than ``batch_size`` (for training).
+        start_batch: skip this many batches (to resume an epoch). For in-memory sources each
+            batch's augmentation is drawn from ``(seed, batch number)``, so a resumed epoch
+            draws exactly what the uninterrupted one would.
     """
     order = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
     if shuffle:
@@ -73,24 +77,25 @@ def iter_batches(
     if drop_last and chunks and len(chunks[-1]) < batch_size:
         chunks.pop()
     if source.pixels is not None:
-        yield from _prefetch(_array_batches(source, pp, chunks, augment, seed))
+        yield from _prefetch(_array_batches(source, pp, chunks, augment, seed, start_batch))
     else:
-        yield from _file_batches(source, pp, chunks, augment, seed, workers)
+        yield from _file_batches(source, pp, chunks[start_batch:], augment, seed + start_batch, workers)
 
 
-def _array_batches(source, pp, chunks, augment, seed) -> Iterator[Batch]:
-    if augment is None:
-        transform: Callable = eval_transform(pp, batched=True)
-    else:
-        augmenter = BatchAugment(pp, augment)
-        generator = torch.Generator().manual_seed(seed)
-        transform = lambda x: augmenter(x, generator)  # noqa: E731
+def _array_batches(source, pp, chunks, augment, seed, start_batch) -> Iterator[Batch]:
+    evaluate = eval_transform(pp, batched=True)
+    augmenter = None if augment is None else BatchAugment(pp, augment)
     labels = None if source.labels is None else torch.from_numpy(np.asarray(source.labels))
-    for chunk in chunks:
+    for number in range(start_batch, len(chunks)):
+        chunk = chunks[number]
         if isinstance(source.pixels, np.memmap):
             chunk = np.sort(chunk)  # read the mapped file front to back
         pixels = torch.from_numpy(np.ascontiguousarray(source.pixels[chunk]))
-        images = transform(pixels.permute(0, 3, 1, 2))  # NHWC -> NCHW view: channels_last
+        pixels = pixels.permute(0, 3, 1, 2)  # NHWC -> NCHW view: already channels_last
+        if augmenter is None:
+            images = evaluate(pixels)
+        else:
+            images = augmenter(pixels, torch.Generator().manual_seed(seed * 1_000_003 + number))
         index = torch.from_numpy(chunk)
         yield Batch(
             images.contiguous(memory_format=torch.channels_last),

@@ -1,0 +1,126 @@
+"""Checkpoints that are safe to load and never half-written.
+
+One ``.safetensors`` file holds every tensor (the model's, and the optimizer's when training
+can resume) and, in the safetensors header, a JSON document with everything else: backbone,
+class names, preprocessing, configuration, progress, metrics and the imagerec version. There is
+no pickle anywhere, so loading a checkpoint cannot run code. A SHA-256 of the tensors is stored
+too, so a truncated or tampered file is refused with a clear error instead of loading silently.
+Files are written atomically (temporary file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ._io import atomic_path
+from ._version import __version__
+from .errors import ImagerecError
+
+FORMAT = "imagerec.checkpoint/1"
+BEST, LAST = "best.safetensors", "last.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    """The contents of a checkpoint file.
+
+    Attributes:
+        model: the model's state dict.
+        meta: JSON-able facts: ``backbone``, ``classes``, ``preprocessing``, ``config``,
+            ``epoch``, ``step``, ``metrics``... (see ``imagerec.training``).
+        optimizer: the optimizer's state dict, or None (a checkpoint for inference only).
+    """
+
+    model: dict[str, torch.Tensor]
+    meta: dict
+    optimizer: dict | None = None
+    path: Path | None = field(default=None, compare=False)
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
+    """Write ``ckpt`` to ``path`` atomically.
+
+    Returns:
+        The path written.
+    """
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in ckpt.model.items()}
+    optim_meta = None
+    if ckpt.optimizer is not None:
+        optim_meta = {"param_groups": ckpt.optimizer["param_groups"], "state": {}}
+        for index, state in ckpt.optimizer["state"].items():
+            optim_meta["state"][str(index)] = {}
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    optim_meta["state"][str(index)][key] = value
+    meta = dict(ckpt.meta, imagerec_version=__version__, optimizer=optim_meta)
+    header = {"format": FORMAT, "meta": json.dumps(meta), "sha256": _digest(tensors)}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return Path(path)
+
+
+def resolve_checkpoint(path: str | os.PathLike, name: str = BEST) -> Path:
+    """A checkpoint file, or the ``name`` checkpoint of a run folder (its best by default).
+
+    Raises:
+        ImagerecError: the path does not exist, or the folder holds no such checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (name, LAST):
+            if (path / candidate).is_file():
+                return path / candidate
+        raise ImagerecError(f"{path}: no {name} or {LAST} in this folder; pass a run folder of 'imagerec train' or a .safetensors file")
+    if not path.is_file():
+        raise ImagerecError(f"{path}: no such checkpoint file or run folder")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, name: str = BEST) -> Checkpoint:
+    """Read a checkpoint file (or a run folder's best checkpoint), verifying its checksum.
+
+    Raises:
+        ImagerecError: missing, truncated, tampered, or not an imagerec checkpoint.
+    """
+    path = resolve_checkpoint(path, name)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ImagerecError(f"{path}: not a readable checkpoint, truncated or corrupt ({e}); use another checkpoint, e.g. the run's {LAST}") from None
+    if header.get("format") != FORMAT:
+        raise ImagerecError(f"{path}: a safetensors file, but not an imagerec checkpoint (format {header.get('format')!r})")
+    if header.get("sha256") != _digest(tensors):
+        raise ImagerecError(f"{path}: checksum mismatch: the file was modified or damaged after it was written; do not use it")
+    meta = json.loads(header["meta"])
+    optim_meta = meta.pop("optimizer", None)
+    model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    optimizer = None
+    if optim_meta is not None:
+        state = {int(i): dict(extra) for i, extra in optim_meta["state"].items()}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name_ = key.split(".", 2)
+                state.setdefault(int(index), {})[name_] = value
+        optimizer = {"state": state, "param_groups": optim_meta["param_groups"]}
+    return Checkpoint(model=model, meta=meta, optimizer=optimizer, path=path)
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

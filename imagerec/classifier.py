@@ -1,0 +1,233 @@
+"""``Classifier``: train, load, predict and evaluate, in scikit-learn's manner.
+
+>>> clf = Classifier("efficientnet_lite0", epochs=3).fit("photos/", out="runs/photos")
+>>> clf = Classifier.load("runs/photos")          # a run folder means its best checkpoint
+>>> clf.predict(["a.jpg", "b.png"])               # class names (None for unreadable files)
+>>> clf.evaluate("photos/", split="val").summary["accuracy"]
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .backbones import create_backbone
+from .checkpoint import BEST, load_checkpoint
+from .data import DEFAULT_MAX_PIXELS, ImageSource, Preprocessing, eval_transform, is_image_file, load_images, to_rgb
+from .errors import ImagerecError, SkippedImagesWarning
+from .evaluation import EvaluationReport, build_report, write_report
+from .inference import autocast, forward_logits, predict_source, resolve_device
+from .training import TrainResult, load_config, train
+
+ImageInput = str | os.PathLike | Image.Image
+
+
+class Classifier:
+    """An image classifier on a registry backbone.
+
+    Args:
+        backbone: registry name (see ``imagerec models``).
+        config_file: optional TOML or JSON file of :class:`~imagerec.training.TrainConfig` values.
+        **params: any :class:`~imagerec.training.TrainConfig` field (``epochs=5``,
+            ``time_budget=20``, ``recipe="seed"``...); they override the file.
+
+    Attributes (after ``fit`` or ``load``):
+        model_: the trained network (eval mode).
+        classes_: class names, in label order.
+        preprocessing_: how images are prepared for ``model_``.
+        meta_: everything the checkpoint records (configuration, metrics, plan).
+        history_: metrics per epoch (after ``fit``).
+    """
+
+    def __init__(self, backbone: str = "efficientnet_lite0", *, config_file: str | os.PathLike | None = None, **params):
+        self.backbone = backbone
+        self.config_file = config_file
+        self.params = params
+
+    # -- training ----------------------------------------------------------------------------
+
+    def fit(self, data, out: str | os.PathLike, *, resume: str | os.PathLike | None = None, progress: bool = True) -> Classifier:
+        """Train on ``data`` (a labelled data set spec or ImageSource), writing the run to ``out``."""
+        config = load_config(self.config_file, backbone=self.backbone, **self.params)
+        result: TrainResult = train(data, out, config, resume=resume, progress=progress)
+        self._adopt(result.run_dir)
+        self.history_ = result.history
+        return self
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu") -> Classifier:
+        """A classifier from a checkpoint file or a run folder (its best checkpoint).
+
+        Raises:
+            ImagerecError: not a readable imagerec checkpoint.
+        """
+        clf = cls.__new__(cls)
+        clf._adopt(path, device)
+        clf.backbone, clf.config_file, clf.params = clf.meta_["backbone"], None, {}
+        return clf
+
+    def _adopt(self, path, device: str = "cpu") -> None:
+        ckpt = load_checkpoint(path, BEST)
+        meta = ckpt.meta
+        for key in ("backbone", "classes", "preprocessing"):
+            if key not in meta:
+                raise ImagerecError(f"{ckpt.path}: checkpoint lacks {key!r}; it was not written by imagerec train")
+        model = create_backbone(meta["backbone"], num_classes=len(meta["classes"]), pretrained=False)
+        try:
+            model.load_state_dict(ckpt.model)
+        except RuntimeError as e:
+            raise ImagerecError(f"{ckpt.path}: weights do not fit backbone {meta['backbone']!r} ({str(e).splitlines()[0]})") from None
+        self.device_ = resolve_device(device)
+        self.model_ = model.eval().to(self.device_, memory_format=torch.channels_last)
+        self.classes_ = list(meta["classes"])
+        self.preprocessing_ = Preprocessing.from_dict(meta["preprocessing"])
+        self.model_.preprocessing = self.preprocessing_
+        self.meta_ = meta
+        self.path_ = ckpt.path
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def predict_proba(self, images, *, tta: bool = False, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities, float32 array (N, C); a row of NaN for an unreadable image.
+
+        Args:
+            images: a data set spec, an ImageSource, or a list of file paths, folders, globs
+                and PIL images.
+            tta: average with the mirrored image (test-time augmentation).
+        """
+        self._check_fitted()
+        if _is_pil_list(images):
+            return self._proba_of_pil(images, tta)
+        source = as_source(images)
+        out = predict_source(self.model_, source, self.preprocessing_, batch_size=batch_size, tta=tta, device=self.device_)
+        proba = np.full((len(source), len(self.classes_)), np.nan, dtype=np.float32)
+        proba[out.indices] = out.proba
+        if out.skipped:
+            first = "; ".join(f"{s.path}: {s.reason}" for s in out.skipped[:3])
+            warnings.warn(f"{len(out.skipped)} image(s) could not be read: {first}", SkippedImagesWarning, stacklevel=2)
+        self.last_paths_ = source.paths
+        self.last_skipped_ = out.skipped
+        return proba
+
+    def predict(self, images, *, tta: bool = False, batch_size: int = 64) -> list[str | None]:
+        """The most probable class name of each image (None for an unreadable image)."""
+        proba = self.predict_proba(images, tta=tta, batch_size=batch_size)
+        return [None if np.isnan(row).any() else self.classes_[int(row.argmax())] for row in proba]
+
+    def _proba_of_pil(self, images: Sequence[Image.Image], tta: bool) -> np.ndarray:
+        transform = eval_transform(self.preprocessing_)
+        batch = torch.stack([transform(to_rgb(img)) for img in images]).to(self.device_)
+        with torch.inference_mode(), autocast(self.device_, False):
+            logits = forward_logits(self.model_, batch.contiguous(memory_format=torch.channels_last), tta)
+        return logits.float().softmax(1).cpu().numpy()
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        data,
+        *,
+        split: str | None = "auto",
+        out: str | os.PathLike | None = None,
+        tta: bool = False,
+        batch_size: int = 128,
+        max_pixels: int | None = None,
+        progress: bool = False,
+    ) -> EvaluationReport:
+        """Accuracy, top-k, per-class metrics, confusion matrix and calibration on labelled data.
+
+        Args:
+            data: a labelled data set spec or ImageSource.
+            split: which split; ``"auto"`` takes ``test`` where the data set has one, else all.
+            out: a folder for the report files (see :func:`~imagerec.evaluation.write_report`).
+            tta: average each prediction with the mirrored image's.
+            max_pixels: decompression-bomb limit per image.
+
+        Raises:
+            ImagerecError: unlabelled data, or class names the checkpoint does not know.
+        """
+        self._check_fitted()
+        source = data if isinstance(data, ImageSource) else _load_eval_split(data, split, max_pixels or DEFAULT_MAX_PIXELS)
+        if not source.labelled:
+            raise ImagerecError(f"{source.root}: evaluation needs labels: DIR/<class>/* folders or a CSV manifest path,label")
+        labels = self._map_labels(source)
+        out_pred = predict_source(self.model_, source, self.preprocessing_, batch_size=batch_size, tta=tta, device=self.device_, progress=progress, desc="evaluate")
+        rows = out_pred.indices
+        report = build_report(
+            out_pred.proba,
+            labels[rows],
+            [source.paths[i] for i in rows],
+            self.classes_,
+            loss_sum=out_pred.loss_sum,
+            skipped=len(out_pred.skipped) + len(source.skipped),
+        )
+        report.summary.update(checkpoint=str(self.path_), data=str(source.root), tta=tta)
+        if out is not None:
+            write_report(report, out, source)
+        return report
+
+    def _map_labels(self, source: ImageSource) -> np.ndarray:
+        unknown = [c for c in source.classes if c not in self.classes_]
+        if unknown:
+            raise ImagerecError(
+                f"{source.root}: class(es) {unknown} are not among the checkpoint's classes {self.classes_}; "
+                "rename the folders to match, or evaluate a checkpoint trained on these classes"
+            )
+        mapping = np.asarray([self.classes_.index(c) for c in source.classes], dtype=np.int64)
+        mapped = mapping[source.labels]
+        source.labels, source.classes = mapped, list(self.classes_)  # the loss uses the model's indices
+        return mapped
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise ImagerecError("this Classifier is not trained yet; call fit(...) or Classifier.load(path) first")
+
+
+def _load_eval_split(data, split: str | None, max_pixels: int) -> ImageSource:
+    if split != "auto":
+        return load_images(data, split, max_pixels=max_pixels)
+    try:
+        return load_images(data, "test", max_pixels=max_pixels)
+    except ImagerecError as e:
+        if "no test" not in str(e):
+            raise
+        return load_images(data, None, max_pixels=max_pixels)
+
+
+def _is_pil_list(images) -> bool:
+    return isinstance(images, (list, tuple)) and bool(images) and all(isinstance(i, Image.Image) for i in images)
+
+
+def as_source(images) -> ImageSource:
+    """An unlabelled ImageSource from files, folders and globs (or a data set spec / source).
+
+    Raises:
+        ImagerecError: a path that does not exist, or a glob that matches no image.
+    """
+    if isinstance(images, ImageSource):
+        return images
+    items: Iterable = [images] if isinstance(images, (str, os.PathLike)) else images
+    paths: list[str] = []
+    for item in items:
+        text = os.fspath(item)
+        if glob.has_magic(text):
+            found = sorted(p for p in glob.glob(text, recursive=True) if os.path.isfile(p) and is_image_file(p))
+            if not found:
+                raise ImagerecError(f"{text}: the pattern matches no image files")
+            paths += found
+        elif os.path.isdir(text):
+            paths += load_images(text, labelled=False).paths
+        elif os.path.isfile(text):
+            paths.append(text)
+        else:
+            raise ImagerecError(f"{text}: no such file or folder")
+    if not paths:
+        raise ImagerecError("no images given; pass files, folders or glob patterns")
+    return ImageSource(paths, None, None, root=Path(paths[0]).parent.as_posix())

@@ -1,0 +1,522 @@
+"""The training loop, top to bottom.
+
+``train(data, out, config)``:
+
+1. load the training and validation splits (small images decoded once, into the cache);
+2. build the backbone with a new head for the data set's classes;
+3. plan the run: steps per epoch, the head-only stage, the total steps, bf16 or fp32. With a
+   time budget the first steps are measured and the number of steps fixed so that the run
+   finishes inside it, with its learning-rate schedule complete;
+4. train: stage 1 the head alone on the frozen backbone, stage 2 everything (DDP under
+   torchrun); validate and save checkpoints at every epoch end, ``last`` every
+   ``save_every`` steps too, ``best`` on a better validation accuracy; stop early after
+   ``patience`` epochs without progress.
+
+Everything random is drawn from ``(seed, epoch, step, rank)``: the order of each epoch, each
+batch's augmentation, dropout. A run resumed from a checkpoint at step k therefore continues
+exactly as the uninterrupted run would have (for in-memory data; folders of large photos
+resume at the right batch with fresh augmentation draws).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm.auto import tqdm
+
+from .._io import write_text_atomic
+from ..backbones import create_backbone, list_backbones
+from ..checkpoint import BEST, LAST, Checkpoint, load_checkpoint, save_checkpoint
+from ..data import (
+    DEFAULT_MAX_PIXELS,
+    ImageSource,
+    decode_small_images,
+    iter_batches,
+    load_images,
+    report_skipped,
+)
+from ..errors import ImagerecError
+from ..inference import autocast, predict_source
+from ._config import TrainConfig
+from ._distributed import World, setup, teardown
+
+SMALL_IMAGE_TRAIN_SIZE = 128  # px: small images are upsampled to this by default (see docs/MODELS.md)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run left behind.
+
+    Attributes:
+        run_dir: the run folder (checkpoints, metrics.csv, config.json).
+        classes: class names, in label order.
+        history: one dict per epoch: the rows of metrics.csv.
+        plan: steps per epoch, head steps, total steps, precision, timing measurements.
+    """
+
+    run_dir: Path
+    classes: list[str]
+    history: list[dict] = field(default_factory=list)
+    plan: dict = field(default_factory=dict)
+
+    @property
+    def best_val_accuracy(self) -> float | None:
+        values = [row["val_acc"] for row in self.history if row.get("val_acc") is not None]
+        return max(values) if values else None
+
+
+def train(
+    data: str | os.PathLike | ImageSource | None,
+    out: str | os.PathLike | None,
+    config: TrainConfig | None = None,
+    *,
+    resume: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune (or train from scratch) a registry backbone on a labelled data set.
+
+    Args:
+        data: a labelled data set spec (see :func:`~imagerec.data.load_images`) or ImageSource.
+            May be None when resuming: the run's own data is used.
+        out: the run folder to write (None when resuming: the resumed folder).
+        config: hyperparameters (defaults: the transfer recipe).
+        resume: a run folder (or its ``last.safetensors``) to continue.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        ImagerecError: bad data or configuration, an existing run folder without ``resume``,
+            or a time budget too short for a single step.
+    """
+    started = time.perf_counter()
+    state = None
+    if resume is not None:
+        state = load_checkpoint(resume, LAST)
+        if state.optimizer is None:
+            raise ImagerecError(f"{state.path}: holds no optimizer state, so it cannot be resumed; resume from a run's {LAST}")
+        config = TrainConfig(**state.meta["config"])
+        data = data if data is not None else state.meta["data"]
+        out = out if out is not None else state.path.parent
+    if data is None or out is None:
+        raise ImagerecError("train needs DATA and --out RUN_DIR (or --resume RUN_DIR)")
+    cfg = (config or TrainConfig()).resolved()
+    run_dir = Path(out)
+    if state is None and (run_dir / LAST).exists():
+        raise ImagerecError(f"{run_dir}: already holds a run; continue it with --resume {run_dir}, or pick another --out")
+    world = setup(cfg.device)
+    try:
+        return _train(data, run_dir, cfg, state, world, started, progress and world.main)
+    finally:
+        teardown(world)
+
+
+def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: float, progress: bool) -> TrainResult:
+    # 1. Data: the training split and a validation split (its own folder, or a stratified carve-out).
+    train_src, val_src = _load_splits(data, cfg, progress)
+    classes = train_src.classes
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        report_skipped(train_src.skipped + (val_src.skipped if val_src else []), run_dir)
+        _say(f"training on {train_src.describe()}; validating on {val_src.describe() if val_src else 'nothing'}")
+
+    # 2. Model: the backbone with a new head for these classes.
+    pretrained = cfg.pretrained and cfg.backbone in list_backbones(pretrained=True)
+    torch.manual_seed(cfg.seed)  # the new head's (or a from-scratch model's) initial weights
+    model = create_backbone(cfg.backbone, num_classes=len(classes), pretrained=pretrained)
+    image_size = cfg.image_size or _default_size(model, train_src)
+    pp = model.preprocessing.resolve(image_size, 1.0 if _is_small(train_src) else None)
+    model = model.to(world.device, memory_format=torch.channels_last)
+
+    # 3. Plan: fixed once, saved in every checkpoint, reused on resume.
+    if state is None:
+        plan = _plan(cfg, model, pretrained, train_src, val_src, pp, world, started)
+        step, history = 0, []
+    else:
+        model.load_state_dict(state.model)
+        plan, step, history = state.meta["plan"], state.meta["step"], state.meta["history"]
+        if step >= plan["total_steps"]:
+            _say(f"{run_dir}: this run already finished ({step} of {plan['total_steps']} steps)")
+            return TrainResult(run_dir, classes, history, plan)
+    bf16, steps_per_epoch, head_steps, total = plan["bf16"], plan["steps_per_epoch"], plan["head_steps"], plan["total_steps"]
+    if world.main:
+        write_text_atomic(run_dir / "config.json", json.dumps({"config": cfg.to_dict(), "plan": plan, "data": str(data)}, indent=2))
+        _say(
+            f"plan: {total} steps of {cfg.batch_size * world.size} images ({total / steps_per_epoch:.2f} epochs, "
+            f"{head_steps} head-only), {pp.input_size} px, {'bf16' if bf16 else 'fp32'}, {world.size} process(es)"
+        )
+
+    # 4. Train.
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    stage = None
+    meta = {"backbone": cfg.backbone, "classes": classes, "preprocessing": pp.to_dict(), "config": cfg.to_dict(), "plan": plan, "data": str(data)}
+    images_per_step = cfg.batch_size * world.size
+    bar = tqdm(total=total * images_per_step, initial=step * images_per_step, unit="img", disable=not progress, smoothing=0.05)
+    writer = _tensorboard(run_dir) if world.main else None
+    best = max([row["val_acc"] for row in history if row.get("val_acc") is not None], default=-1.0)
+    stale = 0
+    while step < total:
+        epoch, first_batch = divmod(step, steps_per_epoch)
+        seen = loss_sum = correct = running = 0.0
+        epoch_start = time.perf_counter()
+        for batch in _epoch_batches(train_src, pp, cfg, world, epoch, first_batch):
+            # 4a. The stage: head only (frozen backbone) until head_steps, then everything.
+            wanted = 1 if step < head_steps else 2
+            if stage is None or stage.number != wanted:
+                stage = _Stage(wanted, model, cfg, world, head_steps, total)
+                if state is not None and state.meta.get("stage") == wanted:
+                    stage.optimizer.load_state_dict(state.optimizer)
+            # 4b. One optimizer step.
+            stage.set_lr(step)
+            torch.manual_seed(_seed(cfg.seed, epoch, step, world.rank))  # dropout and the like
+            n, batch_loss, batch_correct = stage.step(batch, criterion, bf16)
+            seen, loss_sum, correct = seen + n, loss_sum + batch_loss, correct + batch_correct
+            step += 1
+            bar.update(images_per_step)
+            if step % 20 == 0:  # a refreshed postfix costs more than a small model's step
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", stage=stage.number, refresh=False)
+            running += batch_loss / n
+            if cfg.log_every and step % cfg.log_every == 0:
+                if world.main:  # as the origin document prints it: the mean loss since the last line
+                    bar.write(f"[{epoch + 1}, {step - epoch * steps_per_epoch:5d}] loss: {running / cfg.log_every:.3f}", file=sys.stderr)
+                running = 0.0
+            if step >= total:
+                break
+            if cfg.save_every and step % cfg.save_every == 0 and step % steps_per_epoch and world.main:
+                save_checkpoint(run_dir / LAST, _checkpoint(model, stage, meta, step, history))
+
+        # 4c. Epoch end (or plan end): validate, record, save.
+        seen, loss_sum, correct = world.sum(seen, loss_sum, correct)
+        val_loss, val_acc = _validate(model, val_src, pp, cfg, world, bf16)
+        row = {
+            "epoch": epoch + 1,
+            "step": step,
+            "stage": stage.number,
+            "lr": stage.optimizer.param_groups[-1]["lr"],
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "images_per_s": seen / max(time.perf_counter() - epoch_start, 1e-9),
+            "elapsed_s": time.perf_counter() - started,
+        }
+        history.append(row)
+        improved = val_acc is None or val_acc > best
+        best, stale = (val_acc if val_acc is not None else best, 0) if improved else (best, stale + 1)
+        if world.main:
+            if improved:
+                save_checkpoint(run_dir / BEST, _checkpoint(model, None, meta, step, history))
+            save_checkpoint(run_dir / LAST, _checkpoint(model, stage, meta, step, history))
+            _write_metrics(run_dir, history)
+            _log_row(writer, row)
+            val_text = f"val_loss {val_loss:.4f} val_acc {val_acc:.4f}" if val_acc is not None else "no validation split"
+            bar.write(f"epoch {epoch + 1}: train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} {val_text}", file=sys.stderr)
+        if cfg.patience and stale >= cfg.patience:
+            if world.main:
+                bar.write(f"early stop: no better val_acc for {stale} epoch(s)", file=sys.stderr)
+            break
+    bar.close()
+    if writer:
+        writer.close()
+    return TrainResult(run_dir, classes, history, plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Data
+
+
+def _load_splits(data, cfg: TrainConfig, progress: bool) -> tuple[ImageSource, ImageSource | None]:
+    max_pixels = cfg.max_pixels or DEFAULT_MAX_PIXELS
+    if isinstance(data, ImageSource):
+        train_src, val_src = data, None
+    else:
+        train_src = load_images(data, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels)
+        val_src = None
+        if cfg.val_fraction > 0 or _has_val_folder(data):
+            val_src = load_images(data, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels)
+    if not train_src.labelled:
+        raise ImagerecError(f"{train_src.root}: training needs labels: arrange images as DIR/<class>/*, or give a CSV manifest path,label")
+    if len(train_src.classes) < 2:
+        raise ImagerecError(f"{train_src.root}: only one class ({train_src.classes[0]}); a classifier needs at least two class folders")
+    train_src = decode_small_images(train_src, progress=progress) or train_src
+    if val_src is not None:
+        val_src = decode_small_images(val_src, progress=progress) or val_src
+    return train_src, val_src
+
+
+def _has_val_folder(data) -> bool:
+    path = Path(os.fspath(data))
+    return path.is_dir() and any((path / name).is_dir() for name in ("val", "valid", "validation"))
+
+
+def _is_small(source: ImageSource) -> bool:
+    return source.pixels is not None
+
+
+def _default_size(model: nn.Module, source: ImageSource) -> int:
+    if model.preprocessing.fixed_input_size or not _is_small(source):
+        return model.preprocessing.input_size
+    return SMALL_IMAGE_TRAIN_SIZE
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def _epoch_batches(source: ImageSource, pp, cfg: TrainConfig, world: World, epoch: int, first_batch: int):
+    """This process's batches of one epoch, from ``first_batch`` on (DistributedSampler order)."""
+    sampler = DistributedSampler(range(len(source)), num_replicas=world.size, rank=world.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    order = np.fromiter(iter(sampler), dtype=np.int64)
+    return iter_batches(
+        source,
+        pp,
+        batch_size=cfg.batch_size,
+        indices=order,
+        augment=cfg.augment,
+        seed=_seed(cfg.seed, epoch, world.rank),
+        workers=cfg.workers,
+        drop_last=True,
+        start_batch=first_batch,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Plan
+
+
+def _plan(cfg, model, pretrained, train_src, val_src, pp, world: World, started: float) -> dict:
+    steps_per_epoch = (len(train_src) // world.size) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ImagerecError(
+            f"batch_size={cfg.batch_size} x {world.size} process(es) is more than the {len(train_src)} training images; lower --batch-size"
+        )
+    head_steps = round(cfg.head_epochs * steps_per_epoch) if pretrained else 0
+    timing = {}
+    bf16 = cfg.precision == "bf16"
+    if cfg.precision == "auto" or cfg.time_budget:
+        batch = next(iter(_epoch_batches(train_src, pp, cfg, world, 0, 0)))
+        timing["fp32_step_s"] = _time_steps(model, batch, cfg, frozen=False, bf16=False)
+        if cfg.precision == "auto" and _bf16_possible(world.device):
+            timing["bf16_step_s"] = _time_steps(model, batch, cfg, frozen=False, bf16=True)
+            bf16 = timing["bf16_step_s"] < 0.9 * timing["fp32_step_s"]
+    if cfg.time_budget is None:
+        full_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    else:
+        timing["step_s"] = timing["bf16_step_s" if bf16 else "fp32_step_s"]
+        timing["head_step_s"] = _time_steps(model, batch, cfg, frozen=True, bf16=bf16) if head_steps else 0.0
+        timing["eval_image_s"] = _time_eval(model, batch, cfg, bf16)
+        head_steps, full_steps = _fit_budget(cfg, timing, steps_per_epoch, head_steps, val_src, world, started)
+    return {
+        "steps_per_epoch": steps_per_epoch,
+        "head_steps": head_steps,
+        "total_steps": head_steps + full_steps,
+        "bf16": bf16,
+        "image_size": pp.input_size,
+        "world_size": world.size,
+        "timing": timing,
+    }
+
+
+def _bf16_possible(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+
+
+def _time_steps(model, batch, cfg, frozen: bool, bf16: bool, reps: int = 3) -> float:
+    """Seconds per training step, measured on a copy of the model (the real one is untouched)."""
+    clone = copy.deepcopy(model)
+    stage = _Stage(1 if frozen else 2, clone, cfg, World(0, 1, next(model.parameters()).device), 1, 1)
+    criterion = nn.CrossEntropyLoss()
+    stage.step(batch, criterion, bf16)  # warm-up: allocations, kernel selection
+    start = time.perf_counter()
+    for _ in range(reps):
+        stage.step(batch, criterion, bf16)
+    return (time.perf_counter() - start) / reps
+
+
+def _time_eval(model, batch, cfg, bf16: bool) -> float:
+    device = next(model.parameters()).device
+    images = batch.images.to(device)
+    model.eval()
+    with torch.inference_mode(), autocast(device, bf16):
+        model(images)
+        start = time.perf_counter()
+        for _ in range(2 if cfg.tta else 1):
+            model(images)
+        seconds = time.perf_counter() - start
+    return seconds / len(images)
+
+
+def _fit_budget(cfg, timing, steps_per_epoch, head_steps, val_src, world, started) -> tuple[int, int]:
+    """The most stage-2 steps whose measured cost fits the time budget (with a safety margin)."""
+    budget = cfg.time_budget * 60 * 0.95 - (time.perf_counter() - started) - 5.0
+    val_cost = (len(val_src) / world.size if val_src else 0) * timing["eval_image_s"] * 1.2
+    save_cost = 1.0  # seconds per checkpoint written (generous for a 20-50 MB file)
+
+    def cost(steps: int) -> float:
+        total = head_steps + steps
+        epochs = math.ceil(total / steps_per_epoch)
+        saves = epochs * 2 + (total // cfg.save_every if cfg.save_every else 0)
+        return head_steps * timing["head_step_s"] + steps * timing["step_s"] + epochs * val_cost + saves * save_cost
+
+    if cost(1) > budget and head_steps:
+        head_steps = 0  # no time for a separate head stage
+    if cost(1) > budget:
+        raise ImagerecError(
+            f"--time-budget {cfg.time_budget} min is too short: one step takes {timing['step_s']:.2f} s and one "
+            f"validation pass {val_cost:.0f} s after {time.perf_counter() - started:.0f} s of setup; raise the budget"
+        )
+    low, high = 1, 1
+    while cost(high * 2) <= budget:
+        high *= 2
+    high *= 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if cost(middle) <= budget else (low, middle)
+    return head_steps, low
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Train
+
+
+class _Stage:
+    """One stage of the recipe: what trains, its optimizer and its learning-rate schedule.
+
+    Stage 1 trains the head alone: the backbone is frozen and kept in eval mode (batch-norm
+    statistics stay those of the pretrained weights). Stage 2 trains everything, the backbone at
+    ``lr * backbone_lr_scale``; under torchrun it runs through DistributedDataParallel.
+    """
+
+    def __init__(self, number: int, model: nn.Module, cfg: TrainConfig, world: World, head_steps: int, total_steps: int):
+        self.number, self.model, self.cfg, self.world = number, model, cfg, world
+        head = list(model.get_classifier().parameters())
+        head_ids = {id(p) for p in head}
+        if number == 1:
+            for p in model.parameters():
+                p.requires_grad_(id(p) in head_ids)
+            model.eval()
+            model.get_classifier().train()
+            groups = [{"params": head, "weight_decay": 0.0, "peak_lr": cfg.head_lr}]
+            self.start, self.steps, self.schedule, self.warmup = 0, head_steps, "cosine", 0
+            self.net = model
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+            model.train()
+            groups = []
+            for is_head, scale in ((False, cfg.backbone_lr_scale), (True, 1.0)):
+                params = [p for p in model.parameters() if (id(p) in head_ids) == is_head]
+                decay = [p for p in params if p.ndim > 1]
+                no_decay = [p for p in params if p.ndim <= 1]  # norm weights and biases
+                groups.append({"params": decay, "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr * scale})
+                groups.append({"params": no_decay, "weight_decay": 0.0, "peak_lr": cfg.lr * scale})
+            groups = [g for g in groups if g["params"]]
+            self.start, self.steps, self.schedule = head_steps, total_steps - head_steps, cfg.schedule
+            self.warmup = round(cfg.warmup * self.steps) if cfg.schedule == "onecycle" else 0
+            self.net = model
+            if world.size > 1:
+                device_ids = [world.device] if world.device.type == "cuda" else None
+                self.net = DistributedDataParallel(model, device_ids=device_ids)
+        if cfg.optimizer == "sgd":
+            nesterov = cfg.nesterov and cfg.momentum > 0
+            self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=nesterov)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=0.0)
+
+    def set_lr(self, step: int) -> None:
+        """Set every group's learning rate for global ``step``: warm-up, then cosine to 0."""
+        i, n = step - self.start, max(self.steps, 1)
+        if self.schedule == "constant":
+            factor = 1.0
+        elif i < self.warmup:
+            factor = (i + 1) / self.warmup
+        else:
+            factor = 0.5 * (1 + math.cos(math.pi * (i - self.warmup) / max(n - self.warmup, 1)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * factor
+
+    def step(self, batch, criterion, bf16: bool) -> tuple[int, float, int]:
+        """One optimizer step; returns (images, summed loss, correct predictions)."""
+        device = self.world.device
+        images = batch.images.to(device, non_blocking=True)
+        labels = batch.labels.to(device, non_blocking=True)
+        with autocast(device, bf16):
+            if self.number == 1:
+                with torch.no_grad():
+                    features = self.model.forward_features(images)
+                logits = self.model.forward_head(features)
+            else:
+                logits = self.net(images)
+        loss = criterion(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.number == 1:
+            self.world.average_gradients(self.model.get_classifier().parameters())
+        self.optimizer.step()
+        n = len(labels)
+        return n, float(loss.detach()) * n, int((logits.argmax(1) == labels).sum())
+
+
+def _validate(model, val_src, pp, cfg, world: World, bf16: bool) -> tuple[float | None, float | None]:
+    if val_src is None:
+        return None, None
+    shard = np.arange(len(val_src))[world.rank :: world.size]
+    out = predict_source(model, val_src, pp, batch_size=128, tta=cfg.tta, device=world.device, bf16=bf16, indices=shard, workers=cfg.workers)
+    correct = float((out.proba.argmax(1) == val_src.labels[out.indices]).sum())
+    loss_sum, correct, n = world.sum(out.loss_sum, correct, float(len(out.indices)))
+    model.train()
+    return loss_sum / max(n, 1), correct / max(n, 1)
+
+
+def _checkpoint(model, stage, meta, step, history) -> Checkpoint:
+    return Checkpoint(
+        model=model.state_dict(),
+        meta=dict(meta, step=step, history=history, stage=stage.number if stage else None),
+        optimizer=stage.optimizer.state_dict() if stage else None,
+    )
+
+
+def _write_metrics(run_dir: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(run_dir / "metrics.csv", buf.getvalue())
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _log_row(writer, row: dict) -> None:
+    if writer is None:
+        return
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+            writer.add_scalar(key, value, row["step"])
+
+
+def _say(text: str) -> None:
+    print(f"imagerec: {text}", file=sys.stderr)

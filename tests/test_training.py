@@ -1,0 +1,157 @@
+"""Training: the run folder, both recipes, time budgets, reproducibility, safe resume after a
+SIGKILL, and the same code under torchrun with two processes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from imagerec import ImagerecError, TrainConfig, load_checkpoint, train
+from imagerec.training import load_config
+
+from .conftest import make_colour_dataset
+
+FAST = dict(backbone="seed_cnn", batch_size=8, save_every=0, precision="fp32", device="cpu")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_folder_contents(colour_folder, tmp_path):
+    result = train(colour_folder, tmp_path / "run", TrainConfig(epochs=3, val_fraction=0.25, **FAST), progress=False)
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {"best.safetensors", "last.safetensors", "metrics.csv", "config.json"}
+    rows = read_metrics(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert json.loads((run / "config.json").read_text())["config"]["backbone"] == "seed_cnn"
+    last = load_checkpoint(run / "last.safetensors")
+    assert last.optimizer is not None and last.meta["step"] == result.plan["total_steps"]
+    assert last.meta["classes"] == ["blue", "green", "red"]
+    best = load_checkpoint(run)  # the run folder means its best checkpoint
+    assert best.optimizer is None
+
+
+def test_same_seed_same_metrics(colour_folder, tmp_path):
+    config = TrainConfig(epochs=2, val_fraction=0.25, augment="default", **FAST)
+    a = train(colour_folder, tmp_path / "a", config, progress=False)
+    b = train(colour_folder, tmp_path / "b", config, progress=False)
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc")
+    assert [[r[k] for k in keys] for r in a.history] == [[r[k] for k in keys] for r in b.history]
+
+
+def test_transfer_recipe_learns(tmp_path):
+    data = make_colour_dataset(tmp_path / "d", per_class=24)
+    config = TrainConfig(epochs=2, head_epochs=1, image_size=32, batch_size=8, val_fraction=0.25, save_every=0, device="cpu")
+    result = train(data, tmp_path / "run", config, progress=False)
+    assert result.plan["head_steps"] > 0
+    assert [r["stage"] for r in result.history] == [1, 2, 2]
+    assert result.best_val_accuracy >= 0.9
+
+
+def test_seed_recipe_is_the_origin_documents(colour_folder, tmp_path, capsys):
+    config = load_config(None, recipe="seed", device="cpu", log_every=3).resolved()
+    assert (config.backbone, config.batch_size, config.lr, config.momentum, config.epochs) == ("seed_cnn", 4, 0.001, 0.9, 2.0)
+    assert (config.augment, config.val_fraction, config.nesterov, config.label_smoothing) == ("none", 0.0, False, 0.0)
+    result = train(colour_folder, tmp_path / "run", config, progress=False)
+    assert result.plan["steps_per_epoch"] == 12 and result.plan["total_steps"] == 24
+    printed = capsys.readouterr()
+    assert "[1,     3] loss:" in printed.out + printed.err
+
+
+def test_time_budget_plans_the_steps(colour_folder, tmp_path):
+    started = time.perf_counter()
+    result = train(colour_folder, tmp_path / "run", TrainConfig(time_budget=0.25, val_fraction=0.25, **FAST), progress=False)
+    elapsed = time.perf_counter() - started
+    assert result.plan["timing"]["step_s"] > 0
+    assert result.plan["total_steps"] > result.plan["steps_per_epoch"]  # a 15 s budget buys many tiny steps
+    assert result.history[-1]["step"] == result.plan["total_steps"]  # never cut off half way
+    assert elapsed < 0.25 * 60 * 1.5
+
+
+def test_time_budget_too_short(colour_folder, tmp_path):
+    with pytest.raises(ImagerecError, match="too short"):
+        train(colour_folder, tmp_path / "run", TrainConfig(time_budget=0.001, **FAST), progress=False)
+
+
+def test_existing_run_is_not_overwritten(colour_folder, tmp_path):
+    train(colour_folder, tmp_path / "run", TrainConfig(epochs=1, **FAST), progress=False)
+    with pytest.raises(ImagerecError, match="already holds a run; continue it with --resume"):
+        train(colour_folder, tmp_path / "run", TrainConfig(epochs=1, **FAST), progress=False)
+
+
+def test_unlabelled_data_cannot_train(tmp_path):
+    make_colour_dataset(tmp_path / "u" / "2024" / "may", per_class=2)  # nested: read as unlabelled
+    with pytest.raises(ImagerecError, match="training needs labels"):
+        train(tmp_path / "u", tmp_path / "run", TrainConfig(**FAST), progress=False)
+
+
+def test_config_file_then_flags(tmp_path):
+    (tmp_path / "c.toml").write_text('epochs = 7\nlr = 0.01\naugment = "strong"\n')
+    config = load_config(tmp_path / "c.toml", lr=0.2)
+    assert (config.epochs, config.lr, config.augment) == (7, 0.2, "strong")
+    (tmp_path / "bad.toml").write_text("epoch = 7\n")
+    with pytest.raises(ImagerecError, match=r"unknown configuration key\(s\) \['epoch'\]"):
+        load_config(tmp_path / "bad.toml")
+    with pytest.raises(ImagerecError, match="batch_size=0 must be >= 1"):
+        load_config(None, batch_size=0)
+
+
+def _imagerec(*args: str, env_extra=None) -> list[str]:
+    return [sys.executable, "-m", "imagerec", *args]
+
+
+def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
+    data = make_colour_dataset(tmp_path / "d", per_class=32)
+    args = [str(data), "--backbone", "efficientnet_lite0", "--image-size", "32", "--batch-size", "8", "--epochs", "4",
+            "--head-epochs", "0", "--val-fraction", "0.25", "--save-every", "2", "--precision", "fp32", "--device", "cpu", "--no-progress"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    subprocess.run(_imagerec("train", *args, "--out", str(tmp_path / "whole")), check=True, env=env, capture_output=True)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_imagerec("train", *args, "--out", str(run)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps_per_epoch = 72 // 8
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        last = run / "last.safetensors"
+        if last.exists():
+            step = load_checkpoint(last).meta["step"]
+            if step > steps_per_epoch and step % steps_per_epoch:  # inside the second epoch or later
+                proc.send_signal(signal.SIGKILL)
+                killed_at = step
+                break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at is not None, "the run finished before it could be killed mid-epoch"
+    assert load_checkpoint(run / "last.safetensors").meta["step"] >= killed_at  # still readable
+
+    subprocess.run(_imagerec("train", "--resume", str(run), "--no-progress"), check=True, env=env, capture_output=True)
+    whole, resumed = read_metrics(tmp_path / "whole"), read_metrics(run)
+    assert len(resumed) == len(whole) == 4
+    assert abs(float(resumed[-1]["val_acc"]) - float(whole[-1]["val_acc"])) <= 0.005
+    assert float(resumed[-1]["train_loss"]) == pytest.approx(float(whole[-1]["train_loss"]), rel=1e-3)
+
+
+def test_torchrun_two_processes_on_cpu(colour_folder, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "imagerec", "train",
+           str(colour_folder), "--out", str(run), "--backbone", "seed_cnn", "--batch-size", "4", "--epochs", "2",
+           "--val-fraction", "0.25", "--device", "cpu", "--precision", "fp32", "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in run.glob("*.safetensors")) == ["best.safetensors", "last.safetensors"]
+    assert done.stderr.count("epoch 2:") == 1  # only rank 0 reports
+    ckpt = load_checkpoint(run / "last.safetensors")
+    assert ckpt.meta["plan"]["world_size"] == 2
+    assert ckpt.meta["plan"]["steps_per_epoch"] == (36 // 2) // 4  # each process sees half the images
+    assert len(read_metrics(run)) == 2
