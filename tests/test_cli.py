@@ -88,3 +88,43 @@ def test_user_errors_are_one_line_with_status_2(capsys, class_folder, argv, frag
 def test_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "imagerec", "--version"], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == f"imagerec {__version__}"
+
+
+def test_train_evaluate_predict_from_the_command_line(capsys, colour_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", str(colour_folder), "--out", str(run_dir), "--backbone", "seed_cnn", "--epochs", "1",
+                         "--batch-size", "8", "--val-fraction", "0.25", "--device", "cpu", "--no-progress")
+    assert code == 0 and "best val accuracy" in out
+    code, out, _ = run(capsys, "evaluate", str(run_dir), str(colour_folder), "--out", str(tmp_path / "eval"))
+    assert code == 0 and "accuracy" in out and (tmp_path / "eval" / "confusion.png").is_file()
+    code, out, _ = run(capsys, "predict", str(run_dir), str(colour_folder / "red" / "000.png"), "--format", "csv", "--top-k", "2")
+    assert code == 0 and out.splitlines()[0] == "path,class1,p1,class2,p2,error"
+
+
+def test_quickstart_on_a_local_split_root(capsys, tmp_path):
+    from .conftest import make_colour_dataset
+
+    make_colour_dataset(tmp_path / "data" / "train", per_class=30)
+    make_colour_dataset(tmp_path / "data" / "test", per_class=4)
+    code, out, err = run(capsys, "quickstart", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "qs"), "--time-budget", "1", "--no-progress")
+    assert code == 0, err
+    assert "imagerec quickstart: test accuracy" in out
+    assert (tmp_path / "qs" / "evaluation" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["train", "{data}"], ["needs DATA and --out"]),
+        (["train", "{data}", "--out", "{tmp}/r", "--lr", "-1"], ["lr=-1.0"]),
+        (["train", "{data}", "--out", "{tmp}/r", "--recipe", "magic"], ["recipe='magic'"]),
+        (["train", "{data}", "--out", "{tmp}/r", "--config", "{tmp}/missing.toml"], ["no such configuration file"]),
+        (["train", "--resume", "{tmp}/nothing"], ["no such checkpoint file or run folder"]),
+        (["evaluate", "{tmp}/nothing", "{data}", "--out", "{tmp}/e"], ["no such checkpoint"]),
+        (["predict", "{tmp}/nothing", "x.jpg"], ["no such checkpoint"]),
+    ],
+)
+def test_train_family_user_errors(capsys, class_folder, tmp_path, argv, fragments):
+    argv = [a.replace("{data}", str(class_folder)).replace("{tmp}", str(tmp_path)) for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert_user_error(code, err, *fragments)
