@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--workers", type=int, help="decoding processes for large images (default: CPUs)")
+    p.add_argument(
+        "--engine", choices=["auto", "torch", "onnx"], default="auto",
+        help="onnx: ONNX Runtime (faster on a CPU); torch: PyTorch; auto: onnx on a CPU (default)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_embed)
 
@@ -165,6 +169,7 @@ def _run_embed(args) -> None:
         device=args.device,
         workers=args.workers,
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        engine=args.engine,
         progress=not args.no_progress,
     )
     print(f"wrote {args.out}: {len(result):,} x {result.features.shape[1]} float32 features ({result.backbone})")

@@ -18,6 +18,7 @@ from there. The output file is written atomically at the end and the partial fol
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -29,7 +30,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._home import cache_dir
 from ._io import atomic_path, write_text_atomic
+from ._onnx import FeatureModel, export_onnx, onnx_session
 from ._version import __version__
 from .backbones import create_backbone
 from .data import (
@@ -134,6 +137,7 @@ def embed(
     device: str = "cpu",
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    engine: str = "auto",
     progress: bool = True,
 ) -> Embeddings:
     """Embed images with a backbone's pooled features (``forward_head(pre_logits=True)``).
@@ -151,6 +155,10 @@ def embed(
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         workers: decoding processes for folders of large images (default: number of CPUs).
         max_pixels: decompression-bomb limit per image.
+        engine: ``"torch"`` (PyTorch, channels_last, inference mode), ``"onnx"`` (the model
+            exported once to ONNX, cached in imagerec's cache, run by ONNX Runtime: faster on
+            a CPU, same features to about 1e-5) or ``"auto"`` (onnx on a CPU where
+            onnxruntime is installed, else torch).
         progress: show a progress bar with images/s and ETA.
 
     Returns:
@@ -169,9 +177,10 @@ def embed(
     source = decode_small_images(source, progress=progress) or source
     if crop_pct is None and source.pixels is not None and max(source.pixels.shape[1:3]) < pp.input_size:
         pp = pp.resolve(crop_pct=1.0)  # small images are upsampled whole, not cropped
-    model = model.eval().to(torch_device, memory_format=torch.channels_last)
+    weights = _weights_digest(model, pp, name)
+    compute = _feature_function(model, pp, engine, torch_device, weights)
 
-    partial = _Partial(Path(f"{out}.partial"), _fingerprint(source, name, pp, model)) if out else None
+    partial = _Partial(Path(f"{out}.partial"), _fingerprint(source, weights)) if out else None
     done = partial.load() if partial else {}
     todo = [s for s in range(0, len(source), CHUNK) if s not in done]
     indices = np.concatenate([np.arange(s, min(s + CHUNK, len(source))) for s in todo]) if todo else np.empty(0, np.int64)
@@ -179,14 +188,10 @@ def embed(
 
     bar = tqdm(total=len(source), initial=finished, desc=f"embed {name}", unit="img", disable=not progress, smoothing=0.1)
     collector = _ChunkCollector(len(source), todo, partial, done)
-    with torch.inference_mode():
-        for batch in iter_batches(source, pp, batch_size=batch_size, indices=indices, workers=workers):
-            features = np.zeros((0, 0), np.float32)
-            if len(batch.indices):
-                images = batch.images.to(torch_device, non_blocking=True)
-                features = model.forward_head(model.forward_features(images), pre_logits=True).float().cpu().numpy()
-            collector.add(batch.indices.numpy(), features, batch.skipped)
-            bar.update(len(batch.indices) + len(batch.skipped))
+    for batch in iter_batches(source, pp, batch_size=batch_size, indices=indices, workers=workers):
+        features = compute(batch.images) if len(batch.indices) else np.zeros((0, 0), np.float32)
+        collector.add(batch.indices.numpy(), features, batch.skipped)
+        bar.update(len(batch.indices) + len(batch.skipped))
     bar.close()
 
     result = collector.result(source, name, pp)
@@ -199,13 +204,42 @@ def embed(
     return result
 
 
-def _fingerprint(source: ImageSource, name: str, pp: Preprocessing, model: nn.Module) -> str:
-    """Identifies a run's inputs: the images, the model's weights and the preprocessing."""
+def _weights_digest(model: nn.Module, pp: Preprocessing, name: str) -> str:
+    """Identifies a model's weights and preprocessing."""
     digest = hashlib.sha256(json.dumps([name, pp.to_dict(), __version__]).encode())
-    digest.update("\n".join(source.paths).encode())
     for tensor in model.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _fingerprint(source: ImageSource, weights: str) -> str:
+    """Identifies a run's inputs: the images, and the model's weights and preprocessing."""
+    digest = hashlib.sha256(weights.encode())
+    digest.update("\n".join(source.paths).encode())
+    return digest.hexdigest()
+
+
+def _feature_function(model: nn.Module, pp: Preprocessing, engine: str, device: torch.device, weights: str):
+    """images (N, 3, S, S) float tensor -> float32 numpy features (N, D), by PyTorch or ONNX Runtime."""
+    if engine == "auto":
+        engine = "onnx" if device.type == "cpu" and importlib.util.find_spec("onnxruntime") else "torch"
+    if engine == "onnx":
+        if device.type != "cpu":
+            raise ImagerecError(f"engine 'onnx' runs on the CPU; use engine 'torch' with device {device}")
+        path = cache_dir("onnx") / f"{weights[:32]}.onnx"
+        if not path.is_file():
+            export_onnx(FeatureModel(model), path, pp.input_size)
+        session = onnx_session(path, threads=torch.get_num_threads())
+        return lambda images: session.run(None, {"images": np.ascontiguousarray(images.numpy())})[0]
+    if engine != "torch":
+        raise ImagerecError(f"engine {engine!r} is not one of auto, torch, onnx")
+    features = FeatureModel(model).eval().to(device, memory_format=torch.channels_last)
+
+    def run(images: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return features(images.to(device, non_blocking=True)).float().cpu().numpy()
+
+    return run
 
 
 class _Partial:

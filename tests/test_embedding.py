@@ -58,6 +58,15 @@ def test_file_path_and_cached_path_agree(tmp_path):
     np.testing.assert_allclose(torch.cat(rows).numpy(), cached.features, atol=1e-4)
 
 
+def test_onnx_and_torch_engines_give_the_same_features(class_folder, imagerec_home):
+    by_torch = embed(class_folder, "efficientnet_lite0", image_size=64, engine="torch", progress=False)
+    by_onnx = embed(class_folder, "efficientnet_lite0", image_size=64, engine="onnx", progress=False)
+    assert len(list((imagerec_home / "onnx").glob("*.onnx"))) == 1  # exported once, cached
+    np.testing.assert_allclose(by_onnx.features, by_torch.features, rtol=0, atol=1e-4)
+    with pytest.raises(ImagerecError, match="engine 'tpu'"):
+        embed(class_folder, "seed_cnn", engine="tpu", progress=False)
+
+
 def test_save_and_load_round_trip(class_folder, tmp_path):
     out = tmp_path / "emb.npz"
     result = embed(class_folder, "seed_cnn", out=out, progress=False)
@@ -142,12 +151,12 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     out = tmp_path / "e.npz"
 
     with pytest.raises(RuntimeError, match="killed"):
-        embed(root, Crashing(model, crash_after=2), out=out, batch_size=4, progress=False)
+        embed(root, Crashing(model, crash_after=2), out=out, batch_size=4, engine="torch", progress=False)
     assert len(list((tmp_path / "e.npz.partial").glob("chunk_*.npz"))) == 2
     assert not out.exists()
 
     resumed_model = Crashing(model)
-    resumed = embed(root, resumed_model, out=out, batch_size=4, progress=False)
+    resumed = embed(root, resumed_model, out=out, batch_size=4, engine="torch", progress=False)
     assert resumed_model.calls == 1  # only the chunk that was not finished
     np.testing.assert_allclose(resumed.features, full.features, rtol=0, atol=1e-6)
     assert resumed.paths == full.paths
@@ -160,7 +169,7 @@ def test_partial_results_of_other_inputs_are_not_reused(tmp_path, monkeypatch):
     out = tmp_path / "e.npz"
     model = create_backbone("seed_cnn", num_classes=0)
     with pytest.raises(RuntimeError):
-        embed(root, Crashing(model, crash_after=1), out=out, batch_size=4, progress=False)
+        embed(root, Crashing(model, crash_after=1), out=out, batch_size=4, engine="torch", progress=False)
     other = Crashing(create_backbone("seed_cnn", num_classes=0))  # other weights
-    embed(root, other, out=out, batch_size=4, progress=False)
+    embed(root, other, out=out, batch_size=4, engine="torch", progress=False)
     assert other.calls == 3  # everything recomputed
