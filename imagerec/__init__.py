@@ -2,7 +2,7 @@
 
 Layers, each importing only from those before it::
 
-    data -> backbones -> checkpoint, inference, embedding -> training -> evaluation
+    data -> backbones -> checkpoint, inference, embedding -> training -> evaluation, clustering
          -> classifier, prediction, quickstart -> cli
 """
 
@@ -10,6 +10,7 @@ from ._version import __version__
 from .backbones import ModelCard, create_backbone, list_backbones, model_card, model_cards, recommend_backbone
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .classifier import Classifier
+from .clustering import ClusteringResult, ClusteringWarning, cluster_images
 from .data import ImageSource, Preprocessing, load_images
 from .embedding import Embeddings, embed
 from .errors import ImagerecError, ImagerecWarning, SkippedImagesWarning
@@ -20,6 +21,8 @@ from .training import TrainConfig, TrainResult, train
 __all__ = [
     "Checkpoint",
     "Classifier",
+    "ClusteringResult",
+    "ClusteringWarning",
     "Embeddings",
     "EvaluationReport",
     "ImageSource",
@@ -31,6 +34,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "__version__",
+    "cluster_images",
     "create_backbone",
     "embed",
     "list_backbones",

@@ -93,6 +93,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.set_defaults(run=_run_predict)
 
+    p = commands.add_parser("cluster", help="group images by what they show: k-means, DBSCAN, HDBSCAN, hierarchical, deep")
+    p.add_argument("data", help="images (a folder, DIR/<class>/*, a split root, a CSV manifest, 'cifar10') or a .npz from 'imagerec embed'")
+    p.add_argument("--split", choices=["train", "val", "test"], help="one split of the data (default: all images)")
+    p.add_argument("--max-pixels", type=_positive_int, default=None, help="skip images with more pixels (decompression-bomb guard)")
+    p.add_argument("--method", default="kmeans", choices=["kmeans", "minibatch-kmeans", "dbscan", "hdbscan", "agglomerative", "deep"], help="clustering method (default: kmeans)")
+    p.add_argument("--k", help="number of clusters, or 'auto' (the default for the methods that take k; dbscan and hdbscan find it)")
+    p.add_argument("--k-range", type=int, nargs=2, default=[2, 15], metavar=("LOW", "HIGH"), help="candidates for --k auto (default: 2 15)")
+    p.add_argument("--out", required=True, help="run folder: assignments.csv, summary.json, clusters/*.png, map.png, gallery.html")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="registry name, when DATA holds images (default: efficientnet_lite0)")
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto, for embedding and the deep head (default: cpu)")
+    p.add_argument("--tta", action="store_true", help="embed each image as the mean of it and its mirror image")
+    p.add_argument("--pca-dim", default="auto", help="principal components kept: a number, 'auto' (32 for dbscan/hdbscan, 128 otherwise) or 'none'")
+    p.add_argument("--whiten", action="store_true", help="PCA whitening")
+    p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the features")
+    p.add_argument("--eps", help="dbscan: neighbourhood radius, or 'auto' from the k-distance curve (default)")
+    p.add_argument("--min-samples", type=_positive_int, help="dbscan, hdbscan: neighbours that make an image a dense (core) point")
+    p.add_argument("--min-cluster-size", type=_positive_int, help="hdbscan: the smallest cluster (default: 5)")
+    p.add_argument("--linkage", choices=["ward", "average", "complete"], help="agglomerative: linkage (default: ward)")
+    p.add_argument("--epochs", type=_positive_int, help="deep: epochs of the SCAN step (default: 40)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="any other parameter of the method, repeatable (e.g. --param n_neighbors=30)")
+    p.add_argument("--map", dest="map_method", choices=["tsne", "pca"], default="tsne", help="2-D map of the embeddings (default: tsne, on 2,000 images at most)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--export-manifest", action="store_true", help="also write manifest.csv (path, cluster name) that 'imagerec train' reads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_cluster)
+
     p = commands.add_parser("quickstart", help="the main job: download CIFAR-10, fine-tune, evaluate")
     p.add_argument("--data", default="cifar10", help="a local copy instead of the download (a split root or the CIFAR batches)")
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
@@ -214,6 +242,72 @@ def _run_predict(args) -> None:
         print(f"wrote {len(rows)} prediction(s) to {args.out}")
     else:
         print(text, end="")
+
+
+def _run_cluster(args) -> None:
+    from .clustering import cluster_images  # noqa: PLC0415 - fast --help
+    from .data import DEFAULT_MAX_PIXELS  # noqa: PLC0415
+
+    result = cluster_images(
+        args.data,
+        args.method,
+        args.k,
+        out=args.out,
+        params=_cluster_params(args),
+        k_range=tuple(args.k_range),
+        backbone=args.backbone,
+        split=args.split,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        tta=args.tta,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        normalize=not args.no_normalize,
+        pca_dim=None if args.pca_dim.lower() == "none" else args.pca_dim if args.pca_dim == "auto" else _parse_value(args.pca_dim),
+        whiten=args.whiten,
+        random_state=args.seed,
+        export_manifest=args.export_manifest,
+        map_method=args.map_method,
+        progress=not args.no_progress,
+    )
+    if result.k_selection is not None:
+        print(f"k=auto, scored with {result.k_selection.scored_with}: {result.k_selection.rule}")
+        print(result.k_selection.table())
+    s = result.summary
+    figures = [f"{s['n_clusters']} clusters of {s['n_images']:,} images", f"noise {s['noise_fraction']:.1%}"]
+    figures += [f"silhouette {s['silhouette']:.3f}"] if s["silhouette"] is not None else []
+    figures += [f"{key.upper()} {s[key]:.4f}" for key in ("acc", "nmi", "ari", "purity") if key in s]
+    print("  ".join(figures))
+    print(f"run folder: {args.out}  (open {os.path.join(args.out, 'gallery.html')} in a browser)")
+
+
+def _cluster_params(args) -> dict:
+    """The method's own parameters: the named flags, then any --param KEY=VALUE."""
+    named = {"eps": args.eps, "min_samples": args.min_samples, "min_cluster_size": args.min_cluster_size, "linkage": args.linkage, "epochs": args.epochs}
+    params = {key: value for key, value in named.items() if value is not None}
+    if "eps" in params and params["eps"] != "auto":
+        params["eps"] = _parse_value(params["eps"])
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ImagerecError(f"--param {item!r} must look like KEY=VALUE, e.g. --param n_neighbors=30")
+        params[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    return params
+
+
+def _parse_value(text: str):
+    """A command-line value as int, float, bool or None where it reads as one, else the text."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _run_quickstart(args) -> None:

@@ -25,7 +25,6 @@ from imagerec.clustering import (
     DeepClustering,
     FeaturePipeline,
     KMeans,
-    MiniBatchKMeans,
     ari,
     cluster_accuracy,
     knee_point,
@@ -327,12 +326,15 @@ def test_dbscan_all_noise_warns():
     assert (db.labels_ == -1).all() and db.n_clusters_ == 0
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"eps": 0}, "eps=0 must be > 0"),
-    ({"eps": "big"}, "eps='big' must be a number"),
-    ({"min_samples": 1}, "min_samples=1 must be >= 2"),
-    ({"min_samples": 40}, "min_samples=40 should be <= n_samples=30"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"eps": 0}, "eps=0 must be > 0"),
+        ({"eps": "big"}, "eps='big' must be a number"),
+        ({"min_samples": 1}, "min_samples=1 must be >= 2"),
+        ({"min_samples": 40}, "min_samples=40 should be <= n_samples=30"),
+    ],
+)
 def test_dbscan_bad_parameters(params, message):
     with pytest.raises(ImagerecError, match=message):
         DBSCAN(**params).fit(blobs(30)[0])
@@ -404,12 +406,15 @@ def test_deep_without_confident_images_warns_and_skips_self_labelling():
         DeepClustering(3, epochs=1, self_label_epochs=2, confidence=0.999999, hidden_dim=16, n_heads=1).fit(x)
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"confidence": 1.0}, "confidence=1.0 must be below 1"),
-    ({"n_neighbors": 0}, "n_neighbors=0 must be >= 1"),
-    ({"batch_size": 1}, "batch_size=1 must be >= 2"),
-    ({"device": "tpu"}, "device 'tpu' is not one of"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"confidence": 1.0}, "confidence=1.0 must be below 1"),
+        ({"n_neighbors": 0}, "n_neighbors=0 must be >= 1"),
+        ({"batch_size": 1}, "batch_size=1 must be >= 2"),
+        ({"device": "tpu"}, "device 'tpu' is not one of"),
+    ],
+)
 def test_deep_bad_parameters(params, message):
     with pytest.raises(ImagerecError, match=message):
         DeepClustering(3, **params).fit(blobs(30)[0])
@@ -424,7 +429,9 @@ def test_auto_k_finds_the_number_of_blobs_and_scores_every_candidate(method):
     selection = select_n_clusters(x, method=method, k_range=(2, 8))
     assert selection.best_k == 5
     assert [s["k"] for s in selection.scores] == list(range(2, 9))
-    assert all(s["silhouette"] is not None and s["calinski_harabasz"] > 0 and s["davies_bouldin"] > 0 for s in selection.scores)
+    assert all(
+        s["silhouette"] is not None and s["calinski_harabasz"] > 0 and s["davies_bouldin"] > 0 for s in selection.scores
+    )
     best = max(selection.scores, key=lambda s: s["silhouette"])
     assert best["k"] == 5
     lines = selection.table().splitlines()
@@ -436,15 +443,24 @@ def test_auto_k_caps_the_range_at_the_number_of_images():
     assert [s["k"] for s in select_n_clusters(x, k_range=(2, 15)).scores] == [2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"k_range": (1, 5)}, "needs 2 <= low <= high"),
-    ({"k_range": (5, 3)}, "needs 2 <= low <= high"),
-    ({"k_range": "many"}, "must be two whole numbers"),
-    ({"method": "dbscan"}, "finds the number of clusters itself"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"k_range": (1, 5)}, "needs 2 <= low <= high"),
+        ({"k_range": (5, 3)}, "needs 2 <= low <= high"),
+        ({"k_range": "many"}, "must be two whole numbers"),
+        ({"method": "dbscan"}, "finds the number of clusters itself"),
+    ],
+)
 def test_auto_k_bad_arguments(kwargs, message):
     with pytest.raises(ImagerecError, match=message):
         select_n_clusters(blobs(30)[0], **kwargs)
+
+
+@pytest.mark.parametrize("method", ["kmeans", "agglomerative"])
+def test_auto_k_on_identical_images_scores_nothing_and_does_not_crash(method):
+    selection = select_n_clusters(np.ones((10, 3), np.float32), method=method, k_range=(2, 4))
+    assert selection.best_k == 2 and all(s["found"] == 1 and s["silhouette"] is None for s in selection.scores)
 
 
 def test_auto_k_with_too_few_images():
@@ -458,4 +474,10 @@ def test_no_scikit_learn_warning_escapes_on_degenerate_input():
         warnings.simplefilter("error")  # anything but our own warning fails the test
         warnings.simplefilter("default", ClusteringWarning)
         for method in METHODS:
-            estimator(method, k=3, **({"min_samples": 2} if method == "dbscan" else {"min_cluster_size": 2} if method == "hdbscan" else {})).fit(x)
+            estimator(
+                method,
+                k=3,
+                **(
+                    {"min_samples": 2} if method == "dbscan" else {"min_cluster_size": 2} if method == "hdbscan" else {}
+                ),
+            ).fit(x)

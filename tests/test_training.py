@@ -147,7 +147,14 @@ def test_torchrun_two_processes_on_cpu(colour_folder, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "imagerec", "train",
            str(colour_folder), "--out", str(run), "--backbone", "seed_cnn", "--batch-size", "4", "--epochs", "2",
            "--val-fraction", "0.25", "--device", "cpu", "--precision", "fp32", "--no-progress"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+        raise
+    done = subprocess.CompletedProcess(cmd, proc.returncode, "", stderr)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in run.glob("*.safetensors")) == ["best.safetensors", "last.safetensors"]
     assert done.stderr.count("epoch 2:") == 1  # only rank 0 reports

@@ -72,7 +72,11 @@ class ClusteringResult:
         """Indices of a cluster's images, the most typical first (nearest the centre, or most
         probable for the deep method)."""
         idx = np.flatnonzero(self.labels == label)
-        key = -self.probabilities[idx] if self.summary["method"] == "deep" and self.probabilities is not None else self.distances[idx]
+        key = (
+            -self.probabilities[idx]
+            if self.summary["method"] == "deep" and self.probabilities is not None
+            else self.distances[idx]
+        )
         return idx[np.argsort(key, kind="stable")]
 
 
@@ -118,8 +122,12 @@ def cluster_images(
         params: the method's own arguments, e.g. ``{"eps": 0.3, "min_samples": 10}`` (dbscan),
             ``{"linkage": "average"}`` (agglomerative), ``{"epochs": 60}`` (deep).
         k_range: inclusive (low, high) candidates for ``k="auto"``.
-        backbone, split, image_size, batch_size, device, max_pixels: how to embed images (see
-            :func:`~imagerec.embed`); ``device`` also trains the deep head.
+        backbone: registry name or model that embeds images (see :func:`~imagerec.embed`).
+        split: ``"train"``, ``"val"``, ``"test"`` or None (all images) of a data set spec.
+        image_size: input side in pixels for embedding (default: the backbone's).
+        batch_size: images per forward pass when embedding.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``, for embedding and the deep head.
+        max_pixels: decompression-bomb limit per image.
         tta: embed each image as the mean of it and its mirror image.
         normalize: L2-normalise the features (before and after PCA).
         pca_dim: principal components kept; ``"auto"``: 32 for dbscan and hdbscan, 128 otherwise;
@@ -156,12 +164,19 @@ def cluster_images(
     pca_dim = _check_pca_dim(pca_dim, method)
     if map_method not in MAP_METHODS:
         raise ImagerecError(f"map_method={map_method!r} is not one of {MAP_METHODS}")
-    for name, value in (("map_sample", map_sample), ("sheet_size", sheet_size), ("gallery_size", gallery_size), ("max_clusters_shown", max_clusters_shown), ("silhouette_sample", silhouette_sample)):
+    for name, value in (
+        ("map_sample", map_sample),
+        ("sheet_size", sheet_size),
+        ("gallery_size", gallery_size),
+        ("max_clusters_shown", max_clusters_shown),
+        ("silhouette_sample", silhouette_sample),
+    ):
         check_positive(value, name, integer=True, minimum=1, inclusive=True)
     params = dict(params or {})
     if method == "deep":
         params.setdefault("device", device)
-    make_estimator(method, None if k == "auto" else k, params, random_state)  # unknown parameters fail now
+    # unknown parameters and out-of-range values fail now (those relative to N only in fit)
+    make_estimator(method, 2 if k == "auto" else k, params, random_state)._check_params(n_samples=2**62)
     run_dir = Path(out) if out is not None else None
     if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
         raise ImagerecError(f"out={run_dir}: is a file; give a folder for the run")
@@ -169,8 +184,16 @@ def cluster_images(
     # 2. features: given, read, cached or embedded; then prepared
     timer = time.perf_counter()
     emb, source = resolve_embeddings(
-        data, backbone=backbone, cache_dir=run_dir, split=split, image_size=image_size, batch_size=batch_size,
-        device=device, tta=tta, max_pixels=max_pixels, progress=progress,
+        data,
+        backbone=backbone,
+        cache_dir=run_dir,
+        split=split,
+        image_size=image_size,
+        batch_size=batch_size,
+        device=device,
+        tta=tta,
+        max_pixels=max_pixels,
+        progress=progress,
     )
     seconds = {"embed": time.perf_counter() - timer}
     _check_embeddings(emb)
@@ -181,7 +204,9 @@ def cluster_images(
     # 3. the number of clusters, then the clustering
     selection = None
     if k == "auto":
-        selection = select_n_clusters(X, method=method, k_range=k_range, params=params, sample_size=silhouette_sample, random_state=random_state)
+        selection = select_n_clusters(
+            X, method=method, k_range=k_range, params=params, sample_size=silhouette_sample, random_state=random_state
+        )
         k = selection.best_k
     elif k is not None:
         check_n_clusters(k, len(X))
@@ -194,17 +219,32 @@ def cluster_images(
     distances = _distances(X, labels)
     probabilities = getattr(estimator, "probabilities_", None)
     outliers = _outliers(labels, distances)
-    summary = _summary(method, k, estimator, emb, X, labels, names, outliers, selection, silhouette_sample, random_state, pipeline)
+    summary = _summary(
+        method, k, estimator, emb, X, labels, names, outliers, selection, silhouette_sample, random_state, pipeline
+    )
     summary["config"] = {
-        "method": method, "k": k, "params": params, "k_range": list(k_range) if selection else None, "backbone": emb.backbone,
-        "tta": tta, "normalize": normalize, "pca_dim": pca_dim, "whiten": whiten, "random_state": random_state,
+        "method": method,
+        "k": k,
+        "params": params,
+        "k_range": list(k_range) if selection else None,
+        "backbone": emb.backbone,
+        "tta": tta,
+        "normalize": normalize,
+        "pca_dim": pca_dim,
+        "whiten": whiten,
+        "random_state": random_state,
     }
-    result = ClusteringResult(labels, list(emb.paths), names, distances, probabilities, outliers, summary, estimator, pipeline, X, selection, run_dir)
+    result = ClusteringResult(
+        labels, list(emb.paths), names, distances, probabilities, outliers, summary, estimator, pipeline, X, selection,
+        run_dir,
+    )  # fmt: skip
 
     # 5. the run folder
     if run_dir is not None:
         timer = time.perf_counter()
-        _write_run(result, emb, source, max_pixels, export_manifest, map_method, map_sample, sheet_size, gallery_size, max_clusters_shown, random_state)
+        view = _View(map_method, map_sample, sheet_size, gallery_size, max_clusters_shown, max_pixels, random_state)
+        _write_tables(result, emb, export_manifest)
+        _write_pictures(result, emb.backbone, source, view)
         seconds["report"] = time.perf_counter() - timer
     summary["seconds"] = {key: round(value, 3) for key, value in seconds.items()}
     if run_dir is not None:
@@ -215,7 +255,9 @@ def cluster_images(
 def _check_k(k, method: str):
     if method not in K_METHODS:
         if k is not None:
-            raise ImagerecError(f"method={method!r} finds the number of clusters itself; drop k={k!r} (or use kmeans, agglomerative or deep)")
+            raise ImagerecError(
+                f"method={method!r} finds the number of clusters itself; drop k={k!r} (or use one of {', '.join(K_METHODS)})"
+            )
         return None
     if k is None or k == "auto":
         return "auto"
@@ -267,7 +309,9 @@ def _outliers(labels: np.ndarray, distances: np.ndarray) -> np.ndarray:
     return outliers
 
 
-def _summary(method, k, estimator, emb, X, labels, names, outliers, selection, silhouette_sample, random_state, pipeline) -> dict:
+def _summary(
+    method, k, estimator, emb, X, labels, names, outliers, selection, silhouette_sample, random_state, pipeline
+) -> dict:
     n = len(labels)
     sizes = {names[int(v)]: int(c) for v, c in zip(*np.unique(labels, return_counts=True)) if v >= 0}
     summary = {
@@ -279,14 +323,28 @@ def _summary(method, k, estimator, emb, X, labels, names, outliers, selection, s
         "noise_fraction": float(np.mean(labels < 0)),
         "outliers": int(outliers.sum()),
         "silhouette": sampled_silhouette(X, labels, silhouette_sample, random_state),
-        "features": {"backbone": emb.backbone, "input_dim": int(emb.features.shape[1]), "dim": int(X.shape[1]), "pca": pipeline.pca_ is not None},
-        "params": {key: value for key, value in estimator.get_params().items() if isinstance(value, (int, float, str, bool, type(None)))},
+        "features": {
+            "backbone": emb.backbone,
+            "input_dim": int(emb.features.shape[1]),
+            "dim": int(X.shape[1]),
+            "pca": pipeline.pca_ is not None,
+        },
+        "params": {
+            key: value
+            for key, value in estimator.get_params().items()
+            if isinstance(value, (int, float, str, bool, type(None)))
+        },
         "imagerec_version": __version__,
     }
     if hasattr(estimator, "eps_"):
         summary["eps"] = estimator.eps_
     if selection is not None:
-        summary["k_selection"] = {"best_k": selection.best_k, "scored_with": selection.scored_with, "rule": selection.rule, "scores": selection.scores}
+        summary["k_selection"] = {
+            "best_k": selection.best_k,
+            "scored_with": selection.scored_with,
+            "rule": selection.rule,
+            "scores": selection.scores,
+        }
     if emb.labels is not None:
         summary.update(clustering_scores(emb.labels, labels))
         summary["classes"] = list(emb.classes)
@@ -295,42 +353,85 @@ def _summary(method, k, estimator, emb, X, labels, names, outliers, selection, s
     return summary
 
 
-def _write_run(result: ClusteringResult, emb, source, max_pixels, export_manifest, map_method, map_sample, sheet_size, gallery_size, max_shown, random_state) -> None:
-    run, s = result.run_dir, result.summary
+@dataclass(frozen=True)
+class _View:
+    """How much of a run the pictures show (see :func:`cluster_images` for each)."""
+
+    map_method: str
+    map_sample: int
+    sheet_size: int
+    gallery_size: int
+    max_clusters_shown: int
+    max_pixels: int
+    random_state: int | None
+
+
+def _write_tables(result: ClusteringResult, emb: Embeddings, export_manifest: bool) -> None:
+    """``assignments.csv``, ``k_selection.csv`` (k="auto") and ``manifest.csv`` (on request)."""
+    run = result.run_dir
     run.mkdir(parents=True, exist_ok=True)
     true = [emb.classes[i] for i in emb.labels] if emb.labels is not None else None
-    report.write_assignments(run / "assignments.csv", result.paths, result.labels, result.names, result.distances, result.probabilities, result.outliers, true)
+    report.write_assignments(
+        run / "assignments.csv", result.paths, result.labels, result.names, result.distances, result.probabilities,
+        result.outliers, true,
+    )  # fmt: skip
     if result.k_selection is not None:
-        rows = [[c["k"], c["found"], c["silhouette"], c["calinski_harabasz"], c["davies_bouldin"], c["mean_rank"], c["seconds"]] for c in result.k_selection.scores]
-        write_text_atomic(run / "k_selection.csv", report.csv_text(["k", "found", "silhouette", "calinski_harabasz", "davies_bouldin", "mean_rank", "seconds"], rows))
+        columns = ["k", "found", "silhouette", "calinski_harabasz", "davies_bouldin", "mean_rank", "seconds"]
+        rows = [[score[c] for c in columns] for score in result.k_selection.scores]
+        write_text_atomic(run / "k_selection.csv", report.csv_text(columns, rows))
     if export_manifest:
         written, left_out = report.write_manifest(run / "manifest.csv", result.paths, result.labels, result.names)
         if written == 0:
-            raise ImagerecError(f"{run / 'manifest.csv'}: no image could be listed (all noise, or images held in arrays such as the CIFAR batches); cluster image files to export a manifest")
+            raise ImagerecError(
+                f"{run / 'manifest.csv'}: no image could be listed (all noise, or images held in arrays such as "
+                "the CIFAR batches); cluster image files to export a manifest"
+            )
         if left_out:
             warn(f"manifest.csv leaves out {left_out} image(s): noise, or rows of an array that a manifest cannot name")
-    # pictures: clusters by decreasing size, noise last
-    reader = report.ImageReader(result.paths, source, max_pixels=max_pixels)
+
+
+def _write_pictures(result: ClusteringResult, backbone: str, source, view: _View) -> None:
+    """Contact sheets, the map, the dendrogram or k-distance curve, and ``gallery.html``."""
+    run, s = result.run_dir, result.summary
+    reader = report.ImageReader(result.paths, source, max_pixels=view.max_pixels)
+    # 1. one contact sheet per cluster, largest first (noise last, a random sample of it)
     order = sorted((v for v in result.names if v >= 0), key=lambda v: (-s["sizes"][result.names[v]], v))
-    shown, hidden = order[:max_shown], len(order) - min(len(order), max_shown)
+    shown = order[: view.max_clusters_shown] + ([-1] if -1 in result.names else [])
     sections = []
-    for label in shown + ([-1] if -1 in result.names else []):
-        members = result.members(label) if label >= 0 else np.random.default_rng(random_state).permutation(np.flatnonzero(result.labels < 0))
-        name, size = result.names[label], int(np.sum(result.labels == label))
-        what = "nearest its centre first" if label >= 0 else "a random sample"
-        report.contact_sheet(reader, members[:sheet_size], f"{name}: {size} images ({what})", run / "clusters" / f"{name}.png")
-        sections.append({"name": name, "size": size, "share": size / len(result.labels), "indices": members[:gallery_size], "captions": [_caption(result, i) for i in members[:gallery_size]]})
-    idx, coords = report.map_2d(result.features, map_method, map_sample, random_state)
-    report.plot_map(coords, result.labels[idx], result.names, run / "map.png", f"{s['method']}: {s['n_clusters']} clusters ({map_method.upper() if map_method == 'pca' else 't-SNE'}, {len(idx):,} images)")
-    if hasattr(result.estimator, "linkage_matrix_"):
-        report.plot_dendrogram(result.estimator.linkage_matrix_, s["n_clusters"], run / "dendrogram.png")
-    if hasattr(result.estimator, "k_distances_"):
-        report.plot_k_distance(result.estimator.k_distances_, result.estimator.eps_, result.estimator.min_samples - 1, run / "k_distance.png")
+    for label in shown:
+        if label >= 0:
+            members, what = result.members(label), "nearest its centre first"
+        else:
+            noise = np.flatnonzero(result.labels < 0)
+            members, what = np.random.default_rng(view.random_state).permutation(noise), "a random sample"
+        name, size = result.names[label], len(members)
+        sheet = run / "clusters" / f"{name}.png"
+        report.contact_sheet(reader, members[: view.sheet_size], f"{name}: {size} images ({what})", sheet)
+        top = members[: view.gallery_size]
+        sections.append(
+            {"name": name, "size": size, "share": size / len(result.labels), "indices": top,
+             "captions": [_caption(result, i) for i in top]}
+        )  # fmt: skip
+    # 2. the 2-D map, and the method's own picture
+    idx, coords = report.map_2d(result.features, view.map_method, view.map_sample, view.random_state)
+    how = "t-SNE" if view.map_method == "tsne" else "PCA"
+    title = f"{s['method']}: {s['n_clusters']} clusters ({how}, {len(idx):,} images)"
+    report.plot_map(coords, result.labels[idx], result.names, run / "map.png", title)
+    estimator = result.estimator
+    if hasattr(estimator, "linkage_matrix_"):
+        report.plot_dendrogram(estimator.linkage_matrix_, s["n_clusters"], run / "dendrogram.png")
+    if hasattr(estimator, "k_distances_"):
+        report.plot_k_distance(
+            estimator.k_distances_, estimator.eps_, estimator.min_samples - 1, run / "k_distance.png"
+        )
+    # 3. the gallery: all of it in one HTML file
     figures = [f"{s['n_images']:,} images", f"{s['n_clusters']} clusters", f"noise {s['noise_fraction']:.1%}"]
     figures += [f"silhouette {s['silhouette']:.3f}"] if s["silhouette"] is not None else []
     figures += [f"{key.upper()} {s[key]:.3f}" for key in ("acc", "nmi", "ari", "purity") if key in s]
+    hidden = len(order) - min(len(order), view.max_clusters_shown)
     note = f"{hidden} smaller cluster(s) are not shown; summary.json lists every size." if hidden else ""
-    report.write_gallery(run / "gallery.html", f"imagerec clusters: {s['method']}, {emb.backbone}", " | ".join(figures), run / "map.png", sections, reader, note)
+    title = f"imagerec clusters: {s['method']}, {backbone}"
+    report.write_gallery(run / "gallery.html", title, " | ".join(figures), run / "map.png", sections, reader, note)
 
 
 def _caption(result: ClusteringResult, i: int) -> str:

@@ -53,7 +53,11 @@ class KSelection:
         """The scores as a text table, the chosen row marked with ``*``."""
         lines = [f"{'k':>4} {'silhouette':>10} {'calinski_harabasz':>17} {'davies_bouldin':>14} {'mean_rank':>9}"]
         for s in self.scores:
-            cells = [_fmt(s["silhouette"], ".4f"), _fmt(s["calinski_harabasz"], ".1f"), _fmt(s["davies_bouldin"], ".4f")]
+            cells = [
+                _fmt(s["silhouette"], ".4f"),
+                _fmt(s["calinski_harabasz"], ".1f"),
+                _fmt(s["davies_bouldin"], ".4f"),
+            ]
             mark = " *" if s["k"] == self.best_k else ""
             lines.append(f"{s['k']:>4} {cells[0]:>10} {cells[1]:>17} {cells[2]:>14} {s['mean_rank']:>9.2f}{mark}")
         return "\n".join(lines)
@@ -114,7 +118,9 @@ def select_n_clusters(
     check_n_samples(len(X), 3)
     method = check_method(method)
     if method not in K_METHODS:
-        raise ImagerecError(f"method={method!r} finds the number of clusters itself; k='auto' applies to {', '.join(K_METHODS)}")
+        raise ImagerecError(
+            f"method={method!r} finds the number of clusters itself; k='auto' applies to {', '.join(K_METHODS)}"
+        )
     low, high = check_k_range(k_range, len(X))
     scored_with = "kmeans" if method == "deep" else method
     params = {} if method == "deep" else dict(params or {})
@@ -123,16 +129,20 @@ def select_n_clusters(
     for k, (labels, seconds) in labelings.items():
         found = int(len(np.unique(labels)))
         ok = 2 <= found <= len(X) - 1
-        scores.append({
-            "k": k,
-            "found": found,
-            "silhouette": sampled_silhouette(X, labels, sample_size, random_state) if ok else None,
-            "calinski_harabasz": float(calinski_harabasz_score(X, labels)) if ok else None,
-            "davies_bouldin": float(davies_bouldin_score(X, labels)) if ok else None,
-            "seconds": round(seconds, 3),
-        })
+        scores.append(
+            {
+                "k": k,
+                "found": found,
+                "silhouette": sampled_silhouette(X, labels, sample_size, random_state) if ok else None,
+                "calinski_harabasz": float(calinski_harabasz_score(X, labels)) if ok else None,
+                "davies_bouldin": float(davies_bouldin_score(X, labels)) if ok else None,
+                "seconds": round(seconds, 3),
+            }
+        )
     _rank(scores)
-    best = min(scores, key=lambda s: (s["mean_rank"], -(s["silhouette"] if s["silhouette"] is not None else -2), s["k"]))
+    best = min(
+        scores, key=lambda s: (s["mean_rank"], -(s["silhouette"] if s["silhouette"] is not None else -2), s["k"])
+    )
     rule = "best mean rank of silhouette (higher), Calinski-Harabasz (higher) and Davies-Bouldin (lower)"
     return KSelection(best["k"], scores, scored_with, rule)
 
@@ -147,7 +157,11 @@ def _labelings(X, method, ks, params, random_state) -> dict[int, tuple[np.ndarra
             tree.fit(X)
             assert isinstance(tree, AgglomerativeClustering)
             for k in ks:
-                out[k] = (tree.cut(min(k, len(tree.linkage_matrix_) + 1)), time.perf_counter() - start)
+                has_tree = hasattr(tree, "linkage_matrix_")  # not when every image is the same
+                out[k] = (
+                    tree.cut(min(k, len(tree.linkage_matrix_) + 1)) if has_tree else tree.labels_,
+                    time.perf_counter() - start,
+                )
                 start = time.perf_counter()
             return out
         for k in ks:

@@ -53,10 +53,13 @@ class BaseClustering(ClusterMixin, BaseEstimator):
         self._check_params(n)
         self.n_features_in_ = X.shape[1]
         if self._uses_n_clusters and self.n_clusters == 1:
-            warn(f"n_clusters=1 puts all {n} images in one cluster; ask for 2 or more to group them")
+            warn(f"n_clusters=1 puts all {n} images in one cluster; ask for 2 or more to group them", stacklevel=3)
             self._fit_one_cluster(X)
         elif all_identical(X):
-            warn(f"all {n} feature vectors are identical (duplicate or blank images): they form one cluster")
+            warn(
+                f"all {n} feature vectors are identical (duplicate or blank images): they form one cluster",
+                stacklevel=3,
+            )
             self._fit_one_cluster(X)
         else:
             self._fit(X)
@@ -79,7 +82,9 @@ class BaseClustering(ClusterMixin, BaseEstimator):
 
     def _warn_if_degenerate(self, n: int) -> None:
         if self.n_clusters_ == 0:
-            warn(f"{type(self).__name__} marked all {n} images as noise; loosen its parameters (larger eps, smaller min_samples)")
+            warn(
+                f"{type(self).__name__} marked all {n} images as noise; loosen its parameters (larger eps, smaller min_samples)"
+            )
         elif self._uses_n_clusters and self.n_clusters_ < self.n_clusters:
             warn(
                 f"found {self.n_clusters_} non-empty clusters of the n_clusters={self.n_clusters} asked for; "

@@ -19,9 +19,10 @@ class ClusteringWarning(ImagerecWarning):
     everything marked noise. The run goes on and says what it did instead."""
 
 
-def warn(message: str) -> None:
-    """Raise a :class:`ClusteringWarning` pointing at the user's call, not at imagerec."""
-    warnings.warn(message, ClusteringWarning, stacklevel=4)
+def warn(message: str, stacklevel: int = 4) -> None:
+    """Raise a :class:`ClusteringWarning` pointing at the user's call (``stacklevel`` frames up
+    from here), not at imagerec."""
+    warnings.warn(message, ClusteringWarning, stacklevel=stacklevel)
 
 
 def check_features(features, name: str = "features") -> np.ndarray:
@@ -42,7 +43,9 @@ def check_features(features, name: str = "features") -> np.ndarray:
     except (TypeError, ValueError) as e:
         raise ImagerecError(f"{name} could not be read as an array ({e}); pass a float array of shape (N, D)") from None
     if array.ndim != 2:
-        raise ImagerecError(f"{name} has shape {array.shape}; it must be 2-D (N images, D features), e.g. Embeddings.features")
+        raise ImagerecError(
+            f"{name} has shape {array.shape}; it must be 2-D (N images, D features), e.g. Embeddings.features"
+        )
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ImagerecError(f"{name} has shape {array.shape}: no images or no features; embed some images first")
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
@@ -98,7 +101,9 @@ def check_n_clusters(n_clusters, n_samples: int | None = None) -> int:
     return n_clusters
 
 
-def check_positive(value, name: str, *, integer: bool = False, minimum: float = 0.0, inclusive: bool = False, hint: str = ""):
+def check_positive(
+    value, name: str, *, integer: bool = False, minimum: float = 0.0, inclusive: bool = False, hint: str = ""
+):
     """A number above (or, with ``inclusive``, at least) ``minimum``.
 
     Raises:

@@ -110,7 +110,9 @@ class DeepClustering(BaseClustering):
 
     def _check_params(self, n_samples: int) -> None:
         check_positive(self.n_neighbors, "n_neighbors", integer=True, minimum=1, inclusive=True, hint="; try 20")
-        check_positive(self.hidden_dim, "hidden_dim", integer=True, minimum=0, inclusive=True, hint="; 0 means linear heads")
+        check_positive(
+            self.hidden_dim, "hidden_dim", integer=True, minimum=0, inclusive=True, hint="; 0 means linear heads"
+        )
         check_positive(self.n_heads, "n_heads", integer=True, minimum=1, inclusive=True, hint="; try 3")
         check_positive(self.epochs, "epochs", integer=True, minimum=1, inclusive=True, hint="; try 40")
         check_positive(self.batch_size, "batch_size", integer=True, minimum=2, inclusive=True, hint="; try 512")
@@ -181,7 +183,10 @@ class DeepClustering(BaseClustering):
         optimizer = torch.optim.Adam(head.parameters(), lr=self.lr / 10, weight_decay=self.weight_decay)
         self.n_confident_ = int((self._predict_proba_tensor(x).max(1).values > self.confidence).sum())
         if self.n_confident_ == 0:
-            warn(f"no image reached confidence={self.confidence}; self-labelling was skipped (lower confidence, or set self_label_epochs=0)")
+            warn(
+                f"no image reached confidence={self.confidence}; self-labelling was skipped (lower confidence, or set self_label_epochs=0)",
+                6,
+            )
             return
         for epoch in range(self.self_label_epochs):
             total, steps = 0.0, 0
@@ -286,7 +291,9 @@ class _Heads(nn.Module):
         def head() -> nn.Module:
             if hidden_dim == 0:
                 return nn.Linear(in_dim, n_clusters)
-            return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_clusters))
+            return nn.Sequential(
+                nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_clusters)
+            )
 
         self.heads = nn.ModuleList([head() for _ in range(n_heads)])
 
@@ -316,7 +323,10 @@ def _scan_loss_per_head(heads: _Heads, x: torch.Tensor, neighbors: torch.Tensor,
     heads.eval()
     with torch.no_grad():
         proba = torch.cat([F.softmax(heads(part), dim=-1) for part in x.split(8192)], dim=1)  # (H, N, K)
-        consistency = sum(-torch.log((proba * proba[:, neighbors[:, j]]).sum(-1).clamp_min(1e-8)).mean(-1) for j in range(neighbors.shape[1]))
+        consistency = sum(
+            -torch.log((proba * proba[:, neighbors[:, j]]).sum(-1).clamp_min(1e-8)).mean(-1)
+            for j in range(neighbors.shape[1])
+        )
         consistency = consistency / neighbors.shape[1]
         mean = proba.mean(1)
         entropy = -(mean * torch.log(mean.clamp_min(1e-8))).sum(-1)

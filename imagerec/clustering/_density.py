@@ -114,7 +114,7 @@ def _connect(X: np.ndarray, core: np.ndarray, eps: float, working_memory: float)
         rows = np.arange(start, start + len(d2))
         is_core = core[rows]
         # 1. core rows: merge the components of every core point within eps
-        r, c = np.nonzero(d2[is_core] <= eps2)
+        r, c = np.nonzero((d2 <= eps2)[is_core])
         a, b = component[position[rows[is_core]][r]], component[c]
         differ = a != b
         if differ.any():
@@ -175,20 +175,26 @@ class HDBSCAN(BaseClustering):
 
     _uses_n_clusters = False
 
-    def __init__(self, min_cluster_size: int = 5, *, min_samples: int | None = None, cluster_selection_epsilon: float = 0.0):
+    def __init__(
+        self, min_cluster_size: int = 5, *, min_samples: int | None = None, cluster_selection_epsilon: float = 0.0
+    ):
         self.min_cluster_size = min_cluster_size
         self.min_samples = min_samples
         self.cluster_selection_epsilon = cluster_selection_epsilon
 
     def _check_params(self, n_samples: int) -> None:
-        check_positive(self.min_cluster_size, "min_cluster_size", integer=True, minimum=2, inclusive=True, hint="; try 5")
+        check_positive(
+            self.min_cluster_size, "min_cluster_size", integer=True, minimum=2, inclusive=True, hint="; try 5"
+        )
         if self.min_cluster_size > n_samples:
             raise ImagerecError(
                 f"min_cluster_size={self.min_cluster_size} should be <= n_samples={n_samples}; "
                 f"lower it to at most {n_samples}"
             )
         if self.min_samples is not None:
-            check_positive(self.min_samples, "min_samples", integer=True, minimum=1, inclusive=True, hint="; try 5 or None")
+            check_positive(
+                self.min_samples, "min_samples", integer=True, minimum=1, inclusive=True, hint="; try 5 or None"
+            )
             if self.min_samples > n_samples:
                 raise ImagerecError(f"min_samples={self.min_samples} should be <= n_samples={n_samples}; lower it")
         check_positive(self.cluster_selection_epsilon, "cluster_selection_epsilon", minimum=0.0, inclusive=True)

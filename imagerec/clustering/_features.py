@@ -25,7 +25,7 @@ from ..backbones import create_backbone
 from ..data import DEFAULT_MAX_PIXELS, ImageSource, load_images
 from ..embedding import Embeddings, embed
 from ..errors import ImagerecError
-from ._checks import check_features, check_positive
+from ._checks import all_identical, check_features, check_positive
 
 EMBEDDINGS_FILE = "embeddings.npz"  # the cache inside a run folder
 
@@ -51,7 +51,8 @@ class FeaturePipeline(TransformerMixin, BaseEstimator):
 
     Args:
         normalize: L2-normalise before PCA and after it.
-        pca_dim: keep this many principal components (capped at min(N, D)); None: no PCA.
+        pca_dim: keep this many principal components (capped at min(N, D)); None: no PCA
+            (nor when every row is the same: there are no components).
         whiten: scale each component to unit variance (PCA whitening).
         random_state: seed of the randomised SVD.
 
@@ -61,7 +62,9 @@ class FeaturePipeline(TransformerMixin, BaseEstimator):
         n_features_out_: the prepared dimension.
     """
 
-    def __init__(self, normalize: bool = True, pca_dim: int | None = None, whiten: bool = False, random_state: int | None = 0):
+    def __init__(
+        self, normalize: bool = True, pca_dim: int | None = None, whiten: bool = False, random_state: int | None = 0
+    ):
         self.normalize = normalize
         self.pca_dim = pca_dim
         self.whiten = whiten
@@ -75,10 +78,12 @@ class FeaturePipeline(TransformerMixin, BaseEstimator):
         """
         X = check_features(X)
         if self.pca_dim is not None:
-            check_positive(self.pca_dim, "pca_dim", integer=True, minimum=1, inclusive=True, hint="; try 128, or None for no PCA")
+            check_positive(
+                self.pca_dim, "pca_dim", integer=True, minimum=1, inclusive=True, hint="; try 128, or None for no PCA"
+            )
         self.n_features_in_ = X.shape[1]
         self.pca_ = None
-        if self.pca_dim is not None and (self.pca_dim < X.shape[1] or self.whiten) and len(X) >= 2:
+        if self.pca_dim is not None and (self.pca_dim < X.shape[1] or self.whiten) and not all_identical(X):
             x = l2_normalize(X) if self.normalize else X
             n_components = min(int(self.pca_dim), len(X), X.shape[1])
             self.pca_ = PCA(n_components, random_state=self.random_state).fit(x)
@@ -100,7 +105,9 @@ class FeaturePipeline(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "n_features_out_")
         X = check_features(X)
         if X.shape[1] != self.n_features_in_:
-            raise ImagerecError(f"X has {X.shape[1]} features but the pipeline was fitted on {self.n_features_in_}; use the same backbone")
+            raise ImagerecError(
+                f"X has {X.shape[1]} features but the pipeline was fitted on {self.n_features_in_}; use the same backbone"
+            )
         x = l2_normalize(X) if self.normalize else X
         if self.pca_ is not None:
             x = (x - self.pca_.mean_) @ self.pca_.components_.T
@@ -112,7 +119,9 @@ class FeaturePipeline(TransformerMixin, BaseEstimator):
         return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def prepare_features(features, *, normalize: bool = True, pca_dim: int | None = None, whiten: bool = False, random_state: int | None = 0) -> np.ndarray:
+def prepare_features(
+    features, *, normalize: bool = True, pca_dim: int | None = None, whiten: bool = False, random_state: int | None = 0
+) -> np.ndarray:
     """``FeaturePipeline(...).fit_transform(features)``: see :class:`FeaturePipeline`.
 
     Args:
@@ -173,9 +182,13 @@ def resolve_embeddings(
         backbone: registry name or model, when the images must be embedded.
         cache_dir: folder for ``embeddings.npz`` (resumable, and reused when it holds the same
             images from the same registry backbone at the same size).
-        split, image_size, batch_size, device, max_pixels, progress: as for
-            :func:`~imagerec.embed`.
+        split: ``"train"``, ``"val"``, ``"test"`` or None, for a data set spec.
+        image_size: input side in pixels (default: the backbone's).
+        batch_size: images per forward pass.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         tta: embed each image as the mean of it and its mirror image.
+        max_pixels: decompression-bomb limit per image.
+        progress: show a progress bar.
 
     Returns:
         (embeddings, source): the source is None when the embeddings were given.
@@ -185,18 +198,38 @@ def resolve_embeddings(
     """
     if isinstance(data, Embeddings):
         return data, None
+    if isinstance(data, np.ndarray):
+        raise ImagerecError(
+            "data is a bare array: wrap it as Embeddings(features, paths, ...) so clusters can name their "
+            "images, or fit an estimator of imagerec.clustering (KMeans, DBSCAN, ...) on it directly"
+        )
     if not isinstance(data, ImageSource) and str(data).lower().endswith(".npz"):
         if tta or image_size:
-            raise ImagerecError(f"{data}: holds finished embeddings; tta and image_size apply only when images are embedded")
+            raise ImagerecError(
+                f"{data}: holds finished embeddings; tta and image_size apply only when images are embedded"
+            )
         return Embeddings.load(data), None
     source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
     model = backbone if isinstance(backbone, nn.Module) else create_backbone(backbone, num_classes=0)
     if tta:
         model = FlipAveraged(model)
     cache = Path(cache_dir) / EMBEDDINGS_FILE if cache_dir is not None else None
-    if cache is not None and isinstance(backbone, str) and _cache_matches(cache, source, model.backbone_name, image_size or model.preprocessing.input_size):
+    if (
+        cache is not None
+        and isinstance(backbone, str)
+        and _cache_matches(cache, source, model.backbone_name, image_size or model.preprocessing.input_size)
+    ):
         return Embeddings.load(cache), source
-    result = embed(source, model, out=cache, image_size=image_size, batch_size=batch_size, device=device, max_pixels=max_pixels, progress=progress)
+    result = embed(
+        source,
+        model,
+        out=cache,
+        image_size=image_size,
+        batch_size=batch_size,
+        device=device,
+        max_pixels=max_pixels,
+        progress=progress,
+    )
     return result, source
 
 

@@ -51,7 +51,9 @@ class AgglomerativeClustering(BaseClustering):
 
     _has_centres = True
 
-    def __init__(self, n_clusters: int = 8, *, linkage: str = "ward", n_subclusters: int = 1000, random_state: int | None = 0):
+    def __init__(
+        self, n_clusters: int = 8, *, linkage: str = "ward", n_subclusters: int = 1000, random_state: int | None = 0
+    ):
         self.n_clusters = n_clusters
         self.linkage = linkage
         self.n_subclusters = n_subclusters
@@ -144,7 +146,12 @@ def lance_williams(centres: np.ndarray, sizes: np.ndarray, linkage: str) -> np.n
         dist[j], dist[:, j] = np.inf, np.inf
         active[j] = False
         n[i] += n[j]
-        Z[step] = (min(node[i], node[j]), max(node[i], node[j]), np.sqrt(2 * height) if linkage == "ward" else height, n[i])
+        Z[step] = (
+            min(node[i], node[j]),
+            max(node[i], node[j]),
+            np.sqrt(2 * height) if linkage == "ward" else height,
+            n[i],
+        )
         node[i] = m + step
     return Z
 

@@ -73,7 +73,15 @@ class KMeans(_CentroidMixin, BaseClustering):
         backend_: the backend that ran.
     """
 
-    def __init__(self, n_clusters: int = 8, *, n_init: int = 4, max_iter: int = 300, backend: str = "auto", random_state: int | None = 0):
+    def __init__(
+        self,
+        n_clusters: int = 8,
+        *,
+        n_init: int = 4,
+        max_iter: int = 300,
+        backend: str = "auto",
+        random_state: int | None = 0,
+    ):
         self.n_clusters = n_clusters
         self.n_init = n_init
         self.max_iter = max_iter
@@ -102,7 +110,9 @@ class KMeans(_CentroidMixin, BaseClustering):
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # fewer distinct points: our own warning says it
-            km = _SkKMeans(self.n_clusters, n_init=self.n_init, max_iter=self.max_iter, random_state=self.random_state).fit(X)
+            km = _SkKMeans(
+                self.n_clusters, n_init=self.n_init, max_iter=self.max_iter, random_state=self.random_state
+            ).fit(X)
         self.cluster_centers_ = km.cluster_centers_
         self.labels_ = km.labels_.astype(np.int64)
         self.inertia_ = float(km.inertia_)
@@ -112,8 +122,14 @@ def _faiss_kmeans(X: np.ndarray, k: int, n_init: int, max_iter: int, seed: int |
     faiss = import_faiss()
     x = np.ascontiguousarray(X, dtype=np.float32)
     km = faiss.Kmeans(
-        x.shape[1], k, niter=max_iter, nredo=n_init, seed=0 if seed is None else int(seed) % 2**31,
-        max_points_per_centroid=max(len(x), 1), min_points_per_centroid=1, verbose=False,
+        x.shape[1],
+        k,
+        niter=max_iter,
+        nredo=n_init,
+        seed=0 if seed is None else int(seed) % 2**31,
+        max_points_per_centroid=max(len(x), 1),
+        min_points_per_centroid=1,
+        verbose=False,
     )
     km.train(x)
     return np.asarray(km.centroids, dtype=X.dtype).reshape(k, x.shape[1])
@@ -135,7 +151,15 @@ class MiniBatchKMeans(_CentroidMixin, BaseClustering):
         inertia_: sum of squared distances to the nearest centre.
     """
 
-    def __init__(self, n_clusters: int = 8, *, batch_size: int = 2048, n_init: int = 3, max_iter: int = 100, random_state: int | None = 0):
+    def __init__(
+        self,
+        n_clusters: int = 8,
+        *,
+        batch_size: int = 2048,
+        n_init: int = 3,
+        max_iter: int = 100,
+        random_state: int | None = 0,
+    ):
         self.n_clusters = n_clusters
         self.batch_size = batch_size
         self.n_init = n_init
@@ -151,7 +175,11 @@ class MiniBatchKMeans(_CentroidMixin, BaseClustering):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             km = _SkMiniBatchKMeans(
-                self.n_clusters, batch_size=self.batch_size, n_init=self.n_init, max_iter=self.max_iter, random_state=self.random_state
+                self.n_clusters,
+                batch_size=self.batch_size,
+                n_init=self.n_init,
+                max_iter=self.max_iter,
+                random_state=self.random_state,
             ).fit(X)
         self.cluster_centers_ = km.cluster_centers_
         self.labels_, distances = nearest_centres(X, self.cluster_centers_)  # labels that agree with predict()

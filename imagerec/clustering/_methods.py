@@ -33,7 +33,9 @@ def check_method(method: str) -> str:
     return name
 
 
-def make_estimator(method: str, n_clusters: int | None = None, params: dict | None = None, random_state: int | None = 0) -> BaseClustering:
+def make_estimator(
+    method: str, n_clusters: int | None = None, params: dict | None = None, random_state: int | None = 0
+) -> BaseClustering:
     """An unfitted estimator for ``method``.
 
     Args:
@@ -53,7 +55,9 @@ def make_estimator(method: str, n_clusters: int | None = None, params: dict | No
     params = dict(params or {})
     unknown = sorted(set(params) - set(valid))
     if unknown:
-        raise ImagerecError(f"{unknown[0]!r} is not a parameter of method {method!r}; its parameters are {', '.join(sorted(valid))}")
+        raise ImagerecError(
+            f"{unknown[0]!r} is not a parameter of method {method!r}; its parameters are {', '.join(sorted(valid))}"
+        )
     if "n_clusters" in valid and n_clusters is not None:
         params["n_clusters"] = n_clusters
     if "random_state" in valid:

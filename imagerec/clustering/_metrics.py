@@ -90,10 +90,17 @@ def ari(y_true, y_pred) -> float:
 
 def clustering_scores(y_true, y_pred) -> dict[str, float]:
     """``{"acc", "nmi", "ari", "purity"}`` of a clustering against known classes."""
-    return {"acc": cluster_accuracy(y_true, y_pred), "nmi": nmi(y_true, y_pred), "ari": ari(y_true, y_pred), "purity": purity(y_true, y_pred)}
+    return {
+        "acc": cluster_accuracy(y_true, y_pred),
+        "nmi": nmi(y_true, y_pred),
+        "ari": ari(y_true, y_pred),
+        "purity": purity(y_true, y_pred),
+    }
 
 
-def sampled_silhouette(features: np.ndarray, labels, sample_size: int = 5000, random_state: int | None = 0) -> float | None:
+def sampled_silhouette(
+    features: np.ndarray, labels, sample_size: int = 5000, random_state: int | None = 0
+) -> float | None:
     """Mean silhouette coefficient on a random sample (it costs O(n^2) on n images).
 
     Noise (label -1) is left out.

@@ -41,7 +41,9 @@ def squared_distances(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = No
     return d2
 
 
-def iter_blocks(x: np.ndarray, y: np.ndarray, working_memory: float = WORKING_MEMORY_MB) -> Iterator[tuple[int, np.ndarray]]:
+def iter_blocks(
+    x: np.ndarray, y: np.ndarray, working_memory: float = WORKING_MEMORY_MB
+) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, squared distances of x[start:start+rows] to every row of y)``."""
     y_sq = np.einsum("ij,ij->i", y, y)
     step = block_rows(len(y), working_memory)
@@ -76,12 +78,15 @@ def knn(x: np.ndarray, n_neighbors: int, working_memory: float = WORKING_MEMORY_
     return distances, indices
 
 
-def nearest_centres(x: np.ndarray, centres: np.ndarray, working_memory: float = WORKING_MEMORY_MB) -> tuple[np.ndarray, np.ndarray]:
+def nearest_centres(
+    x: np.ndarray, centres: np.ndarray, working_memory: float = WORKING_MEMORY_MB
+) -> tuple[np.ndarray, np.ndarray]:
     """The nearest centre of each row.
 
     Args:
         x: float array (N, D).
         centres: float array (K, D).
+        working_memory: MiB for one block of distances.
 
     Returns:
         (labels, distances): int64 array (N,) and float array (N,) of Euclidean distances.
