@@ -94,7 +94,7 @@ def test_lite_cards():
     "images, classes, device, side, backbone, strategy, size",
     [
         (300, 10, "cpu", None, "efficientnet_lite0", "linear-probe", 224),
-        (50_000, 10, "cpu", 32, "efficientnet_lite0", "fine-tune", 128),
+        (50_000, 10, "cpu", 32, "efficientnet_lite0", "fine-tune", 96),
         (50_000, 10, "gpu", 32, "cifar_resnet18", "from-scratch", 32),
         (40_000, 200, "cpu", 500, "efficientnet_lite1", "fine-tune", 240),
         (5_000, 10, "gpu", 500, "efficientnet_lite2", "fine-tune", 260),

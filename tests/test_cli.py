@@ -51,7 +51,7 @@ def test_models_table_lists_every_backbone(capsys):
 
 def test_models_recommend(capsys):
     code, out, _ = run(capsys, "models", "--recommend", "--images", "50000", "--image-side", "32")
-    assert code == 0 and "backbone: efficientnet_lite0" in out and "image size: 128 px" in out
+    assert code == 0 and "backbone: efficientnet_lite0" in out and "image size: 96 px" in out
 
 
 def test_recommend_needs_images(capsys):

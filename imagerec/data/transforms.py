@@ -113,7 +113,7 @@ def eval_transform(pp: Preprocessing, *, batched: bool = False) -> v2.Compose:
 
 
 def train_transform(
-    pp: Preprocessing, augment: str = "default", *, scale: tuple[float, float] = (0.35, 1.0), degrees: float = 15.0
+    pp: Preprocessing, augment: str = "default", *, scale: tuple[float, float] = (0.5, 1.0), degrees: float = 10.0
 ) -> v2.Compose:
     """Per-image training augmentation for one PIL image.
 
@@ -163,7 +163,7 @@ class BatchAugment(nn.Module):
     """
 
     def __init__(
-        self, pp: Preprocessing, augment: str = "default", scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), degrees: float = 15.0
+        self, pp: Preprocessing, augment: str = "default", scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), degrees: float = 10.0
     ):
         super().__init__()
         _check_augment(augment)

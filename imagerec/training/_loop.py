@@ -54,7 +54,7 @@ from ..inference import autocast, predict_source
 from ._config import TrainConfig
 from ._distributed import World, setup, teardown
 
-SMALL_IMAGE_TRAIN_SIZE = 128  # px: small images are upsampled to this by default (see docs/MODELS.md)
+SMALL_IMAGE_TRAIN_SIZE = 96  # px: small images are upsampled to this by default (see docs/MODELS.md)
 
 
 @dataclass
