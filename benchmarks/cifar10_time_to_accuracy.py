@@ -93,7 +93,7 @@ def quickstart_job(budget: float, work: Path, env: dict) -> dict:
 
 def _epochs(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.csv") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v) if v != "" else None for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -106,8 +106,8 @@ def plot(results: dict, path: Path) -> None:
     for name, r in results.items():
         line = ax.plot([r["wall_s"] / 60], [100 * r["test_accuracy"]], "o", ms=8, label=f"{name}: {100 * r['test_accuracy']:.2f}% test")[0]
         if r.get("epochs"):
-            xs = [e["elapsed_s"] / 60 for e in r["epochs"] if e.get("val_acc") == e.get("val_acc")]
-            ys = [100 * e["val_acc"] for e in r["epochs"] if e.get("val_acc") == e.get("val_acc")]
+            xs = [e["elapsed_s"] / 60 for e in r["epochs"] if e.get("val_acc") is not None]
+            ys = [100 * e["val_acc"] for e in r["epochs"] if e.get("val_acc") is not None]
             if xs:
                 ax.plot(xs, ys, "--", color=line.get_color(), alpha=0.6)
     ax.set_xlabel("wall time, minutes (data loading, training and test evaluation)")

@@ -50,8 +50,8 @@ def test_same_seed_same_metrics(colour_folder, tmp_path):
 
 
 def test_transfer_recipe_learns(tmp_path):
-    data = make_colour_dataset(tmp_path / "d", per_class=24)
-    config = TrainConfig(epochs=2, head_epochs=1, image_size=32, batch_size=8, val_fraction=0.25, save_every=0, device="cpu")
+    data = make_colour_dataset(tmp_path / "d", per_class=40)
+    config = TrainConfig(epochs=2, head_epochs=1, image_size=64, batch_size=16, val_fraction=0.2, save_every=0, device="cpu")
     result = train(data, tmp_path / "run", config, progress=False)
     assert result.plan["head_steps"] > 0
     assert [r["stage"] for r in result.history] == [1, 2, 2]

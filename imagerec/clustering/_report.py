@@ -20,6 +20,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from .._plot import pyplot as _pyplot
+from .._plot import save_figure as _save
 from .._io import atomic_path, write_text_atomic
 from ..data import DEFAULT_MAX_PIXELS, ImageSource, load_rgb
 
@@ -145,21 +147,6 @@ def contact_sheet(reader: ImageReader, indices: Sequence[int], title: str, path:
             sheet.paste(thumb, (x, y))
     with atomic_path(path, suffix=".png") as tmp:
         sheet.save(tmp, format="PNG")
-
-
-def _pyplot():
-    import matplotlib  # noqa: PLC0415 - plotting only when a report is written
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    _pyplot().close(fig)
 
 
 def map_2d(features: np.ndarray, method: str, sample: int, random_state: int | None) -> tuple[np.ndarray, np.ndarray]:

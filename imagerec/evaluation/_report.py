@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_path, write_text_atomic
+from .._plot import pyplot as _pyplot
+from .._plot import save_figure as _save
+from .._io import write_text_atomic
 from ..data import ImageSource
 from ._metrics import accuracy, calibration, confusion_matrix, per_class_metrics, top_k_accuracy
 
@@ -96,21 +98,6 @@ def _csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
-
-
-def _pyplot():
-    import matplotlib  # noqa: PLC0415 - plotting only when a report is written
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    _pyplot().close(fig)
 
 
 def _plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:

@@ -46,7 +46,8 @@ class TrainConfig:
     time_budget: float | None = _field(None, 'minutes for the whole run; the schedule is planned to fit')
     head_epochs: float = _field(0.2, 'stage 1: epochs training only the new head (0 = skip)')
     batch_size: int = _field(64, 'images per optimizer step (per process under torchrun)')
-    lr: float = _field(0.08, 'peak learning rate of the head in stage 2 (per step of batch_size images)')
+    lr: float = _field(0.08, 'peak learning rate of the head in stage 2, for lr_batch images per step')
+    lr_batch: int = _field(64, 'lr and head_lr are for this many images per step; scaled linearly for other batch sizes')
     backbone_lr_scale: float = _field(0.5, 'backbone peak lr = lr * this (stage 2)')
     head_lr: float = _field(0.02, 'stage 1 learning rate (head only)')
     optimizer: str = _field("sgd", "sgd or adamw")
@@ -83,6 +84,7 @@ class TrainConfig:
             (self.head_epochs >= 0, f"head_epochs={self.head_epochs} must be >= 0"),
             (self.time_budget is None or self.time_budget > 0, f"time_budget={self.time_budget} must be > 0 minutes"),
             (self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1"),
+            (self.lr_batch >= 1, f"lr_batch={self.lr_batch} must be >= 1"),
             (self.lr > 0 and self.head_lr > 0, f"lr={self.lr}, head_lr={self.head_lr} must be > 0"),
             (0 <= self.backbone_lr_scale <= 10, f"backbone_lr_scale={self.backbone_lr_scale} must be in [0, 10]"),
             (0 <= self.momentum < 1, f"momentum={self.momentum} must be in [0, 1)"),
@@ -114,6 +116,7 @@ class TrainConfig:
             head_epochs=0.0,
             batch_size=4,
             lr=0.001,
+            lr_batch=4,
             backbone_lr_scale=1.0,
             optimizer="sgd",
             momentum=0.9,

@@ -191,9 +191,10 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
             if step % 20 == 0:  # a refreshed postfix costs more than a small model's step
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", stage=stage.number, refresh=False)
             running += batch_loss / n
-            if cfg.log_every and step % cfg.log_every == 0:
-                if world.main:  # as the origin document prints it: the mean loss since the last line
-                    bar.write(f"[{epoch + 1}, {step - epoch * steps_per_epoch:5d}] loss: {running / cfg.log_every:.3f}", file=sys.stderr)
+            in_epoch = step - epoch * steps_per_epoch
+            if cfg.log_every and in_epoch % cfg.log_every == 0:
+                if world.main:  # as the origin document prints it: the mean loss of the last log_every steps
+                    bar.write(f"[{epoch + 1}, {in_epoch:5d}] loss: {running / cfg.log_every:.3f}", file=sys.stderr)
                 running = 0.0
             if step >= total:
                 break
@@ -201,8 +202,10 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
                 save_checkpoint(run_dir / LAST, _checkpoint(model, stage, meta, step, history))
 
         # 4c. Epoch end (or plan end): validate, record, save.
+        train_seconds = time.perf_counter() - epoch_start
         seen, loss_sum, correct = world.sum(seen, loss_sum, correct)
         val_loss, val_acc = _validate(model, val_src, pp, cfg, world, bf16)
+        stage.apply_mode()
         row = {
             "epoch": epoch + 1,
             "step": step,
@@ -212,7 +215,7 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
             "train_acc": correct / max(seen, 1),
             "val_loss": val_loss,
             "val_acc": val_acc,
-            "images_per_s": seen / max(time.perf_counter() - epoch_start, 1e-9),
+            "images_per_s": seen / max(train_seconds, 1e-9),  # training steps only, all processes
             "elapsed_s": time.perf_counter() - started,
         }
         history.append(row)
@@ -409,25 +412,23 @@ class _Stage:
         self.number, self.model, self.cfg, self.world = number, model, cfg, world
         head = list(model.get_classifier().parameters())
         head_ids = {id(p) for p in head}
+        scale = cfg.batch_size * world.size / cfg.lr_batch  # the linear scaling rule
         if number == 1:
             for p in model.parameters():
                 p.requires_grad_(id(p) in head_ids)
-            model.eval()
-            model.get_classifier().train()
-            groups = [{"params": head, "weight_decay": 0.0, "peak_lr": cfg.head_lr}]
+            groups = [{"params": head, "weight_decay": 0.0, "peak_lr": cfg.head_lr * scale}]
             self.start, self.steps, self.schedule, self.warmup = 0, head_steps, "cosine", 0
             self.net = model
         else:
             for p in model.parameters():
                 p.requires_grad_(True)
-            model.train()
             groups = []
-            for is_head, scale in ((False, cfg.backbone_lr_scale), (True, 1.0)):
+            for is_head, share in ((False, cfg.backbone_lr_scale), (True, 1.0)):
                 params = [p for p in model.parameters() if (id(p) in head_ids) == is_head]
                 decay = [p for p in params if p.ndim > 1]
                 no_decay = [p for p in params if p.ndim <= 1]  # norm weights and biases
-                groups.append({"params": decay, "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr * scale})
-                groups.append({"params": no_decay, "weight_decay": 0.0, "peak_lr": cfg.lr * scale})
+                groups.append({"params": decay, "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr * share * scale})
+                groups.append({"params": no_decay, "weight_decay": 0.0, "peak_lr": cfg.lr * share * scale})
             groups = [g for g in groups if g["params"]]
             self.start, self.steps, self.schedule = head_steps, total_steps - head_steps, cfg.schedule
             self.warmup = round(cfg.warmup * self.steps) if cfg.schedule == "onecycle" else 0
@@ -435,11 +436,20 @@ class _Stage:
             if world.size > 1:
                 device_ids = [world.device] if world.device.type == "cuda" else None
                 self.net = DistributedDataParallel(model, device_ids=device_ids)
+        self.apply_mode()
         if cfg.optimizer == "sgd":
             nesterov = cfg.nesterov and cfg.momentum > 0
             self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=nesterov)
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=0.0)
+
+    def apply_mode(self) -> None:
+        """Train mode for what trains: the head alone in stage 1 (batch norm frozen), all in stage 2."""
+        if self.number == 1:
+            self.model.eval()
+            self.model.get_classifier().train()
+        else:
+            self.model.train()
 
     def set_lr(self, step: int) -> None:
         """Set every group's learning rate for global ``step``: warm-up, then cosine to 0."""
@@ -482,7 +492,6 @@ def _validate(model, val_src, pp, cfg, world: World, bf16: bool) -> tuple[float 
     out = predict_source(model, val_src, pp, batch_size=128, tta=cfg.tta, device=world.device, bf16=bf16, indices=shard, workers=cfg.workers)
     correct = float((out.proba.argmax(1) == val_src.labels[out.indices]).sum())
     loss_sum, correct, n = world.sum(out.loss_sum, correct, float(len(out.indices)))
-    model.train()
     return loss_sum / max(n, 1), correct / max(n, 1)
 
 
