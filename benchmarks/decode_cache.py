@@ -14,6 +14,9 @@ processes, one per CPU):
   ``torchvision.datasets.ImageFolder``'s loader does (``Image.open(f).convert("RGB")``): what
   every epoch costs without a cache.
 
+The share of the machine's CPU time used by other processes during each step is measured and
+shown as "other CPU" (timings with more than a few percent there are not reliable).
+
 Before timing, every file is read once (bytes only, untimed) so that all measurements see the
 files in the OS page cache and none of them pays for the first disk read. After timing, the peer's
 pixels are checked to equal the cached pixels.
@@ -21,6 +24,7 @@ pixels are checked to equal the cached pixels.
 How to run
     .venv/bin/python benchmarks/decode_cache.py            # writes benchmarks/results/decode_cache.json
     .venv/bin/python benchmarks/decode_cache.py --limit 2000  # quick check on the first 2000 files
+    .venv/bin/python benchmarks/decode_cache.py --wait-idle 600  # wait for a quiet machine first
 """
 
 from __future__ import annotations
@@ -29,18 +33,18 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import PIL
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from embed_throughput import CpuMeter, machine, wait_for_idle  # noqa: E402 - the same folder
 
 DATA_ROOT = "/work/shared/datasets/cifar10-jpeg"
 
@@ -49,25 +53,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default=DATA_ROOT, help="CIFAR-10 JPEG root with {train,test}/<class>/*.jpg")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke runs)")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                   help="before timing, wait up to S seconds for other processes to leave the CPUs idle")
     p.add_argument("--out", default="benchmarks/results/decode_cache.json")
     return p.parse_args(argv)
 
 
-def machine() -> dict:
-    model = "unknown"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
-
-
 def timed(fn, *args):
-    start = time.perf_counter()
-    result = fn(*args)
-    return time.perf_counter() - start, result
+    """(seconds, result, share of the CPUs other processes used meanwhile)."""
+    with CpuMeter() as meter:
+        result = fn(*args)
+    return meter.wall_s, result, meter.foreign_share
 
 
 def open_source(root: str, limit: int | None):
@@ -110,13 +106,13 @@ def warm_page_cache(paths: list[str]) -> int:
     return total
 
 
-def row(name: str, seconds: float, n: int) -> dict:
-    return {"step": name, "seconds": seconds, "images": n, "img_s": n / seconds}
+def row(name: str, seconds: float, n: int, foreign: float) -> dict:
+    return {"step": name, "seconds": seconds, "images": n, "img_s": n / seconds, "other_cpu_share": foreign}
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| step | seconds | images/s |", "|---|---:|---:|"]
-    lines += [f"| {r['step']} | {r['seconds']:.2f} | {r['img_s']:,.0f} |" for r in rows]
+    lines = ["| step | seconds | images/s | other CPU |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['step']} | {r['seconds']:.2f} | {r['img_s']:,.0f} | {r['other_cpu_share']:.0%} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -132,22 +128,24 @@ def main(argv=None) -> int:
         size = warm_page_cache(paths)
         print(f"{n:,} files, {size / 2**20:.1f} MiB, read once into the page cache; IMAGEREC_HOME={home}", flush=True)
 
-        cold_s, _ = timed(imagerec_decode, args.root, args.limit)
+        if args.wait_idle:
+            wait_for_idle(args.wait_idle)
+        cold_s, _, cold_other = timed(imagerec_decode, args.root, args.limit)
         print(f"cold: {cold_s:.2f} s", flush=True)
-        warm_s, warm = timed(imagerec_decode, args.root, args.limit)
+        warm_s, warm, warm_other = timed(imagerec_decode, args.root, args.limit)
         print(f"warm: {warm_s:.2f} s", flush=True)
-        read_s, cached_pixels = timed(read_pixels, warm)
+        read_s, cached_pixels, read_other = timed(read_pixels, warm)
         print(f"warm read: {read_s:.2f} s", flush=True)
-        peer_s, peer_pixels = timed(peer_decode, paths)
+        peer_s, peer_pixels, peer_other = timed(peer_decode, paths)
         print(f"peer: {peer_s:.2f} s", flush=True)
 
         assert len(warm) == n and warm.paths == paths, "the cache left images out or reordered them"
         identical = bool(np.array_equal(cached_pixels, peer_pixels))
         rows = [
-            row("cold: load_images + decode_small_images (builds the cache)", cold_s, n),
-            row("warm: load_images + decode_small_images (maps the cache)", warm_s, n),
-            row("warm + read all pixels into memory", warm_s + read_s, n),
-            row("peer: PIL decode of every file to numpy (every epoch)", peer_s, n),
+            row("cold: load_images + decode_small_images (builds the cache)", cold_s, n, cold_other),
+            row("warm: load_images + decode_small_images (maps the cache)", warm_s, n, warm_other),
+            row("warm + read all pixels into memory", warm_s + read_s, n, max(warm_other, read_other)),
+            row("peer: PIL decode of every file to numpy (every epoch)", peer_s, n, peer_other),
         ]
         ratios = {
             "warm_over_cold": warm_s / cold_s,
@@ -165,6 +163,9 @@ def main(argv=None) -> int:
             f"peer/(warm+read) = {ratios['peer_over_warm_read']:.1f}x; cold/peer = {ratios['cold_over_peer']:.2f}"
         )
         print(f"cached pixels identical to the peer's: {identical}")
+        for r in rows:
+            if r["other_cpu_share"] > 0.05:
+                print(f"WARNING: {r['step']}: other processes used {r['other_cpu_share']:.0%} of the CPUs; not reliable")
 
         report = {
             "benchmark": "decode_cache",
