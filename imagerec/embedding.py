@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from .data import (
     load_images,
     report_skipped,
 )
-from .errors import ImagerecError
+from .errors import ImagerecError, ImagerecWarning
 from .inference import resolve_device
 
 CHUNK = 2048  # images per resumable chunk
@@ -222,14 +223,20 @@ def _fingerprint(source: ImageSource, weights: str) -> str:
 def _feature_function(model: nn.Module, pp: Preprocessing, engine: str, device: torch.device, weights: str):
     """images (N, 3, S, S) float tensor -> float32 numpy features (N, D), by PyTorch or ONNX Runtime."""
     if engine == "auto":
-        engine = "onnx" if device.type == "cpu" and importlib.util.find_spec("onnxruntime") else "torch"
-    if engine == "onnx":
+        engine = "auto-onnx" if device.type == "cpu" and importlib.util.find_spec("onnxruntime") else "torch"
+    if engine in ("onnx", "auto-onnx"):
         if device.type != "cpu":
             raise ImagerecError(f"engine 'onnx' runs on the CPU; use engine 'torch' with device {device}")
         path = cache_dir("onnx") / f"{weights[:32]}.onnx"
-        if not path.is_file():
-            export_onnx(FeatureModel(model), path, pp.input_size)
-        session = onnx_session(path, threads=torch.get_num_threads())
+        try:
+            if not path.is_file():
+                export_onnx(FeatureModel(model), path, pp.input_size)
+            session = onnx_session(path, threads=torch.get_num_threads())
+        except Exception as e:  # noqa: BLE001 - a model ONNX cannot express still embeds with PyTorch
+            if engine == "onnx":
+                raise
+            warnings.warn(f"ONNX export failed ({e}); embedding with PyTorch instead", ImagerecWarning, stacklevel=3)
+            return _feature_function(model, pp, "torch", device, weights)
         return lambda images: session.run(None, {"images": np.ascontiguousarray(images.numpy())})[0]
     if engine != "torch":
         raise ImagerecError(f"engine {engine!r} is not one of auto, torch, onnx")

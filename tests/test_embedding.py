@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import imagerec.embedding as embedding_module
-from imagerec import Embeddings, ImagerecError, create_backbone, embed, load_images
+from imagerec import Embeddings, ImagerecError, ImagerecWarning, create_backbone, embed, load_images
 
 from .conftest import make_class_folder, make_image
 
@@ -65,6 +65,18 @@ def test_onnx_and_torch_engines_give_the_same_features(class_folder, imagerec_ho
     np.testing.assert_allclose(by_onnx.features, by_torch.features, rtol=0, atol=1e-4)
     with pytest.raises(ImagerecError, match="engine 'tpu'"):
         embed(class_folder, "seed_cnn", engine="tpu", progress=False)
+
+
+def test_auto_engine_falls_back_to_torch_when_export_fails(class_folder, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(embedding_module, "export_onnx", broken)
+    with pytest.warns(ImagerecWarning, match="ONNX export failed"):
+        result = embed(class_folder, "seed_cnn", engine="auto", progress=False)
+    assert result.features.shape == (12, 84)
+    with pytest.raises(RuntimeError, match="unsupported operator"):
+        embed(class_folder, "seed_cnn", engine="onnx", progress=False)
 
 
 def test_save_and_load_round_trip(class_folder, tmp_path):
