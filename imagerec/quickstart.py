@@ -1,7 +1,8 @@
 """``imagerec quickstart``: the main job, end to end, inside a time budget.
 
 Downloads CIFAR-10 (or reads a local copy), fine-tunes EfficientNet-Lite0 with the default
-transfer recipe, evaluates on the test split and prints where everything is.
+transfer recipe on all training images, evaluates on the test split and prints where
+everything is.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ def quickstart(data: str | os.PathLike = "cifar10", out: str | os.PathLike = "ru
     """
     started = time.perf_counter()
     out = Path(out)
-    config = TrainConfig(time_budget=time_budget * (1 - EVAL_SHARE))
+    # All training images train: with the schedule fixed by the budget there is nothing for a
+    # validation carve-out to choose, and the test split is evaluated at the end.
+    config = TrainConfig(time_budget=time_budget * (1 - EVAL_SHARE), val_fraction=0.0)
     result = train(data, out, config, resume=out if (out / "last.safetensors").exists() else None, progress=progress)
     clf = Classifier.load(result.run_dir, device=config.device)
     report = clf.evaluate(data, split="test", out=out / "evaluation", tta=True, progress=progress)
