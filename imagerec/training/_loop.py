@@ -342,16 +342,19 @@ def _bf16_possible(device: torch.device) -> bool:
     return torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
 
 
-def _time_steps(model, batch, cfg, frozen: bool, bf16: bool, reps: int = 3) -> float:
-    """Seconds per training step, measured on a copy of the model (the real one is untouched)."""
+def _time_steps(model, batch, cfg, frozen: bool, bf16: bool, reps: int = 5) -> float:
+    """Seconds per training step, measured on a copy of the model (the real one is untouched):
+    the median of ``reps`` steps, so that one step slowed by another process does not count."""
     clone = copy.deepcopy(model)
     stage = _Stage(1 if frozen else 2, clone, cfg, World(0, 1, next(model.parameters()).device), 1, 1)
     criterion = nn.CrossEntropyLoss()
     stage.step(batch, criterion, bf16)  # warm-up: allocations, kernel selection
-    start = time.perf_counter()
+    times = []
     for _ in range(reps):
+        start = time.perf_counter()
         stage.step(batch, criterion, bf16)
-    return (time.perf_counter() - start) / reps
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def _time_eval(model, batch, cfg, bf16: bool) -> float:
