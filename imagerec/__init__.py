@@ -3,47 +3,56 @@
 Layers, each importing only from those before it::
 
     data -> backbones -> checkpoint, inference, embedding -> training -> evaluation, clustering
-         -> classifier, prediction, quickstart -> cli
+         -> classifier, prediction, quickstart, export, compress -> cli
+
+``imagerec.runtime`` stands apart: it runs exported ONNX models with onnxruntime, numpy and
+Pillow alone. So that it can be imported where PyTorch is not installed, the names below are
+imported on first use (PEP 562), not when ``imagerec`` itself is imported.
 """
 
-from ._version import __version__
-from .backbones import ModelCard, create_backbone, list_backbones, model_card, model_cards, recommend_backbone
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .classifier import Classifier
-from .clustering import ClusteringResult, ClusteringWarning, cluster_images
-from .data import ImageSource, Preprocessing, load_images
-from .embedding import Embeddings, embed
-from .errors import ImagerecError, ImagerecWarning, SkippedImagesWarning
-from .evaluation import EvaluationReport
-from .quickstart import quickstart
-from .training import TrainConfig, TrainResult, train
+from __future__ import annotations
 
-__all__ = [
-    "Checkpoint",
-    "Classifier",
-    "ClusteringResult",
-    "ClusteringWarning",
-    "Embeddings",
-    "EvaluationReport",
-    "ImageSource",
-    "ImagerecError",
-    "ImagerecWarning",
-    "ModelCard",
-    "Preprocessing",
-    "SkippedImagesWarning",
-    "TrainConfig",
-    "TrainResult",
-    "__version__",
-    "cluster_images",
-    "create_backbone",
-    "embed",
-    "list_backbones",
-    "load_checkpoint",
-    "load_images",
-    "model_card",
-    "model_cards",
-    "quickstart",
-    "recommend_backbone",
-    "save_checkpoint",
-    "train",
-]
+import importlib
+
+from ._version import __version__
+from .errors import ImagerecError, ImagerecWarning, SkippedImagesWarning
+
+_LAZY = {
+    "ModelCard": ".backbones",
+    "create_backbone": ".backbones",
+    "list_backbones": ".backbones",
+    "model_card": ".backbones",
+    "model_cards": ".backbones",
+    "recommend_backbone": ".backbones",
+    "Checkpoint": ".checkpoint",
+    "load_checkpoint": ".checkpoint",
+    "save_checkpoint": ".checkpoint",
+    "Classifier": ".classifier",
+    "ClusteringResult": ".clustering",
+    "ClusteringWarning": ".clustering",
+    "cluster_images": ".clustering",
+    "ImageSource": ".data",
+    "Preprocessing": ".data",
+    "load_images": ".data",
+    "Embeddings": ".embedding",
+    "embed": ".embedding",
+    "EvaluationReport": ".evaluation",
+    "quickstart": "._quickstart",
+    "TrainConfig": ".training",
+    "TrainResult": ".training",
+    "train": ".training",
+}
+
+__all__ = [*_LAZY, "ImagerecError", "ImagerecWarning", "SkippedImagesWarning", "__version__"]  # noqa: PLE0604
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'imagerec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -27,7 +27,15 @@ class FeatureModel(nn.Module):
         return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int, *, metadata: dict[str, str] | None = None, opset: int = 17) -> Path:
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    image_size: int,
+    *,
+    metadata: dict[str, str] | None = None,
+    opset: int = 17,
+    output_name: str = "output",
+) -> Path:
     """Write ``model`` as ONNX with a dynamic batch axis, input ``images`` (N, 3, S, S) float32.
 
     Args:
@@ -36,6 +44,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int, *, m
         image_size: the input side S.
         metadata: string key/values stored in the model's metadata_props.
         opset: ONNX opset version.
+        output_name: name of the graph output.
     """
     import onnx  # noqa: PLC0415 - only needed when exporting
 
@@ -50,8 +59,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int, *, m
             example,
             str(tmp),
             input_names=["images"],
-            output_names=["output"],
-            dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}},
+            output_names=[output_name],
+            dynamic_axes={"images": {0: "batch"}, output_name: {0: "batch"}},
             opset_version=opset,
             dynamo=False,
         )

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from ._io import atomic_path
 from ._version import __version__
@@ -124,3 +125,63 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:
+    """The classifier a checkpoint holds, in eval mode, with ``model.preprocessing`` set.
+
+    The registry builds ``meta["backbone"]``; layers whose stored weights are narrower (a model
+    pruned by ``imagerec compress --prune``) are narrowed to match before the weights load.
+
+    Raises:
+        ImagerecError: the checkpoint lacks backbone, classes or preprocessing, or its weights do
+            not fit the backbone.
+    """
+    from .backbones import create_backbone
+    from .data import Preprocessing
+
+    meta = ckpt.meta
+    for key in ("backbone", "classes", "preprocessing"):
+        if key not in meta:
+            raise ImagerecError(f"{ckpt.path}: checkpoint lacks {key!r}; it was not written by imagerec train")
+    model = create_backbone(meta["backbone"], num_classes=len(meta["classes"]), pretrained=False)
+    fit_layer_shapes(model, ckpt.model)
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear):
+        model.num_features = head.in_features  # the embedding width, narrower after pruning
+    try:
+        model.load_state_dict(ckpt.model)
+    except RuntimeError as e:
+        raise ImagerecError(f"{ckpt.path}: weights do not fit backbone {meta['backbone']!r} ({str(e).splitlines()[0]})") from None
+    model.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+    return model.eval()
+
+
+def fit_layer_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Resize the convolutions, batch norms and linear layers of ``model`` to the shapes in ``state``.
+
+    Structured pruning removes channels, so a pruned model is its backbone with narrower layers:
+    this rebuilds that shape from the weights alone, with no pickled module. Depthwise
+    convolutions keep one group per channel. Layers already of the right shape are untouched.
+    """
+    for name, module in model.named_modules():
+        weight = state.get(f"{name}.weight" if name else "weight")
+        if weight is None or weight.shape == module.weight.shape:
+            continue
+        if isinstance(module, nn.Conv2d):
+            depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+            module.out_channels = weight.shape[0]
+            module.in_channels = weight.shape[0] if depthwise else weight.shape[1] * module.groups
+            if depthwise:
+                module.groups = weight.shape[0]
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.num_features = weight.shape[0]
+            for buffer in ("running_mean", "running_var"):
+                setattr(module, buffer, torch.empty(weight.shape[0]))
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = weight.shape
+        else:
+            continue
+        module.weight = nn.Parameter(torch.empty_like(weight))
+        if getattr(module, "bias", None) is not None:
+            module.bias = nn.Parameter(torch.empty(weight.shape[0]))

@@ -8,22 +8,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .backbones import create_backbone
-from .checkpoint import BEST, load_checkpoint
+from .checkpoint import BEST, load_checkpoint, model_from_checkpoint
 from .data import DEFAULT_MAX_PIXELS, ImageSource, Preprocessing, eval_transform, is_image_file, load_images, to_rgb
 from .errors import ImagerecError, SkippedImagesWarning
 from .evaluation import EvaluationReport, build_report, write_report
-from .inference import autocast, forward_logits, predict_source, resolve_device
+from .inference import Predictions, autocast, forward_logits, predict_source, resolve_device
 from .training import TrainResult, load_config, train
 
 ImageInput = str | os.PathLike | Image.Image
@@ -39,7 +39,8 @@ class Classifier:
             ``time_budget=20``, ``recipe="seed"``...); they override the file.
 
     Attributes (after ``fit`` or ``load``):
-        model_: the trained network (eval mode).
+        model_: the trained network (eval mode); None for an ONNX model.
+        runtime_: the :class:`imagerec.runtime.OnnxClassifier` of an ONNX model, else None.
         classes_: class names, in label order.
         preprocessing_: how images are prepared for ``model_``.
         meta_: everything the checkpoint records (configuration, metrics, plan).
@@ -63,34 +64,56 @@ class Classifier:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> Classifier:
-        """A classifier from a checkpoint file or a run folder (its best checkpoint).
+        """A classifier from a checkpoint file, a run folder (its best checkpoint), or an ONNX
+        file written by ``imagerec export`` / ``imagerec compress`` (run by ONNX Runtime).
 
         Raises:
-            ImagerecError: not a readable imagerec checkpoint.
+            ImagerecError: not a readable imagerec checkpoint or exported model.
         """
         clf = cls.__new__(cls)
-        clf._adopt(path, device)
+        if str(path).lower().endswith(".onnx"):
+            clf._adopt_onnx(path, device)
+        else:
+            clf._adopt(path, device)
         clf.backbone, clf.config_file, clf.params = clf.meta_["backbone"], None, {}
         return clf
 
     def _adopt(self, path, device: str = "cpu") -> None:
         ckpt = load_checkpoint(path, BEST)
-        meta = ckpt.meta
-        for key in ("backbone", "classes", "preprocessing"):
-            if key not in meta:
-                raise ImagerecError(f"{ckpt.path}: checkpoint lacks {key!r}; it was not written by imagerec train")
-        model = create_backbone(meta["backbone"], num_classes=len(meta["classes"]), pretrained=False)
-        try:
-            model.load_state_dict(ckpt.model)
-        except RuntimeError as e:
-            raise ImagerecError(f"{ckpt.path}: weights do not fit backbone {meta['backbone']!r} ({str(e).splitlines()[0]})") from None
+        model = model_from_checkpoint(ckpt)
         self.device_ = resolve_device(device)
         self.model_ = model.eval().to(self.device_, memory_format=torch.channels_last)
-        self.classes_ = list(meta["classes"])
-        self.preprocessing_ = Preprocessing.from_dict(meta["preprocessing"])
-        self.model_.preprocessing = self.preprocessing_
-        self.meta_ = meta
+        self.runtime_ = None
+        self.classes_ = list(ckpt.meta["classes"])
+        self.preprocessing_ = model.preprocessing
+        self.meta_ = ckpt.meta
         self.path_ = ckpt.path
+
+    def _adopt_onnx(self, path, device: str) -> None:
+        from . import runtime  # noqa: PLC0415
+
+        if resolve_device(device).type != "cpu":
+            raise ImagerecError(f"{path}: an ONNX model runs on the CPU here; use --device cpu, or the checkpoint for {device}")
+        self.runtime_ = runtime.load(path)
+        self.model_ = None
+        self.device_ = torch.device("cpu")
+        self.classes_ = list(self.runtime_.classes)
+        self.preprocessing_ = Preprocessing.from_dict(dataclasses.asdict(self.runtime_.preprocessing))
+        self.meta_ = {"backbone": self.runtime_.backbone, "classes": self.classes_, "compression": self.runtime_.compression}
+        self.path_ = self.runtime_.path
+
+    def _predictions(self, source: ImageSource, *, tta: bool, batch_size: int, progress: bool = False, desc: str = "predict") -> Predictions:
+        """Probabilities of ``source``'s readable images, by PyTorch or (an .onnx model) ONNX Runtime."""
+        if self.runtime_ is None:
+            return predict_source(self.model_, source, self.preprocessing_, batch_size=batch_size, tta=tta, device=self.device_, progress=progress, desc=desc)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SkippedImagesWarning)  # reported by the caller
+            proba = self.runtime_.predict_proba(source.paths, tta=tta, batch_size=batch_size)
+        rows = np.flatnonzero(~np.isnan(proba).any(axis=1))
+        loss_sum = 0.0
+        if source.labels is not None and len(rows):
+            loss_sum = float(-np.log(np.clip(proba[rows, np.asarray(source.labels)[rows]], 1e-12, None)).sum())
+        return Predictions(proba=proba[rows], indices=rows, loss_sum=loss_sum, skipped=list(self.runtime_.last_skipped))
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -106,7 +129,7 @@ class Classifier:
         if _is_pil_list(images):
             return self._proba_of_pil(images, tta)
         source = as_source(images)
-        out = predict_source(self.model_, source, self.preprocessing_, batch_size=batch_size, tta=tta, device=self.device_)
+        out = self._predictions(source, tta=tta, batch_size=batch_size)
         proba = np.full((len(source), len(self.classes_)), np.nan, dtype=np.float32)
         proba[out.indices] = out.proba
         if out.skipped:
@@ -122,6 +145,8 @@ class Classifier:
         return [None if np.isnan(row).any() else self.classes_[int(row.argmax())] for row in proba]
 
     def _proba_of_pil(self, images: Sequence[Image.Image], tta: bool) -> np.ndarray:
+        if self.runtime_ is not None:
+            return self.runtime_.predict_proba(list(images), tta=tta)
         transform = eval_transform(self.preprocessing_)
         batch = torch.stack([transform(to_rgb(img)) for img in images]).to(self.device_)
         with torch.inference_mode(), autocast(self.device_, False):
@@ -158,7 +183,7 @@ class Classifier:
         if not source.labelled:
             raise ImagerecError(f"{source.root}: evaluation needs labels: DIR/<class>/* folders or a CSV manifest path,label")
         labels = self._map_labels(source)
-        out_pred = predict_source(self.model_, source, self.preprocessing_, batch_size=batch_size, tta=tta, device=self.device_, progress=progress, desc="evaluate")
+        out_pred = self._predictions(source, tta=tta, batch_size=batch_size, progress=progress, desc="evaluate")
         rows = out_pred.indices
         report = build_report(
             out_pred.proba,

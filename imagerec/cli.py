@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_run_train)
 
     p = commands.add_parser("evaluate", help="accuracy, per-class metrics, confusion matrix and calibration")
-    p.add_argument("checkpoint", help="a .safetensors checkpoint, or a run folder (its best checkpoint)")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint, a run folder (its best checkpoint), or an exported .onnx")
     _add_data_arguments(p)
     p.add_argument("--out", required=True, help="folder for summary.json, per_class.csv, confusion.png...")
     p.add_argument("--tta", action="store_true", help="average each prediction with the mirrored image's")
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_run_evaluate, split="auto")
 
     p = commands.add_parser("predict", help="top-k classes of new images")
-    p.add_argument("checkpoint", help="a .safetensors checkpoint, or a run folder (its best checkpoint)")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint, a run folder (its best checkpoint), or an exported .onnx")
     p.add_argument("paths", nargs="+", help="image files, folders or glob patterns (quote them)")
     p.add_argument("--top-k", type=_positive_int, default=3, help="classes shown per image (default: 3)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -92,6 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average each prediction with the mirrored image's")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.set_defaults(run=_run_predict)
+
+    p = commands.add_parser("export", help="a trained classifier as ONNX (runs without PyTorch) or TorchScript")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint, or a run folder (its best checkpoint)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="file format (default: onnx)")
+    p.add_argument("--out", help="file to write (default: model.onnx / model.pt beside the checkpoint)")
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the training size)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.set_defaults(run=_run_export)
+
+    p = commands.add_parser("compress", help="int8 quantization (ONNX) and structured pruning for edge devices")
+    p.add_argument("checkpoint", help="a checkpoint or run folder (or, for --quantize alone, an exported .onnx)")
+    p.add_argument("--quantize", choices=["int8", "dynamic"], help="int8: static, per-channel, calibrated on --calib; dynamic: linear layers only")
+    p.add_argument("--calib", help="images to calibrate int8 on (a folder, split root or CSV manifest; e.g. the training data)")
+    p.add_argument("--calib-split", choices=["train", "val", "test"], help="split of --calib (default: all its images)")
+    p.add_argument("--calib-images", type=_positive_int, default=512, help="calibration images drawn from --calib (default: 512)")
+    p.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"], default="minmax", help="activation range estimate (default: minmax)")
+    p.add_argument("--prune", type=float, metavar="AMOUNT", help="share of channels removed (0-1), then a short fine-tune on --data")
+    p.add_argument("--data", help="labelled images to fine-tune the pruned model on (with --prune)")
+    p.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs after pruning (default: 1)")
+    p.add_argument("--out", help="output file: .onnx for --quantize, .safetensors for --prune alone (default: beside the checkpoint)")
+    p.add_argument("--device", default="auto", help="device for the pruning fine-tune (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_compress)
 
     p = commands.add_parser("cluster", help="group images by what they show: k-means, DBSCAN, HDBSCAN, hierarchical, deep")
     p.add_argument("data", help="images (a folder, DIR/<class>/*, a split root, a CSV manifest, 'cifar10') or a .npz from 'imagerec embed'")
@@ -114,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-cluster-size", type=_positive_int, help="hdbscan: the smallest cluster (default: 5)")
     p.add_argument("--linkage", choices=["ward", "average", "complete"], help="agglomerative: linkage (default: ward)")
     p.add_argument("--epochs", type=_positive_int, help="deep: epochs of the SCAN step (default: 40)")
+    p.add_argument("--adapt", choices=["simclr"], help="first fine-tune the backbone on the images without labels (contrastive; slow on a CPU)")
+    p.add_argument("--adapt-epochs", type=float, help="epochs of --adapt (default: 8)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="any other parameter of the method, repeatable (e.g. --param n_neighbors=30)")
     p.add_argument("--map", dest="map_method", choices=["tsne", "pca"], default="tsne", help="2-D map of the embeddings (default: tsne, on 2,000 images at most)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -244,6 +269,36 @@ def _run_predict(args) -> None:
         print(text, end="")
 
 
+def _run_export(args) -> None:
+    from .export import export_model  # noqa: PLC0415
+
+    path = export_model(args.checkpoint, args.out, format=args.format, image_size=args.image_size, opset=args.opset)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); outputs match PyTorch's")
+
+
+def _run_compress(args) -> None:
+    from pathlib import Path  # noqa: PLC0415
+
+    from .checkpoint import resolve_checkpoint  # noqa: PLC0415
+    from .compress import prune, quantize  # noqa: PLC0415
+
+    if args.quantize is None and args.prune is None:
+        raise ImagerecError("nothing to do: give --quantize int8|dynamic, --prune AMOUNT, or both")
+    if args.prune is not None and not args.data:
+        raise ImagerecError("--prune needs --data: labelled images to fine-tune the pruned model on")
+    model = args.checkpoint
+    folder = Path(model).parent if Path(model).is_file() else Path(model)
+    if args.prune is not None:
+        pruned_out = args.out if args.out and args.quantize is None else folder / f"pruned{round(args.prune * 100)}.safetensors"
+        model = prune(resolve_checkpoint(model), pruned_out, amount=args.prune, data=args.data, epochs=args.epochs, device=args.device, progress=not args.no_progress)
+        print(f"wrote {model}")
+    if args.quantize is not None:
+        stem = Path(model).stem if Path(model).is_file() else "model"
+        out = args.out or folder / f"{stem}.{args.quantize}.onnx"
+        path = quantize(model, out, mode=args.quantize, calib=args.calib, split=args.calib_split, calib_images=args.calib_images, method=args.calib_method)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
 def _run_cluster(args) -> None:
     from .clustering import cluster_images  # noqa: PLC0415 - fast --help
     from .data import DEFAULT_MAX_PIXELS  # noqa: PLC0415
@@ -268,6 +323,8 @@ def _run_cluster(args) -> None:
         random_state=args.seed,
         export_manifest=args.export_manifest,
         map_method=args.map_method,
+        adapt=args.adapt,
+        adapt_params={"epochs": args.adapt_epochs} if args.adapt_epochs else None,
         progress=not args.no_progress,
     )
     if result.k_selection is not None:
@@ -311,7 +368,7 @@ def _parse_value(text: str):
 
 
 def _run_quickstart(args) -> None:
-    from .quickstart import quickstart  # noqa: PLC0415
+    from ._quickstart import quickstart  # noqa: PLC0415
 
     quickstart(args.data, args.out, time_budget=args.time_budget, progress=not args.no_progress)
 

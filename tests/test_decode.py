@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from imagerec.data import DecodeError, load_rgb
-from imagerec.data._decode import is_image_file
+from imagerec._decode import is_image_file
 
 from .conftest import make_image
 

@@ -7,7 +7,7 @@ import pytest
 
 from imagerec import ImagerecError, load_images
 from imagerec.data import report_skipped, stratified_split
-from imagerec.data._decode import Skipped
+from imagerec._decode import Skipped
 
 from .conftest import make_class_folder, make_image
 

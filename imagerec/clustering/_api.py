@@ -12,10 +12,11 @@ from torch import nn
 
 from .._io import write_text_atomic
 from .._version import __version__
-from ..data import DEFAULT_MAX_PIXELS
+from ..data import DEFAULT_MAX_PIXELS, ImageSource, load_images
 from ..embedding import Embeddings
 from ..errors import ImagerecError
 from . import _report as report
+from ._adapt import adapt_backbone
 from ._auto_k import DEFAULT_K_RANGE, KSelection, check_k_range, select_n_clusters
 from ._base import BaseClustering, cluster_means
 from ._checks import check_n_clusters, check_n_samples, check_positive, warn
@@ -106,6 +107,8 @@ def cluster_images(
     gallery_size: int = 24,
     max_clusters_shown: int = 100,
     silhouette_sample: int = 5000,
+    adapt: str | None = None,
+    adapt_params: dict | None = None,
     progress: bool = True,
 ) -> ClusteringResult:
     """Group images by what they show, and write a run folder a person can browse.
@@ -141,6 +144,11 @@ def cluster_images(
         gallery_size: images per cluster in ``gallery.html``.
         max_clusters_shown: contact sheets and gallery sections for the largest clusters only.
         silhouette_sample: images the silhouette is computed on.
+        adapt: ``"simclr"`` first fine-tunes ``backbone`` on the images themselves, without
+            labels (see :func:`adapt_backbone`), then embeds them with it at the adapted size;
+            None uses the backbone as it is. Worth it where the images differ from ImageNet's
+            photos (small images, drawings, medical or satellite images).
+        adapt_params: arguments of :func:`adapt_backbone`, e.g. ``{"epochs": 8, "image_size": 64}``.
         progress: show the embedding progress bar.
 
     Returns:
@@ -181,8 +189,18 @@ def cluster_images(
     if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
         raise ImagerecError(f"out={run_dir}: is a file; give a folder for the run")
 
-    # 2. features: given, read, cached or embedded; then prepared
+    # 2. features: given, read, cached or embedded (by a backbone first adapted to the images); then prepared
     timer = time.perf_counter()
+    seconds = {}
+    if adapt is not None:
+        if isinstance(data, Embeddings) or str(data).lower().endswith(".npz"):
+            raise ImagerecError("adapt needs the images, not finished embeddings; pass the image folder as data")
+        data = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
+        adapt_params = {"image_size": image_size, **dict(adapt_params or {})} if image_size else dict(adapt_params or {})
+        backbone = adapt_backbone(data, backbone, method=adapt, device=device, seed=random_state or 0, progress=progress, **adapt_params)
+        image_size = None  # embed at the size the backbone was adapted at
+        seconds["adapt"] = time.perf_counter() - timer
+        timer = time.perf_counter()
     emb, source = resolve_embeddings(
         data,
         backbone=backbone,
@@ -195,7 +213,7 @@ def cluster_images(
         max_pixels=max_pixels,
         progress=progress,
     )
-    seconds = {"embed": time.perf_counter() - timer}
+    seconds["embed"] = time.perf_counter() - timer
     _check_embeddings(emb)
     timer = time.perf_counter()
     pipeline = FeaturePipeline(normalize, pca_dim, whiten, random_state)
@@ -228,6 +246,7 @@ def cluster_images(
         "params": params,
         "k_range": list(k_range) if selection else None,
         "backbone": emb.backbone,
+        "adapt": {"method": adapt, **dict(adapt_params or {}), **getattr(backbone, "adapt_info", {})} if adapt else None,
         "tta": tta,
         "normalize": normalize,
         "pca_dim": pca_dim,

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .._home import cache_dir
 from .._io import atomic_path, write_text_atomic
-from ._decode import DecodeError, Skipped, load_rgb, peek_size
+from .._decode import DecodeError, Skipped, load_rgb, peek_size
 from ._sources import ImageSource
 
 SMALL_IMAGE_MAX_SIDE = 64  # images at most this wide and high are cached decoded

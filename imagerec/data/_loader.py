@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ._decode import DecodeError, Skipped
+from .._decode import DecodeError, Skipped
 from ._sources import ImageSource
 from .transforms import BatchAugment, Preprocessing, eval_transform, train_transform
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from .._io import write_text_atomic
 from ..errors import ImagerecError
-from ._decode import DEFAULT_MAX_PIXELS, Skipped, is_image_file, load_rgb
+from .._decode import DEFAULT_MAX_PIXELS, Skipped, is_image_file, load_rgb
 
 SPLITS = ("train", "val", "test")
 _SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}

@@ -28,7 +28,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from ..errors import ImagerecError
 
-AUGMENTS = ("none", "default", "strong")
+AUGMENTS = ("none", "default", "strong", "contrastive")
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
 
 
@@ -118,8 +118,9 @@ def train_transform(
     """Per-image training augmentation for one PIL image.
 
     ``default`` is the origin document's: random scaling and cropping, rotation and horizontal
-    flip. ``strong`` adds TrivialAugment (colour and geometry) and random erasing. ``none``
-    only resizes like :func:`eval_transform`.
+    flip. ``strong`` adds TrivialAugment (colour and geometry) and random erasing.
+    ``contrastive`` adds SimCLR's colour jitter and random grayscale (for views of one image
+    that must stay recognisably the same thing). ``none`` only resizes like :func:`eval_transform`.
 
     Returns:
         A transform giving a float32 tensor of shape (3, S, S).
@@ -136,6 +137,8 @@ def train_transform(
     ]
     if augment == "strong":
         steps.append(v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR))
+    if augment == "contrastive":
+        steps += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4)], p=0.8), v2.RandomGrayscale(p=0.2)]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(pp.mean, pp.std)]
     if augment == "strong":
         steps.append(v2.RandomErasing(p=0.25))
@@ -152,11 +155,14 @@ class BatchAugment(nn.Module):
 
     Every image gets its own random crop (area share in ``scale``, aspect ratio in ``ratio``),
     rotation (up to ``degrees``) and horizontal flip, applied as one affine ``grid_sample`` that
-    also resizes to the input size; ``strong`` adds a random erased square (cutout).
+    also resizes to the input size; ``strong`` adds a random erased square (cutout);
+    ``contrastive`` adds colour jitter (brightness, contrast, saturation; 80% of images) and
+    grayscale (20%), as SimCLR's views do.
 
     Args:
         pp: the preprocessing (input size, mean, std).
-        augment: ``"default"``, ``"strong"`` or ``"none"`` (resize and normalise only).
+        augment: ``"default"``, ``"strong"``, ``"contrastive"`` or ``"none"`` (resize and
+            normalise only).
         scale: range of the crop's share of the image area.
         ratio: range of the crop's aspect ratio (width / height).
         degrees: largest rotation either way.
@@ -202,6 +208,8 @@ class BatchAugment(nn.Module):
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         if self.augment == "strong":
             x = _cutout(x, self.size // 4, generator)
+        if self.augment == "contrastive":
+            x = _colour_jitter(x, 0.4, generator)
         return (x - self.mean) / self.std
 
 
@@ -214,3 +222,23 @@ def _cutout(x: torch.Tensor, side: int, generator: torch.Generator | None) -> to
     cols = torch.arange(w).view(1, 1, w)
     mask = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
     return x.masked_fill(mask.unsqueeze(1), 0.5)
+
+
+def _colour_jitter(x: torch.Tensor, strength: float, generator: torch.Generator | None) -> torch.Tensor:
+    """SimCLR's colour distortion for images (N, 3, H, W) in [0, 1]: brightness, contrast and
+    saturation factors in [1 - strength, 1 + strength] for 80% of images, then grayscale for 20%."""
+    n = x.shape[0]
+
+    def factor():
+        return (1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * strength).to(x.dtype)
+
+    jitter = (torch.rand(n, 1, 1, 1, generator=generator) < 0.8).to(x.dtype)
+    gray_weights = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)
+    y = (x * factor()).clamp(0, 1)  # brightness
+    mean = (y * gray_weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    y = ((y - mean) * factor() + mean).clamp(0, 1)  # contrast
+    gray = (y * gray_weights).sum(1, keepdim=True)
+    y = ((y - gray) * factor() + gray).clamp(0, 1)  # saturation
+    x = jitter * y + (1 - jitter) * x
+    to_gray = (torch.rand(n, 1, 1, 1, generator=generator) < 0.2).to(x.dtype)
+    return to_gray * (x * gray_weights).sum(1, keepdim=True).expand_as(x) + (1 - to_gray) * x

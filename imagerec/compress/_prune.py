@@ -1,0 +1,217 @@
+"""Structured channel pruning with torch-pruning, then a short fine-tune to recover accuracy.
+
+Whole channels are removed, not single weights, so the pruned model is its backbone with
+narrower layers: smaller and faster on any runtime, with no sparse kernels. torch-pruning traces
+the model once to find the layers whose channels must be removed together (a residual add, a
+depthwise convolution and its neighbours, the batch norm after a convolution) and ranks each
+such group by the L2 norm of its weights. The classifier layer keeps all its outputs.
+
+The checkpoint written is an ordinary imagerec checkpoint:
+:func:`imagerec.checkpoint.model_from_checkpoint` narrows the registry backbone to the stored
+shapes, so it loads, predicts and exports like any other, with no pickle.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
+from ..data import decode_small_images, iter_batches, load_images
+from ..errors import ImagerecError
+from ..inference import resolve_device
+
+LR_BATCH = 64  # lr is the peak learning rate for this many images per step; scaled linearly
+_META_KEPT = ("backbone", "classes", "preprocessing", "config", "data")
+
+
+def prune(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    amount: float,
+    data: str | os.PathLike,
+    epochs: float = 1.0,
+    steps: int | None = None,
+    lr: float = 0.05,
+    batch_size: int = 64,
+    image_size: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Remove a share of the channels of every layer of a classifier, then fine-tune it briefly.
+
+    Args:
+        checkpoint: an imagerec checkpoint or run folder (its best checkpoint).
+        out: the checkpoint file to write (``.safetensors``).
+        amount: share of the channels removed from each prunable layer, in (0, 1). A layer
+            keeps ``(1 - amount)`` of its inputs and outputs, so the parameters of the
+            convolutions shrink to about ``(1 - amount) ** 2`` of their number.
+        data: the labelled data set to fine-tune on (see :func:`imagerec.data.load_images`; its
+            ``train`` split is used); its class names must be those of the checkpoint.
+        epochs: fine-tuning length in passes over the data (ignored when ``steps`` is given).
+        steps: fine-tuning length in optimizer steps; 0 skips fine-tuning.
+        lr: peak learning rate for 64 images per step (scaled linearly with ``batch_size``).
+        batch_size: images per step.
+        image_size: input side in pixels for fine-tuning and the saved preprocessing; default
+            the checkpoint's.
+        seed: seed of the data order, the augmentation and dropout.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        progress: show a progress bar.
+
+    Returns:
+        The path written. Its ``meta["compression"]`` records ``prune`` (the amount),
+        ``params_before``, ``params_after`` and ``fine_tune_steps``.
+
+    Raises:
+        ImagerecError: torch-pruning is not installed, ``amount`` is outside (0, 1), a bad
+            number, unlabelled data, data whose classes differ from the checkpoint's, or fewer
+            images than ``batch_size``.
+    """
+    # 1. Validate at the boundary.
+    if not 0.0 < amount < 1.0:
+        raise ImagerecError(f"amount={amount} must be in (0, 1): the share of channels removed, e.g. 0.3")
+    if steps is None and not epochs > 0:
+        raise ImagerecError(f"epochs={epochs} must be > 0 (or pass steps=0 to skip fine-tuning)")
+    if steps is not None and steps < 0:
+        raise ImagerecError(f"steps={steps} must be >= 0; 0 skips fine-tuning")
+    if not lr > 0 or batch_size < 1:
+        raise ImagerecError(f"lr={lr} must be > 0 and batch_size={batch_size} >= 1; e.g. lr=0.05, batch_size=64")
+    tp = _import_torch_pruning()
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt)
+    pp = model.preprocessing.resolve(image_size)
+    source = _labelled_source(data, ckpt.meta["classes"], progress)
+    steps_per_epoch = len(source) // batch_size
+    if steps_per_epoch == 0 and steps != 0:
+        raise ImagerecError(f"batch_size={batch_size} is more than the {len(source)} images of {source.root}; lower batch_size")
+    total = steps if steps is not None else max(1, round(epochs * steps_per_epoch))
+    dev = resolve_device(device)
+
+    # 2. Prune: rank each group of coupled channels by L2 norm; drop the weakest share.
+    params_before = _count_params(model)
+    example = torch.zeros(1, 3, pp.input_size, pp.input_size)
+    pruner = tp.pruner.BasePruner(
+        model,
+        example,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=amount,
+        ignored_layers=[model.get_classifier()],
+    )
+    pruner.step()
+    params_after = _count_params(model)
+    _say(f"pruned {amount:.0%} of the channels: {params_before:,} -> {params_after:,} parameters ({params_after / params_before:.1%})")
+
+    # 3. Fine-tune to recover what pruning cost.
+    loss = _fine_tune(model.to(dev), source, pp, total, lr * batch_size / LR_BATCH, batch_size, seed, dev, progress)
+
+    # 4. Save an ordinary checkpoint: the source's facts, plus how it was compressed.
+    meta = {k: ckpt.meta[k] for k in _META_KEPT if k in ckpt.meta}
+    meta["preprocessing"] = pp.to_dict()
+    meta["compression"] = dict(
+        ckpt.meta.get("compression", {}),
+        prune=amount,
+        params_before=params_before,
+        params_after=params_after,
+        fine_tune_steps=total,
+        fine_tune_loss=loss,
+        source=str(ckpt.path),
+    )
+    model = model.cpu().eval()
+    return save_checkpoint(out, Checkpoint(model=model.state_dict(), meta=meta))
+
+
+def _import_torch_pruning():
+    try:
+        import torch_pruning  # noqa: PLC0415 - an optional dependency
+    except ImportError:
+        raise ImagerecError("pruning needs the torch-pruning package; install it with: pip install 'imagerec[compress]'") from None
+    return torch_pruning
+
+
+def _labelled_source(data, classes: list[str], progress: bool):
+    """The ``train`` split of ``data``, labelled in the checkpoint's class order."""
+    source = load_images(data, "train")
+    if not source.labelled:
+        raise ImagerecError(f"{source.root}: fine-tuning needs labels: arrange images as DIR/<class>/*, or give a CSV manifest path,label")
+    if sorted(source.classes) != sorted(classes):
+        raise ImagerecError(
+            f"{source.root}: classes {source.classes} differ from the checkpoint's {list(classes)}; "
+            "fine-tune on the data set the model was trained on"
+        )
+    order = np.array([classes.index(name) for name in source.classes], dtype=np.int64)
+    source.labels = order[source.labels]
+    source.classes = list(classes)
+    return decode_small_images(source, progress=progress) or source
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _fine_tune(model, source, pp, total: int, peak_lr: float, batch_size: int, seed: int, device, progress: bool) -> float | None:
+    """SGD with Nesterov momentum, linear warm-up then cosine decay, label smoothing 0.1.
+
+    Returns:
+        The mean training loss of the last (up to 20) steps, or None when ``total`` is 0.
+    """
+    if total == 0:
+        return None
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]  # norm weights and biases
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": 5e-5}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=peak_lr,
+        momentum=0.9,
+        nesterov=True,
+    )
+    warmup = max(1, round(0.1 * total))  # steps
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    model.train()
+    losses: list[float] = []
+    step, epoch = 0, 0
+    with tqdm(total=total, unit="step", disable=not progress, desc="fine-tune") as bar:
+        while step < total:
+            epoch_start = step
+            batches = iter_batches(source, pp, batch_size=batch_size, augment="default", shuffle=True, seed=seed + epoch, drop_last=True)
+            for batch in batches:
+                if batch.labels is None or not len(batch.labels):
+                    continue  # every image of this batch was unreadable
+                # One step: the learning rate of this step, forward, backward, update.
+                for group in optimizer.param_groups:
+                    group["lr"] = peak_lr * lr_factor(step)
+                torch.manual_seed(seed * 1_000_003 + step)  # dropout
+                logits = model(batch.images.to(device))
+                loss = criterion(logits, batch.labels.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)
+                if step >= total:
+                    break
+            if step == epoch_start:
+                raise ImagerecError(f"{source.root}: no image could be read for fine-tuning; check the data set")
+            epoch += 1
+    model.eval()
+    return float(np.mean(losses[-20:]))
+
+
+def _say(text: str) -> None:
+    print(f"imagerec: {text}", file=sys.stderr)
