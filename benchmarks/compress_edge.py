@@ -78,9 +78,12 @@ def onnx_runner(path: Path, threads: int):
     return lambda batch: session.run(None, {"images": batch})
 
 
-def accuracy(model_path: Path, data: str) -> float:
+def test_predictions(model_path: Path, data: str) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 class of every test image (as ``imagerec predict`` computes it), and the labels."""
     clf = imagerec.Classifier.load(model_path)
-    return float(clf.evaluate(data, split="test", batch_size=64).summary["accuracy"])
+    source = imagerec.load_images(data, "test")
+    assert source.classes == clf.classes_, (source.classes, clf.classes_)
+    return clf.predict_proba(source, batch_size=64).argmax(1), np.asarray(source.labels)
 
 
 def measure(name: str, variant: str, model_path: Path, kind: str, size: int, data: str, repeats: int) -> dict:
@@ -93,9 +96,11 @@ def measure(name: str, variant: str, model_path: Path, kind: str, size: int, dat
     row["latency_b1_1t_ms"] = round(latency_ms(runner(file, 1), one, repeats), 3)
     row["throughput_b32_2t_img_s"] = round(1000 / latency_ms(runner(file, 2), many, max(10, repeats // 10)), 1)
     start = time.perf_counter()
-    row["accuracy"] = round(accuracy(model_path, data), 4)
+    predicted, labels = test_predictions(model_path, data)
+    row["accuracy"] = round(float((predicted == labels).mean()), 4)
     row["eval_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(row), flush=True)
+    row["_predicted"] = predicted
     return row
 
 
@@ -109,6 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-images", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=200, help="batch-1 runs timed (median)")
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--reuse", action="store_true", help="reuse the compressed files of an earlier run in --work (re-measure only)")
     args = parser.parse_args(argv)
 
     rows = []
@@ -117,13 +123,18 @@ def main(argv=None) -> int:
         work = Path(args.work) / name
         work.mkdir(parents=True, exist_ok=True)
         size = load_checkpoint(run).meta["preprocessing"]["input_size"]
-        fp32 = export_model(run, work / "fp32.onnx")
-        int8 = quantize(run, work / "int8.onnx", mode="int8", calib=args.data, split="train", calib_images=args.calib_images)
-        start = time.perf_counter()
-        pruned_ckpt = prune(run, work / "pruned.safetensors", amount=args.prune, data=args.data, epochs=args.prune_epochs, device="cpu", progress=False)
-        prune_s = round(time.perf_counter() - start, 1)
-        pruned = export_model(pruned_ckpt, work / "pruned.onnx")
-        pruned_int8 = quantize(pruned_ckpt, work / "pruned_int8.onnx", mode="int8", calib=args.data, split="train", calib_images=args.calib_images)
+        fp32, int8, pruned_ckpt = work / "fp32.onnx", work / "int8.onnx", work / "pruned.safetensors"
+        pruned, pruned_int8 = work / "pruned.onnx", work / "pruned_int8.onnx"
+        timing = work / "prune_s.json"
+        if not (args.reuse and all(p.is_file() for p in (fp32, int8, pruned_ckpt, pruned, pruned_int8, timing))):
+            export_model(run, fp32)
+            quantize(run, int8, mode="int8", calib=args.data, split="train", calib_images=args.calib_images)
+            start = time.perf_counter()
+            prune(run, pruned_ckpt, amount=args.prune, data=args.data, epochs=args.prune_epochs, device="cpu", progress=False)
+            timing.write_text(json.dumps(round(time.perf_counter() - start, 1)))
+            export_model(pruned_ckpt, pruned)
+            quantize(pruned_ckpt, pruned_int8, mode="int8", calib=args.data, split="train", calib_images=args.calib_images)
+        prune_s = json.loads(timing.read_text())
         variants = [
             ("fp32 PyTorch eager", run, "torch"),
             ("fp32 ONNX Runtime", fp32, "onnx"),
@@ -144,6 +155,9 @@ def main(argv=None) -> int:
         row["size_ratio"] = round(row["size_mb"] / ref["size_mb"], 3)
         row["speedup_b1"] = round(ref["latency_b1_1t_ms"] / row["latency_b1_1t_ms"], 2)
         row["accuracy_delta_points"] = round(100 * (row["accuracy"] - ref["accuracy"]), 2)
+        row["top1_agreement_with_eager"] = round(float((row["_predicted"] == ref["_predicted"]).mean()), 4)
+    for row in rows:
+        del row["_predicted"]
     result = {
         "command": " ".join([sys.executable, *sys.argv]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -159,13 +173,14 @@ def main(argv=None) -> int:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | variant | file MB | size vs fp32 eager | batch-1 latency, 1 thread (ms) | speed-up | batch-32 throughput, 2 threads (img/s) | test accuracy | Δ points |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | variant | file MB | size vs fp32 eager | batch-1 latency, 1 thread (ms) | speed-up | batch-32 throughput, 2 threads (img/s) | test accuracy | Δ points | top-1 = eager |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['size_mb']:.2f} | {r['size_ratio']:.2f} | {r['latency_b1_1t_ms']:.2f} | "
-            f"{r['speedup_b1']:.2f}x | {r['throughput_b32_2t_img_s']:.0f} | {r['accuracy']:.2%} | {r['accuracy_delta_points']:+.2f} |"
+            f"{r['speedup_b1']:.2f}x | {r['throughput_b32_2t_img_s']:.0f} | {r['accuracy']:.2%} | {r['accuracy_delta_points']:+.2f} | "
+            f"{r['top1_agreement_with_eager']:.2%} |"
         )
     return "\n".join(lines)
 

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", help="number of clusters, or 'auto' (the default for the methods that take k; dbscan and hdbscan find it)")
     p.add_argument("--k-range", type=int, nargs=2, default=[2, 15], metavar=("LOW", "HIGH"), help="candidates for --k auto (default: 2 15)")
     p.add_argument("--out", required=True, help="run folder: assignments.csv, summary.json, clusters/*.png, map.png, gallery.html")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="registry name, when DATA holds images (default: efficientnet_lite0)")
+    p.add_argument("--backbone", default="auto", help="registry name, when DATA holds images; auto: efficientnet_lite2 at 160 px for small images, else efficientnet_lite0 (default: auto)")
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto, for embedding and the deep head (default: cpu)")

@@ -104,3 +104,15 @@ def test_a_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, ckpt)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]  # no temporary file left
+
+
+def test_a_checkpoint_gets_the_usual_file_mode(tmp_path):
+    """Temporary files are 0600; the finished checkpoint must be readable as any new file is."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "c.safetensors", Checkpoint(model={"w": torch.zeros(2)}, meta={}))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -20,7 +20,7 @@ from ._adapt import adapt_backbone
 from ._auto_k import DEFAULT_K_RANGE, KSelection, check_k_range, select_n_clusters
 from ._base import BaseClustering, cluster_means
 from ._checks import check_n_clusters, check_n_samples, check_positive, warn
-from ._features import FeaturePipeline, resolve_embeddings
+from ._features import FeaturePipeline, auto_backbone, resolve_embeddings
 from ._methods import K_METHODS, check_method, make_estimator
 from ._metrics import clustering_scores, neighbor_purity, sampled_silhouette
 
@@ -89,7 +89,7 @@ def cluster_images(
     out: str | os.PathLike | None = None,
     params: dict | None = None,
     k_range: tuple[int, int] = DEFAULT_K_RANGE,
-    backbone: str | nn.Module = "efficientnet_lite0",
+    backbone: str | nn.Module = "auto",
     split: str | None = None,
     image_size: int | None = None,
     batch_size: int = 64,
@@ -125,7 +125,9 @@ def cluster_images(
         params: the method's own arguments, e.g. ``{"eps": 0.3, "min_samples": 10}`` (dbscan),
             ``{"linkage": "average"}`` (agglomerative), ``{"epochs": 60}`` (deep).
         k_range: inclusive (low, high) candidates for ``k="auto"``.
-        backbone: registry name or model that embeds images (see :func:`~imagerec.embed`).
+        backbone: registry name or model that embeds images (see :func:`~imagerec.embed`);
+            ``"auto"``: EfficientNet-Lite2 at 160 px for small images (CIFAR-like), else
+            EfficientNet-Lite0 at 224 px (see :func:`auto_backbone`).
         split: ``"train"``, ``"val"``, ``"test"`` or None (all images) of a data set spec.
         image_size: input side in pixels for embedding (default: the backbone's).
         batch_size: images per forward pass when embedding.
@@ -192,8 +194,11 @@ def cluster_images(
     # 2. features: given, read, cached or embedded (by a backbone first adapted to the images); then prepared
     timer = time.perf_counter()
     seconds = {}
+    if isinstance(backbone, str) and backbone == "auto" and not _is_embeddings(data):
+        data = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
+        backbone, image_size = auto_backbone(data, image_size)
     if adapt is not None:
-        if isinstance(data, Embeddings) or str(data).lower().endswith(".npz"):
+        if _is_embeddings(data):
             raise ImagerecError("adapt needs the images, not finished embeddings; pass the image folder as data")
         data = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
         adapt_params = {"image_size": image_size, **dict(adapt_params or {})} if image_size else dict(adapt_params or {})
@@ -269,6 +274,11 @@ def cluster_images(
     if run_dir is not None:
         report.write_json(run_dir / "summary.json", summary)
     return result
+
+
+def _is_embeddings(data) -> bool:
+    """Features rather than images: Embeddings, an .npz path, or a bare array (refused later)."""
+    return isinstance(data, (Embeddings, np.ndarray)) or (not isinstance(data, ImageSource) and str(data).lower().endswith(".npz"))
 
 
 def _check_k(k, method: str):

@@ -22,7 +22,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ..backbones import create_backbone
-from ..data import DEFAULT_MAX_PIXELS, ImageSource, load_images
+from ..data import DEFAULT_MAX_PIXELS, ImageSource, decode_small_images, load_images
 from ..embedding import Embeddings, embed
 from ..errors import ImagerecError
 from ._checks import all_identical, check_features, check_positive
@@ -159,6 +159,24 @@ class FlipAveraged(nn.Module):
         pooled = b.forward_head(b.forward_features(images), pre_logits=True)
         mirrored = b.forward_head(b.forward_features(images.flip(-1)), pre_logits=True)
         return (pooled + mirrored) / 2
+
+
+AUTO_SMALL_IMAGES = ("efficientnet_lite2", 160)  # CIFAR-10 test, k-means ACC: see docs/BENCHMARKS.md
+AUTO_PHOTOS = "efficientnet_lite0"
+
+
+def auto_backbone(source: ImageSource, image_size: int | None) -> tuple[str, int | None]:
+    """The backbone and input size that ``backbone="auto"`` means for ``source``.
+
+    Small images (all of one size, at most ``SMALL_IMAGE_MAX_SIDE`` pixels a side, like CIFAR's)
+    carry little detail for ImageNet features: EfficientNet-Lite2 at 160 px clustered CIFAR-10
+    best of the Lite0/Lite2 sizes measured. Photos get EfficientNet-Lite0 at its own size
+    (224 px), the cheapest backbone whose features are strong there.
+    """
+    if decode_small_images(source, progress=False) is not None:
+        name, size = AUTO_SMALL_IMAGES
+        return name, image_size or size
+    return AUTO_PHOTOS, image_size
 
 
 def resolve_embeddings(

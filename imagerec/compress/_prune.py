@@ -32,6 +32,9 @@ LR_BATCH = 64  # lr is the peak learning rate for this many images per step; sca
 _META_KEPT = ("backbone", "classes", "preprocessing", "config", "data")
 
 
+ROUND_TO = 8  # channels kept per layer: a multiple of 8, which vectorised CPU kernels need to stay fast
+
+
 def prune(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
@@ -73,8 +76,7 @@ def prune(
 
     Raises:
         ImagerecError: torch-pruning is not installed, ``amount`` is outside (0, 1), a bad
-            number, unlabelled data, data whose classes differ from the checkpoint's, or fewer
-            images than ``batch_size``.
+            number, unlabelled data, or data whose classes differ from the checkpoint's.
     """
     # 1. Validate at the boundary.
     if not 0.0 < amount < 1.0:
@@ -90,9 +92,8 @@ def prune(
     model = model_from_checkpoint(ckpt)
     pp = model.preprocessing.resolve(image_size)
     source = _labelled_source(data, ckpt.meta["classes"], progress)
+    batch_size = min(batch_size, len(source))  # a small data set is one batch per step
     steps_per_epoch = len(source) // batch_size
-    if steps_per_epoch == 0 and steps != 0:
-        raise ImagerecError(f"batch_size={batch_size} is more than the {len(source)} images of {source.root}; lower batch_size")
     total = steps if steps is not None else max(1, round(epochs * steps_per_epoch))
     dev = resolve_device(device)
 
@@ -105,6 +106,7 @@ def prune(
         importance=tp.importance.GroupMagnitudeImportance(p=2),
         pruning_ratio=amount,
         ignored_layers=[model.get_classifier()],
+        round_to=ROUND_TO,
     )
     pruner.step()
     params_after = _count_params(model)

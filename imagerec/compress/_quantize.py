@@ -35,7 +35,6 @@ from ..export import export_model
 
 MODES = ("int8", "dynamic")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-_MINMAX_FLUSH_BATCHES = 4  # MinMax keeps every activation of this many batches in memory, then merges ranges
 
 
 def quantize(
@@ -206,7 +205,9 @@ def _quantize_static(prepared, quantized, source, pp, calib_images, batch_size, 
     # arithmetic on the input's shape at run time, and quantizing that arithmetic rounds the pads.
     excluded = _shape_arithmetic_nodes(prepared)
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
-    extra = {"CalibMaxIntermediateOutputs": _MINMAX_FLUSH_BATCHES} if method == "minmax" else {}
+    # MinMax keeps only each batch's reduced min and max per tensor, so it needs no flushing (ORT's
+    # CalibMaxIntermediateOutputs would even drop the batches it flushes, not merge them)
+    extra = {}
     if method == "percentile":
         extra["CalibPercentile"] = 99.999
     quantize_static(
