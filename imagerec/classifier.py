@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import os
 import warnings
@@ -20,7 +19,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import BEST, load_checkpoint, model_from_checkpoint
-from .data import DEFAULT_MAX_PIXELS, ImageSource, Preprocessing, eval_transform, is_image_file, load_images, to_rgb
+from .data import DEFAULT_MAX_PIXELS, ImageSource, eval_transform, is_image_file, load_images, to_rgb
 from .errors import ImagerecError, SkippedImagesWarning
 from .evaluation import EvaluationReport, build_report, write_report
 from .inference import Predictions, autocast, forward_logits, predict_source, resolve_device
@@ -98,7 +97,7 @@ class Classifier:
         self.model_ = None
         self.device_ = torch.device("cpu")
         self.classes_ = list(self.runtime_.classes)
-        self.preprocessing_ = Preprocessing.from_dict(dataclasses.asdict(self.runtime_.preprocessing))
+        self.preprocessing_ = self.runtime_.preprocessing
         self.meta_ = {"backbone": self.runtime_.backbone, "classes": self.classes_, "compression": self.runtime_.compression}
         self.path_ = self.runtime_.path
 

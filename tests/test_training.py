@@ -78,6 +78,25 @@ def test_time_budget_plans_the_steps(colour_folder, tmp_path):
     assert elapsed < 0.25 * 60 * 1.5
 
 
+def test_time_budget_replans_from_the_real_steps(tmp_path, monkeypatch, capsys):
+    """The first plan times steps on a copy of the model; here that timing is made 100x too
+    optimistic, and the re-plan after 30 real steps must measure the real pace and still end
+    inside the budget with the schedule complete."""
+    import imagerec.training._loop as loop
+
+    data = make_colour_dataset(tmp_path / "data", per_class=100)
+    monkeypatch.setattr(loop, "_time_steps", lambda *args, **kwargs: 1e-5)
+    started = time.perf_counter()
+    result = train(data, tmp_path / "run", TrainConfig(time_budget=0.25, val_fraction=0.25, **FAST), progress=False)
+    elapsed = time.perf_counter() - started
+    plan = json.loads((tmp_path / "run" / "config.json").read_text())["plan"]
+    assert plan["timing"]["measured_step_s"] > 100 * plan["timing"]["step_s"]  # the real pace was measured
+    assert plan["replan_at"] is None and plan["total_steps"] == result.plan["total_steps"]
+    assert result.history[-1]["step"] == result.plan["total_steps"]  # the schedule still completes
+    assert elapsed < 0.25 * 60 * 1.5
+    assert "re-plan:" in capsys.readouterr().err
+
+
 def test_time_budget_too_short(colour_folder, tmp_path):
     with pytest.raises(ImagerecError, match="too short"):
         train(colour_folder, tmp_path / "run", TrainConfig(time_budget=0.001, **FAST), progress=False)

@@ -19,69 +19,17 @@ images one by one give the same tensors.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import InterpolationMode, v2
 
+from .._preprocessing import Preprocessing
 from ..errors import ImagerecError
 
 AUGMENTS = ("none", "default", "strong", "contrastive")
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images must be prepared for a model: what timm calls its pretrained data config.
-
-    Attributes:
-        input_size: side of the square input in pixels.
-        mean: per-channel mean subtracted after scaling pixels to [0, 1].
-        std: per-channel standard deviation divided by after that.
-        interpolation: ``"bicubic"``, ``"bilinear"`` or ``"nearest"``.
-        crop_pct: share of the resized image kept by the centre crop at evaluation.
-        fixed_input_size: True when the model accepts only ``input_size`` (e.g. ``seed_cnn``).
-    """
-
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-    crop_pct: float = 0.875
-    fixed_input_size: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Preprocessing:
-        data = dict(data)
-        data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
-        return cls(**data)
-
-    def resolve(self, image_size: int | None = None, crop_pct: float | None = None) -> Preprocessing:
-        """A copy at another input size or crop share, validated.
-
-        Raises:
-            ImagerecError: the size is outside [16, 1024], differs from a fixed input size, or
-                the crop share is outside (0, 1].
-        """
-        size = self.input_size if image_size is None else int(image_size)
-        if self.fixed_input_size and size != self.input_size:
-            raise ImagerecError(
-                f"image size {size} px: this model takes only {self.input_size} px input; "
-                f"drop --image-size or set it to {self.input_size}"
-            )
-        if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
-            raise ImagerecError(
-                f"image size {size} px is outside [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]; pick e.g. 128"
-            )
-        crop = self.crop_pct if crop_pct is None else float(crop_pct)
-        if not 0.0 < crop <= 1.0:
-            raise ImagerecError(f"crop_pct={crop} must be in (0, 1]; 1 keeps the whole image")
-        return replace(self, input_size=size, crop_pct=crop)
 
 
 def _interp(name: str) -> InterpolationMode:

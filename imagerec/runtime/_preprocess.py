@@ -21,90 +21,20 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
 
 from .._decode import to_rgb
+from .._preprocessing import Preprocessing
 from ..errors import ImagerecError
 
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 _FILTER_SIZE = {"bilinear": 2, "bicubic": 4}  # taps of the filter at scale 1 (PyTorch's interp_size)
 _CUBIC_A = -0.5  # PyTorch's antialiased bicubic uses Keys' a = -0.5 (Pillow's), not -0.75
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images are prepared for an exported model (read from its metadata).
-
-    Attributes:
-        input_size: side S of the square input in pixels.
-        mean: per-channel mean subtracted after scaling pixels to [0, 1].
-        std: per-channel standard deviation divided by after that.
-        interpolation: ``"bicubic"``, ``"bilinear"`` or ``"nearest"``.
-        crop_pct: share of the resized image kept by the centre crop.
-        fixed_input_size: True when the model accepts only ``input_size``.
-    """
-
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-    crop_pct: float = 0.875
-    fixed_input_size: bool = False
-
-    @property
-    def resize_size(self) -> int:
-        """The shorter side after resizing, before the centre crop."""
-        return math.floor(self.input_size / self.crop_pct)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> Preprocessing:
-        """A validated ``Preprocessing`` from a dict such as ``imagerec.data.Preprocessing.to_dict()``.
-
-        Raises:
-            ImagerecError: a missing or unknown key, or a value out of range.
-        """
-        fields = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ImagerecError(
-                f"preprocessing keys {unknown} are unknown to this imagerec (it knows {sorted(fields)}); "
-                "the model was exported by a newer imagerec: upgrade imagerec"
-            )
-        missing = [k for k in ("input_size", "mean", "std") if k not in data]
-        if missing:
-            raise ImagerecError(f"preprocessing lacks {missing}; re-export the model with imagerec export")
-        pp = cls(
-            input_size=int(data["input_size"]),
-            mean=tuple(float(v) for v in data["mean"]),
-            std=tuple(float(v) for v in data["std"]),
-            interpolation=str(data.get("interpolation", "bicubic")),
-            crop_pct=float(data.get("crop_pct", 0.875)),
-            fixed_input_size=bool(data.get("fixed_input_size", False)),
-        )
-        pp._validate()
-        return pp
-
-    def _validate(self) -> None:
-        if self.input_size < 1:
-            raise ImagerecError(f"input_size={self.input_size} must be a positive number of pixels")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ImagerecError(f"mean={self.mean} and std={self.std} must have 3 values each (R, G, B)")
-        if not all(s > 0 for s in self.std):
-            raise ImagerecError(f"std={self.std} must be positive")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ImagerecError(f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
-        if not 0.0 < self.crop_pct <= 1.0:
-            raise ImagerecError(f"crop_pct={self.crop_pct} must be in (0, 1]; 1 keeps the whole image")
-
-
 def as_preprocessing(preprocessing) -> Preprocessing:
-    """A runtime ``Preprocessing`` from itself, a dict, or any object with ``to_dict()``.
+    """A ``Preprocessing`` from itself, a dict, or any object with ``to_dict()``.
 
     Raises:
         ImagerecError: anything else, or invalid values.

@@ -5,8 +5,10 @@
 1. load the training and validation splits (small images decoded once, into the cache);
 2. build the backbone with a new head for the data set's classes;
 3. plan the run: steps per epoch, the head-only stage, the total steps, bf16 or fp32. With a
-   time budget the first steps are measured and the number of steps fixed so that the run
-   finishes inside it, with its learning-rate schedule complete;
+   time budget a few steps are timed on a copy of the model and the number of steps fixed so
+   that the run finishes inside it; after the first 30 real steps of stage 2 it is fixed again
+   from their measured pace (once, before the schedule has gone far), so the learning-rate
+   schedule still completes;
 4. train: stage 1 the head alone on the frozen backbone, stage 2 everything (DDP under
    torchrun); validate and save checkpoints at every epoch end, ``last`` every
    ``save_every`` steps too, ``best`` on a better validation accuracy; stop early after
@@ -188,6 +190,20 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
             seen, loss_sum, correct = seen + n, loss_sum + batch_loss, correct + batch_correct
             step += 1
             bar.update(images_per_step)
+            # 4c. With a time budget, fix the number of steps again from the pace of the real steps.
+            if state is None and plan.get("replan_at") and step in (plan["replan_at"] - REPLAN_AFTER + REPLAN_SKIP, plan["replan_at"]):
+                if step < plan["replan_at"]:
+                    pace_start = time.perf_counter()
+                else:
+                    measured = (time.perf_counter() - pace_start) / (REPLAN_AFTER - REPLAN_SKIP)
+                    measured = world.sum(measured)[0] / world.size  # every process must agree on the total
+                    total = _replan(cfg, plan, step, measured, val_src, world, started)
+                    plan.update(total_steps=total, replan_at=None, timing={**plan["timing"], "measured_step_s": measured})
+                    stage.resize(total)
+                    bar.total = total * images_per_step
+                    if world.main:
+                        write_text_atomic(run_dir / "config.json", json.dumps({"config": cfg.to_dict(), "plan": plan, "data": str(data)}, indent=2))
+                        bar.write(f"imagerec: re-plan: {measured:.3f} s per step measured, {total} steps in all", file=sys.stderr)
             if step % 20 == 0:  # a refreshed postfix costs more than a small model's step
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", stage=stage.number, refresh=False)
             running += batch_loss / n
@@ -201,7 +217,7 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
             if cfg.save_every and step % cfg.save_every == 0 and step % steps_per_epoch and world.main:
                 save_checkpoint(run_dir / LAST, _checkpoint(model, stage, meta, step, history))
 
-        # 4c. Epoch end (or plan end): validate, record, save.
+        # 4d. Epoch end (or plan end): validate, record, save.
         train_seconds = time.perf_counter() - epoch_start
         seen, loss_sum, correct = world.sum(seen, loss_sum, correct)
         val_loss, val_acc = _validate(model, val_src, pp, cfg, world, bf16)
@@ -303,6 +319,9 @@ def _epoch_batches(source: ImageSource, pp, cfg: TrainConfig, world: World, epoc
 # 3. Plan
 
 
+REPLAN_SKIP, REPLAN_AFTER = 5, 30  # stage-2 steps: warm-up steps not timed, steps before the re-plan
+
+
 def _plan(cfg, model, pretrained, train_src, val_src, pp, world: World, started: float) -> dict:
     steps_per_epoch = (len(train_src) // world.size) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -325,7 +344,9 @@ def _plan(cfg, model, pretrained, train_src, val_src, pp, world: World, started:
         timing["head_step_s"] = _time_steps(model, batch, cfg, frozen=True, bf16=bf16) if head_steps else 0.0
         timing["eval_image_s"] = _time_eval(model, batch, cfg, bf16)
         head_steps, full_steps = _fit_budget(cfg, timing, steps_per_epoch, head_steps, val_src, world, started)
+    replan_at = head_steps + REPLAN_AFTER if cfg.time_budget and full_steps >= 2 * REPLAN_AFTER else None
     return {
+        "replan_at": replan_at,
         "steps_per_epoch": steps_per_epoch,
         "head_steps": head_steps,
         "total_steps": head_steps + full_steps,
@@ -337,9 +358,11 @@ def _plan(cfg, model, pretrained, train_src, val_src, pp, world: World, started:
 
 
 def _bf16_possible(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+    """Whether ``precision="auto"`` times bf16 at all: on a GPU that supports it. Not on a CPU:
+    training there measured slower in bf16 (docs/BENCHMARKS.md), and a choice made by timing would
+    make the same CPU run's numbers depend on how busy the machine was (``--precision bf16``
+    still forces it)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def _time_steps(model, batch, cfg, frozen: bool, bf16: bool, reps: int = 5) -> float:
@@ -389,6 +412,11 @@ def _fit_budget(cfg, timing, steps_per_epoch, head_steps, val_src, world, starte
             f"--time-budget {cfg.time_budget} min is too short: one step takes {timing['step_s']:.2f} s and one "
             f"validation pass {val_cost:.0f} s after {time.perf_counter() - started:.0f} s of setup; raise the budget"
         )
+    return head_steps, _most_steps_within(budget, cost)
+
+
+def _most_steps_within(budget: float, cost) -> int:
+    """The largest n >= 1 with cost(n) <= budget (1 if none), for a cost increasing in n."""
     low, high = 1, 1
     while cost(high * 2) <= budget:
         high *= 2
@@ -396,7 +424,26 @@ def _fit_budget(cfg, timing, steps_per_epoch, head_steps, val_src, world, starte
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if cost(middle) <= budget else (low, middle)
-    return head_steps, low
+    return low
+
+
+def _replan(cfg, plan: dict, step: int, step_s: float, val_src, world, started: float) -> int:
+    """The total steps that fit what is left of the time budget, at the measured ``step_s``.
+
+    The plan's first estimate times steps on a copy of the model; the real loop (data
+    preparation, a warm optimizer, a busier memory) is often slower, so after the first
+    ``REPLAN_AFTER`` steps of stage 2 the number of steps is fixed again from their own pace.
+    """
+    spe, timing = plan["steps_per_epoch"], plan["timing"]
+    budget = cfg.time_budget * 60 * 0.95 - (time.perf_counter() - started) - 5.0
+    val_cost = (len(val_src) / world.size if val_src else 0) * timing["eval_image_s"] * 1.2
+
+    def cost(more: int) -> float:
+        epochs = math.ceil((step + more) / spe) - step // spe
+        saves = epochs * 2 + ((step + more) // cfg.save_every - step // cfg.save_every if cfg.save_every else 0)
+        return more * step_s + epochs * val_cost + saves * 1.0
+
+    return step + _most_steps_within(budget, cost)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,6 +492,11 @@ class _Stage:
             self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=nesterov)
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=0.0)
+
+    def resize(self, total_steps: int) -> None:
+        """Stretch or shrink the schedule of stage 2 to end at ``total_steps``."""
+        self.steps = total_steps - self.start
+        self.warmup = round(self.cfg.warmup * self.steps) if self.schedule == "onecycle" else 0
 
     def apply_mode(self) -> None:
         """Train mode for what trains: the head alone in stage 1 (batch norm frozen), all in stage 2."""
