@@ -52,6 +52,7 @@ def iter_batches(
     workers: int | None = None,
     drop_last: bool = False,
     start_batch: int = 0,
+    prefetch: bool = True,
 ) -> Iterator[Batch]:
     """Yield batches of ``source`` prepared by ``pp``.
 
@@ -69,6 +70,9 @@ def iter_batches(
         start_batch: skip this many batches (to resume an epoch). For in-memory sources each
             batch's augmentation is drawn from ``(seed, batch number)``, so a resumed epoch
             draws exactly what the uninterrupted one would.
+        prefetch: prepare in-memory batches a step ahead in a thread. Worth it when the model
+            runs elsewhere (a GPU); on a CPU the thread's kernels compete with the model's for
+            the same cores, so training there prepares each batch in turn.
     """
     order = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
     if shuffle:
@@ -77,7 +81,8 @@ def iter_batches(
     if drop_last and chunks and len(chunks[-1]) < batch_size:
         chunks.pop()
     if source.pixels is not None:
-        yield from _prefetch(_array_batches(source, pp, chunks, augment, seed, start_batch))
+        batches = _array_batches(source, pp, chunks, augment, seed, start_batch)
+        yield from _prefetch(batches) if prefetch else batches
     else:
         yield from _file_batches(source, pp, chunks[start_batch:], augment, seed + start_batch, workers)
 

@@ -312,6 +312,7 @@ def _epoch_batches(source: ImageSource, pp, cfg: TrainConfig, world: World, epoc
         workers=cfg.workers,
         drop_last=True,
         start_batch=first_batch,
+        prefetch=world.device.type != "cpu",  # on a CPU a prefetch thread competes with the step for cores
     )
 
 
