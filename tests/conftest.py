@@ -69,3 +69,25 @@ def colour_folder(tmp_path) -> Path:
 @pytest.fixture
 def class_folder(tmp_path) -> Path:
     return make_class_folder(tmp_path / "data")
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run ``imagerec ARGV`` in this process: (exit status, stdout, stderr)."""
+    from imagerec.cli import main  # noqa: PLC0415
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse exits for --help, --version and bad arguments
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code, err, *fragments) -> None:
+    """A user error: status 2 and one line on stderr (no traceback) holding every fragment."""
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err  # one line, no traceback
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]

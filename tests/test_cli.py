@@ -9,40 +9,23 @@ import numpy as np
 import pytest
 
 from imagerec import __version__, list_backbones
-from imagerec.cli import main
 
-
-def run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse exits for --help, --version and bad arguments
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err  # one line, no traceback
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0]
+from .conftest import assert_user_error, run_cli
 
 
 def test_version(capsys):
-    code, out, _ = run(capsys, "--version")
+    code, out, _ = run_cli(capsys, "--version")
     assert code == 0 and out.strip() == f"imagerec {__version__}"
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["embed", "--help"], ["models", "--help"]])
 def test_help(capsys, argv):
-    code, out, _ = run(capsys, *argv)
+    code, out, _ = run_cli(capsys, *argv)
     assert code == 0 and "usage: imagerec" in out
 
 
 def test_models_table_lists_every_backbone(capsys):
-    code, out, _ = run(capsys, "models")
+    code, out, _ = run_cli(capsys, "models")
     assert code == 0
     for name in list_backbones():
         assert name in out
@@ -50,17 +33,17 @@ def test_models_table_lists_every_backbone(capsys):
 
 
 def test_models_recommend(capsys):
-    code, out, _ = run(capsys, "models", "--recommend", "--images", "50000", "--image-side", "32")
+    code, out, _ = run_cli(capsys, "models", "--recommend", "--images", "50000", "--image-side", "32")
     assert code == 0 and "backbone: efficientnet_lite0" in out and "image size: 96 px" in out
 
 
 def test_recommend_needs_images(capsys):
-    assert_user_error(*run(capsys, "models", "--recommend")[::2], "--images")
+    assert_user_error(*run_cli(capsys, "models", "--recommend")[::2], "--images")
 
 
 def test_embed_writes_the_file(capsys, class_folder, tmp_path):
     out_file = tmp_path / "e.npz"
-    code, out, _ = run(capsys, "embed", str(class_folder), "--backbone", "seed_cnn", "--out", str(out_file), "--no-progress")
+    code, out, _ = run_cli(capsys, "embed", str(class_folder), "--backbone", "seed_cnn", "--out", str(out_file), "--no-progress")
     assert code == 0 and "12 x 84" in out
     assert np.load(out_file)["features"].shape == (12, 84)
 
@@ -81,7 +64,7 @@ def test_embed_writes_the_file(capsys, class_folder, tmp_path):
 )
 def test_user_errors_are_one_line_with_status_2(capsys, class_folder, argv, fragments):
     argv = [a.replace("{data}", str(class_folder)) for a in argv]
-    code, _, err = run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert_user_error(code, err, *fragments)
 
 
@@ -92,12 +75,12 @@ def test_module_entry_point():
 
 def test_train_evaluate_predict_from_the_command_line(capsys, colour_folder, tmp_path):
     run_dir = tmp_path / "run"
-    code, out, err = run(capsys, "train", str(colour_folder), "--out", str(run_dir), "--backbone", "seed_cnn", "--epochs", "1",
+    code, out, err = run_cli(capsys, "train", str(colour_folder), "--out", str(run_dir), "--backbone", "seed_cnn", "--epochs", "1",
                          "--batch-size", "8", "--val-fraction", "0.25", "--device", "cpu", "--no-progress")
     assert code == 0 and "best val accuracy" in out
-    code, out, _ = run(capsys, "evaluate", str(run_dir), str(colour_folder), "--out", str(tmp_path / "eval"))
+    code, out, _ = run_cli(capsys, "evaluate", str(run_dir), str(colour_folder), "--out", str(tmp_path / "eval"))
     assert code == 0 and "accuracy" in out and (tmp_path / "eval" / "confusion.png").is_file()
-    code, out, _ = run(capsys, "predict", str(run_dir), str(colour_folder / "red" / "000.png"), "--format", "csv", "--top-k", "2")
+    code, out, _ = run_cli(capsys, "predict", str(run_dir), str(colour_folder / "red" / "000.png"), "--format", "csv", "--top-k", "2")
     assert code == 0 and out.splitlines()[0] == "path,class1,p1,class2,p2,error"
 
 
@@ -106,7 +89,7 @@ def test_quickstart_on_a_local_split_root(capsys, tmp_path):
 
     make_colour_dataset(tmp_path / "data" / "train", per_class=30)
     make_colour_dataset(tmp_path / "data" / "test", per_class=4)
-    code, out, err = run(capsys, "quickstart", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "qs"), "--time-budget", "1", "--no-progress")
+    code, out, err = run_cli(capsys, "quickstart", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "qs"), "--time-budget", "1", "--no-progress")
     assert code == 0, err
     assert "imagerec quickstart: test accuracy" in out
     assert (tmp_path / "qs" / "evaluation" / "summary.json").is_file()
@@ -126,5 +109,5 @@ def test_quickstart_on_a_local_split_root(capsys, tmp_path):
 )
 def test_train_family_user_errors(capsys, class_folder, tmp_path, argv, fragments):
     argv = [a.replace("{data}", str(class_folder)).replace("{tmp}", str(tmp_path)) for a in argv]
-    code, _, err = run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert_user_error(code, err, *fragments)

@@ -14,30 +14,11 @@ import torch
 
 from imagerec import Classifier, ImagerecError, TrainConfig, create_backbone, load_checkpoint, train
 from imagerec._metadata import KEY_COMPRESSION
-from imagerec.cli import main
 from imagerec.clustering._adapt import adapt_backbone, nt_xent
 from imagerec.data import load_images
 from imagerec.export import export_model
 
-from .conftest import make_colour_dataset, make_image
-
-
-def run(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse exits for bad arguments
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err  # one line, no traceback
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0]
+from .conftest import assert_user_error, make_colour_dataset, make_image, run_cli
 
 
 def metadata(path) -> dict[str, str]:
@@ -72,7 +53,7 @@ def test_compress_quantize_int8_writes_beside_the_run(colour_run, tmp_path, caps
     run_dir, data, _ = colour_run
     target = run_dir / "model.int8.onnx"
     try:
-        code, out, err = run(capsys, "compress", run_dir, "--quantize", "int8", "--calib", data, "--calib-images", "16")
+        code, out, err = run_cli(capsys, "compress", run_dir, "--quantize", "int8", "--calib", data, "--calib-images", "16")
         assert code == 0, err
         assert out.startswith(f"wrote {target} (") and target.is_file()
         compression = json.loads(metadata(target)[KEY_COMPRESSION])
@@ -84,7 +65,7 @@ def test_compress_quantize_int8_writes_beside_the_run(colour_run, tmp_path, caps
 def test_compress_quantize_to_the_out_given(colour_run, tmp_path, capsys):
     run_dir, data, _ = colour_run
     out_file = tmp_path / "edge" / "q.onnx"
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys, "compress", run_dir, "--quantize", "int8", "--calib", data, "--calib-images", "16", "--out", out_file
     )
     assert code == 0, err
@@ -97,7 +78,7 @@ def test_compress_prune_writes_a_smaller_checkpoint(colour_run, tmp_path, capsys
     run_dir, _, _ = colour_run
     data = make_colour_dataset(tmp_path / "data", per_class=22)  # 66 images: one batch of prune's 64
     out_file = tmp_path / "pruned.safetensors"
-    code, out, err = run(capsys, "compress", run_dir, "--prune", "0.5", "--data", data, "--device", "cpu",
+    code, out, err = run_cli(capsys, "compress", run_dir, "--prune", "0.5", "--data", data, "--device", "cpu",
                          "--out", out_file, "--no-progress")  # fmt: skip
     assert code == 0, err
     assert out.strip() == f"wrote {out_file}"
@@ -108,7 +89,7 @@ def test_compress_prune_writes_a_smaller_checkpoint(colour_run, tmp_path, capsys
     assert sum(p.numel() for p in clf.model_.parameters()) == info["params_after"]
 
     # without --out, and with --quantize too: the pruned checkpoint goes beside the run, then int8
-    code, out, err = run(capsys, "compress", out_file, "--prune", "0.3", "--data", data, "--device", "cpu",
+    code, out, err = run_cli(capsys, "compress", out_file, "--prune", "0.3", "--data", data, "--device", "cpu",
                          "--quantize", "dynamic", "--no-progress")  # fmt: skip
     assert code == 0, err
     pruned, quantized = tmp_path / "pruned30.safetensors", tmp_path / "pruned30.dynamic.onnx"
@@ -119,7 +100,7 @@ def test_compress_prune_writes_a_smaller_checkpoint(colour_run, tmp_path, capsys
 def test_compress_prune_on_fewer_images_than_a_batch(colour_run, tmp_path, capsys):
     run_dir, data, _ = colour_run  # 48 images
     out_file = tmp_path / "pruned.safetensors"
-    code, _, err = run(capsys, "compress", run_dir, "--prune", "0.5", "--data", data, "--device", "cpu",
+    code, _, err = run_cli(capsys, "compress", run_dir, "--prune", "0.5", "--data", data, "--device", "cpu",
                        "--out", out_file, "--no-progress")  # fmt: skip
     assert code == 0, err
     assert load_checkpoint(out_file).meta["compression"]["prune"] == 0.5
@@ -138,7 +119,7 @@ def test_compress_prune_on_fewer_images_than_a_batch(colour_run, tmp_path, capsy
 def test_compress_user_errors_are_one_line_with_status_2(colour_run, capsys, argv, fragments):
     run_dir, data, _ = colour_run
     before = sorted(p.name for p in run_dir.iterdir())
-    code, _, err = run(capsys, "compress", run_dir, *[a.replace("{data}", str(data)) for a in argv])
+    code, _, err = run_cli(capsys, "compress", run_dir, *[a.replace("{data}", str(data)) for a in argv])
     assert_user_error(code, err, *fragments)
     assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written
 
@@ -147,7 +128,7 @@ def test_compress_user_errors_are_one_line_with_status_2(colour_run, capsys, arg
 
 
 def predictions(capsys, model, images) -> list[dict]:
-    code, out, err = run(capsys, "predict", model, *images, "--format", "json", "--top-k", "3")
+    code, out, err = run_cli(capsys, "predict", model, *images, "--format", "json", "--top-k", "3")
     assert code == 0, err
     return json.loads(out)
 
@@ -174,7 +155,7 @@ def test_predict_onnx_matches_the_checkpoint_and_reports_a_corrupt_image(colour_
     for rows in (by_torch, by_onnx):  # the corrupt image is a row with its reason, not a failure
         row = rows[1]
         assert row["top"] == [] and row["error"]
-    code, out, _ = run(capsys, "predict", fp32, bad, data / "red" / "000.png", "--format", "csv", "--top-k", "1")
+    code, out, _ = run_cli(capsys, "predict", fp32, bad, data / "red" / "000.png", "--format", "csv", "--top-k", "1")
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == "path,class1,p1,error"
@@ -188,9 +169,9 @@ def test_evaluate_onnx_gives_the_checkpoints_accuracy(colour_run, tmp_path, caps
     data = make_colour_dataset(tmp_path / "eval", per_class=4, size=(40, 36))
     for i, name in enumerate(["blue", "green", "red"] * 2):
         make_image(data / name / f"noise{i}.png", (32, 32), seed=100 + i)
-    code, out_t, err = run(capsys, "evaluate", run_dir, data, "--out", tmp_path / "torch")
+    code, out_t, err = run_cli(capsys, "evaluate", run_dir, data, "--out", tmp_path / "torch")
     assert code == 0, err
-    code, out_o, err = run(capsys, "evaluate", fp32, data, "--out", tmp_path / "onnx")
+    code, out_o, err = run_cli(capsys, "evaluate", fp32, data, "--out", tmp_path / "onnx")
     assert code == 0, err
     a = json.loads((tmp_path / "torch" / "summary.json").read_text())
     b = json.loads((tmp_path / "onnx" / "summary.json").read_text())
@@ -207,7 +188,7 @@ def test_an_onnx_model_refuses_cuda(colour_run, capsys):
         Classifier.load(fp32, device="cuda")
     # where there is no GPU, the device is refused; where there is one, the ONNX model is
     assert "--device cpu" in str(info.value) and "cuda" in str(info.value)
-    code, _, err = run(capsys, "predict", fp32, data / "red" / "000.png", "--device", "cuda")
+    code, _, err = run_cli(capsys, "predict", fp32, data / "red" / "000.png", "--device", "cuda")
     assert_user_error(code, err, "--device cpu")
 
 
@@ -222,7 +203,7 @@ def tiny_colours(tmp_path_factory):
 def test_cluster_with_simclr_adaptation_from_the_command_line(tiny_colours, tmp_path, capsys):
     out_dir = tmp_path / "clusters"
     # the backbone is named so the test does not depend on what "auto" picks for small images
-    code, out, err = run(capsys, "cluster", tiny_colours, "--method", "kmeans", "--k", "3", "--adapt", "simclr",
+    code, out, err = run_cli(capsys, "cluster", tiny_colours, "--method", "kmeans", "--k", "3", "--adapt", "simclr",
                          "--adapt-epochs", "1", "--out", out_dir, "--batch-size", "8", "--image-size", "32",
                          "--backbone", "efficientnet_lite0", "--no-progress")  # fmt: skip
     assert code == 0, err

@@ -29,11 +29,10 @@ from imagerec._metadata import (
 )
 from imagerec._onnx import onnx_session
 from imagerec.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
-from imagerec.cli import main
 from imagerec.data import Preprocessing, decode_small_images, iter_batches, load_images
 from imagerec.export import PARITY_RTOL, export_model
 
-from .conftest import CIFAR_JPEG, make_colour_dataset, make_image, needs_cifar
+from .conftest import CIFAR_JPEG, make_colour_dataset, make_image, needs_cifar, run_cli
 
 CLASSES = ["blue", "green", "red"]
 
@@ -261,13 +260,6 @@ def test_parity_check_removes_a_torchscript_file_that_differs(checkpoints, tmp_p
 # -- the command line ------------------------------------------------------------------------
 
 
-def run_cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse exits for bad arguments
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_export_writes_the_file(checkpoints, tmp_path, capsys):
