@@ -10,16 +10,14 @@ It runs the same library code as a CPU would (``adapt_backbone``, ``embed``, ``c
 with ``device="cuda"``: accuracy figures carry over to the CPU, timings do not. Results:
 ``benchmarks/results/gpu_adapt_sweep.jsonl``.
 """
-import io, json, os, sys, time
-import numpy as np
+import json, os, sys, time
 t0 = time.time()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _cifar_pack import unpack  # noqa: E402
 root = unpack()
-import torch
 import imagerec
 from imagerec.data import load_images
-from imagerec.clustering import cluster_images, neighbor_purity
+from imagerec.clustering import cluster_images
 from imagerec.clustering._adapt import adapt_backbone
 
 out = os.environ.get("OUT", "/tmp")
