@@ -196,7 +196,7 @@ def cluster_images(
     seconds = {}
     if isinstance(backbone, str) and backbone == "auto" and not _is_embeddings(data):
         data = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
-        backbone, image_size = auto_backbone(data, image_size)
+        backbone, image_size, data = auto_backbone(data, image_size)
     if adapt is not None:
         if _is_embeddings(data):
             raise ImagerecError("adapt needs the images, not finished embeddings; pass the image folder as data")

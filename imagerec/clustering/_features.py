@@ -165,18 +165,20 @@ AUTO_SMALL_IMAGES = ("efficientnet_lite2", 160)  # CIFAR-10 test, k-means ACC: s
 AUTO_PHOTOS = "efficientnet_lite0"
 
 
-def auto_backbone(source: ImageSource, image_size: int | None) -> tuple[str, int | None]:
-    """The backbone and input size that ``backbone="auto"`` means for ``source``.
+def auto_backbone(source: ImageSource, image_size: int | None) -> tuple[str, int | None, ImageSource]:
+    """The backbone and input size that ``backbone="auto"`` means for ``source``, and the source
+    to embed (decoded into the cache when its images are small, so embedding does not look again).
 
     Small images (all of one size, at most ``SMALL_IMAGE_MAX_SIDE`` pixels a side, like CIFAR's)
     carry little detail for ImageNet features: EfficientNet-Lite2 at 160 px clustered CIFAR-10
     best of the Lite0/Lite2 sizes measured. Photos get EfficientNet-Lite0 at its own size
     (224 px), the cheapest backbone whose features are strong there.
     """
-    if decode_small_images(source, progress=False) is not None:
+    small = decode_small_images(source, progress=False)
+    if small is not None:
         name, size = AUTO_SMALL_IMAGES
-        return name, image_size or size
-    return AUTO_PHOTOS, image_size
+        return name, image_size or size, small
+    return AUTO_PHOTOS, image_size, source
 
 
 def resolve_embeddings(

@@ -157,7 +157,7 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
             return TrainResult(run_dir, classes, history, plan)
     bf16, steps_per_epoch, head_steps, total = plan["bf16"], plan["steps_per_epoch"], plan["head_steps"], plan["total_steps"]
     if world.main:
-        write_text_atomic(run_dir / "config.json", json.dumps({"config": cfg.to_dict(), "plan": plan, "data": str(data)}, indent=2))
+        _write_config(run_dir, cfg, plan, data)
         _say(
             f"plan: {total} steps of {cfg.batch_size * world.size} images ({total / steps_per_epoch:.2f} epochs, "
             f"{head_steps} head-only), {pp.input_size} px, {'bf16' if bf16 else 'fp32'}, {world.size} process(es)"
@@ -191,19 +191,19 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
             step += 1
             bar.update(images_per_step)
             # 4c. With a time budget, fix the number of steps again from the pace of the real steps.
-            if state is None and plan.get("replan_at") and step in (plan["replan_at"] - REPLAN_AFTER + REPLAN_SKIP, plan["replan_at"]):
-                if step < plan["replan_at"]:
-                    pace_start = time.perf_counter()
-                else:
-                    measured = (time.perf_counter() - pace_start) / (REPLAN_AFTER - REPLAN_SKIP)
-                    measured = world.sum(measured)[0] / world.size  # every process must agree on the total
-                    total = _replan(cfg, plan, step, measured, val_src, world, started)
-                    plan.update(total_steps=total, replan_at=None, timing={**plan["timing"], "measured_step_s": measured})
-                    stage.resize(total)
-                    bar.total = total * images_per_step
-                    if world.main:
-                        write_text_atomic(run_dir / "config.json", json.dumps({"config": cfg.to_dict(), "plan": plan, "data": str(data)}, indent=2))
-                        bar.write(f"imagerec: re-plan: {measured:.3f} s per step measured, {total} steps in all", file=sys.stderr)
+            replan_at = plan.get("replan_at") if state is None else None
+            if replan_at and step == replan_at - REPLAN_AFTER + REPLAN_SKIP:
+                pace_start = time.perf_counter()
+            elif replan_at and step == replan_at:
+                measured = (time.perf_counter() - pace_start) / (REPLAN_AFTER - REPLAN_SKIP)
+                measured = world.sum(measured)[0] / world.size  # every process must agree on the total
+                total = _replan(cfg, plan, step, measured, val_src, world, started)
+                plan.update(total_steps=total, replan_at=None, timing={**plan["timing"], "measured_step_s": measured})
+                stage.resize(total)
+                bar.total = total * images_per_step
+                if world.main:
+                    _write_config(run_dir, cfg, plan, data)
+                    bar.write(f"imagerec: re-plan: {measured:.3f} s per step measured, {total} steps in all", file=sys.stderr)
             if step % 20 == 0:  # a refreshed postfix costs more than a small model's step
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", stage=stage.number, refresh=False)
             running += batch_loss / n
@@ -291,6 +291,11 @@ def _default_size(model: nn.Module, source: ImageSource) -> int:
     if model.preprocessing.fixed_input_size or not _is_small(source):
         return model.preprocessing.input_size
     return SMALL_IMAGE_TRAIN_SIZE
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, plan: dict, data) -> None:
+    """The resolved configuration and the plan, beside the run's outputs."""
+    write_text_atomic(run_dir / "config.json", json.dumps({"config": cfg.to_dict(), "plan": plan, "data": str(data)}, indent=2))
 
 
 def _seed(*parts: int) -> int:
