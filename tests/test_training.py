@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from imagerec import ImagerecError, TrainConfig, load_checkpoint, train
+from imagerec.backbones import create_backbone, early_parameters
 from imagerec.training import load_config
 
 from .conftest import make_colour_dataset
@@ -56,6 +58,30 @@ def test_transfer_recipe_learns(tmp_path):
     assert result.plan["head_steps"] > 0
     assert [r["stage"] for r in result.history] == [1, 2, 2]
     assert result.best_val_accuracy >= 0.9
+
+
+def test_stage_two_keeps_the_early_layer_groups_frozen(tmp_path):
+    data = make_colour_dataset(tmp_path / "d", per_class=16)
+    config = TrainConfig(epochs=1, head_epochs=0, image_size=64, batch_size=16, val_fraction=0, save_every=0, device="cpu", freeze_groups=2)
+    result = train(data, tmp_path / "run", config, progress=False)
+    assert result.plan["freeze_groups"] == 2
+    before = create_backbone("efficientnet_lite0", num_classes=3).state_dict()
+    after = load_checkpoint(tmp_path / "run" / "last.safetensors").model
+    # groups 0 and 1 (the stem and the first stage) keep their pretrained weights...
+    for name in ("conv_stem.weight", "bn1.weight", "blocks.0.0.conv_dw.weight", "blocks.0.0.bn1.bias"):
+        assert torch.equal(after[name], before[name]), name
+    # ...but their batch norm statistics adapt to the new images, and the second stage trains.
+    assert not torch.equal(after["bn1.running_mean"], before["bn1.running_mean"])
+    assert not torch.equal(after["blocks.1.0.conv_pw.weight"], before["blocks.1.0.conv_pw.weight"])
+
+
+def test_early_parameters_by_layer_group():
+    model = create_backbone("efficientnet_lite0", num_classes=3)
+    assert early_parameters(model, 0) == []
+    assert [p.shape for p in early_parameters(model, 1)] == [model.conv_stem.weight.shape, model.bn1.weight.shape, model.bn1.bias.shape]
+    every = {id(p) for p in early_parameters(model, 100)}
+    assert not every & {id(p) for p in model.get_classifier().parameters()}  # the head never freezes
+    assert early_parameters(create_backbone("seed_cnn", num_classes=3), 4) == []  # no layer groups
 
 
 def test_seed_recipe_is_the_origin_documents(colour_folder, tmp_path, capsys):

@@ -133,6 +133,22 @@ def create_backbone(name: str, num_classes: int | None = None, pretrained: bool 
     return model.eval()
 
 
+def early_parameters(model: nn.Module, groups: int) -> list[nn.Parameter]:
+    """The parameters of the first ``groups`` layer groups of ``model``, from the input side.
+
+    The groups are timm's coarse ``group_matcher`` ones: the stem, then each stage of blocks. A
+    model without a group matcher (``seed_cnn``) has none; the classifier never counts.
+    """
+    if groups <= 0 or not hasattr(model, "group_matcher"):
+        return []
+    from timm.models import group_parameters  # noqa: PLC0415 - only the timm backbones need it
+
+    by_group = group_parameters(model, model.group_matcher(coarse=True))
+    names = {name for gid in sorted(by_group)[:groups] for name in by_group[gid]}
+    head = {id(p) for p in model.get_classifier().parameters()}
+    return [p for name, p in model.named_parameters() if name in names and id(p) not in head]
+
+
 @functools.lru_cache(maxsize=None)
 def model_card(name: str) -> ModelCard:
     """The :class:`ModelCard` of a backbone; size and cost are measured on the model itself."""

@@ -29,9 +29,11 @@ class TrainConfig:
     """Every hyperparameter of ``imagerec train``, with its default.
 
     The default is the transfer-learning recipe: stage 1 trains the new head on the frozen
-    backbone (batch norm in eval mode), stage 2 fine-tunes everything with the backbone at a
-    lower learning rate; linear warm-up then one-cycle (cosine) decay; SGD with Nesterov momentum;
-    label smoothing; no weight decay on norm and bias parameters.
+    backbone (batch norm in eval mode), stage 2 fine-tunes the backbone too, at a lower learning
+    rate, except its first ``freeze_groups`` layer groups (the stem and the earliest stages, whose
+    batch norm still adapts: the backward pass skips them); linear warm-up then one-cycle
+    (cosine) decay; SGD with Nesterov momentum; label smoothing; no weight decay on norm and bias
+    parameters.
 
     ``recipe="seed"`` replaces all of that with the origin document's recipe, exactly:
     ``seed_cnn``, ToTensor + Normalize(0.5), SGD lr 0.001 momentum 0.9, batch 4, 2 epochs,
@@ -49,6 +51,9 @@ class TrainConfig:
     lr: float = _field(0.08, 'peak learning rate of the head in stage 2, for lr_batch images per step')
     lr_batch: int = _field(64, 'lr and head_lr are for this many images per step; scaled linearly for other batch sizes')
     backbone_lr_scale: float = _field(0.5, 'backbone peak lr = lr * this (stage 2)')
+    freeze_groups: int = _field(
+        4, "stage 2: keep the first N layer groups of a pretrained backbone (stem, then stages) frozen; backward skips them, their batch norm still adapts (0: tune all)"
+    )
     head_lr: float = _field(0.02, 'stage 1 learning rate (head only)')
     optimizer: str = _field("sgd", "sgd or adamw")
     momentum: float = _field(0.9, "SGD momentum")
@@ -81,6 +86,7 @@ class TrainConfig:
             (self.precision in PRECISIONS, f"precision={self.precision!r} must be one of {PRECISIONS}"),
             (self.augment in AUGMENTS, f"augment={self.augment!r} must be one of {AUGMENTS}"),
             (self.epochs > 0, f"epochs={self.epochs} must be > 0"),
+            (self.freeze_groups >= 0, f"freeze_groups={self.freeze_groups} must be >= 0 (0: fine-tune every layer)"),
             (self.head_epochs >= 0, f"head_epochs={self.head_epochs} must be >= 0"),
             (self.time_budget is None or self.time_budget > 0, f"time_budget={self.time_budget} must be > 0 minutes"),
             (self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1"),
@@ -114,6 +120,7 @@ class TrainConfig:
             image_size=32,
             epochs=2.0,
             head_epochs=0.0,
+            freeze_groups=0,
             batch_size=4,
             lr=0.001,
             lr_batch=4,
