@@ -162,7 +162,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else {}
-    if args.only and previous.get("results"):  # a partial run updates only its own rows
+    if previous.get("results"):  # a run updates its own rows and keeps the others
         record["results"] = {**previous["results"], **results}
     out.write_text(json.dumps(record, indent=2))
     plot(record["results"], ROOT / "docs" / "cifar10_time_to_accuracy.png")

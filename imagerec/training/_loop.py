@@ -163,6 +163,7 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
         _say(
             f"plan: {total} steps of {cfg.batch_size * world.size} images ({total / steps_per_epoch:.2f} epochs, "
             f"{head_steps} head-only), {pp.input_size} px, {'bf16' if bf16 else 'fp32'}, {world.size} process(es)"
+            + (f", first {freeze} layer groups frozen" if freeze else "")
         )
 
     # 4. Train.
@@ -179,7 +180,7 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
         seen = loss_sum = correct = running = 0.0
         epoch_start = time.perf_counter()
         for batch in _epoch_batches(train_src, pp, cfg, world, epoch, first_batch):
-            # 4a. The stage: head only (frozen backbone) until head_steps, then everything.
+            # 4a. The stage: head only (frozen backbone) until head_steps, then all but the first groups.
             wanted = 1 if step < head_steps else 2
             if stage is None or stage.number != wanted:
                 stage = _Stage(wanted, model, cfg, world, head_steps, total, freeze)
