@@ -141,14 +141,13 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
     pretrained = cfg.pretrained and cfg.backbone in list_backbones(pretrained=True)
     torch.manual_seed(cfg.seed)  # the new head's (or a from-scratch model's) initial weights
     model = create_backbone(cfg.backbone, num_classes=len(classes), pretrained=pretrained)
-    freeze = cfg.freeze_groups if pretrained else 0  # frozen random weights would never learn
     image_size = cfg.image_size or _default_size(model, train_src)
     pp = model.preprocessing.resolve(image_size, 1.0 if _is_small(train_src) else None)
     model = model.to(world.device, memory_format=torch.channels_last)
 
     # 3. Plan: fixed once, saved in every checkpoint, reused on resume.
     if state is None:
-        plan = _plan(cfg, model, pretrained, freeze, train_src, val_src, pp, world, started)
+        plan = _plan(cfg, model, pretrained, train_src, val_src, pp, world, started)
         step, history = 0, []
     else:
         model.load_state_dict(state.model)
@@ -331,7 +330,8 @@ def _epoch_batches(source: ImageSource, pp, cfg: TrainConfig, world: World, epoc
 REPLAN_SKIP, REPLAN_AFTER = 5, 30  # stage-2 steps: warm-up steps not timed, steps before the re-plan
 
 
-def _plan(cfg, model, pretrained, freeze, train_src, val_src, pp, world: World, started: float) -> dict:
+def _plan(cfg, model, pretrained, train_src, val_src, pp, world: World, started: float) -> dict:
+    freeze = cfg.freeze_groups if pretrained else 0  # frozen random weights would never learn
     steps_per_epoch = (len(train_src) // world.size) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ImagerecError(
