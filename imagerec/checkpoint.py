@@ -3,9 +3,16 @@
 One ``.safetensors`` file holds every tensor (the model's, and the optimizer's when training
 can resume) and, in the safetensors header, a JSON document with everything else: backbone,
 class names, preprocessing, configuration, progress, metrics and the imagerec version. There is
-no pickle anywhere, so loading a checkpoint cannot run code. A SHA-256 of the tensors is stored
-too, so a truncated or tampered file is refused with a clear error instead of loading silently.
-Files are written atomically (temporary file, fsync, rename).
+no pickle anywhere, so loading a checkpoint cannot run code. A SHA-256 over the tensors AND the
+header's format and metadata document (class names, preprocessing, configuration...) is stored
+too, so a truncated, damaged or edited file is refused with a clear error instead of loading
+silently. The checksum has no key: it catches accidental damage and careless edits, not a
+deliberate forger, who can recompute it. Files are written atomically (temporary file, fsync,
+rename).
+
+Checkpoints written before the checksum covered the metadata (header without ``covers``) are
+still read: their tensors are verified the old way and a warning says that their metadata is
+not covered; saving them again (``train --resume`` does) writes the new form.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +31,10 @@ from torch import nn
 
 from ._io import atomic_path
 from ._version import __version__
-from .errors import ImagerecError
+from .errors import ImagerecError, ImagerecWarning
 
 FORMAT = "imagerec.checkpoint/1"
+COVERS = "tensors+format+meta"  # what the header's sha256 covers (absent: tensors alone, older files)
 BEST, LAST = "best.safetensors", "last.safetensors"
 
 
@@ -63,8 +72,8 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
                     tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
                 else:
                     optim_meta["state"][str(index)][key] = value
-    meta = dict(ckpt.meta, imagerec_version=__version__, optimizer=optim_meta)
-    header = {"format": FORMAT, "meta": json.dumps(meta), "sha256": _digest(tensors)}
+    meta_text = json.dumps(dict(ckpt.meta, imagerec_version=__version__, optimizer=optim_meta))
+    header = {"format": FORMAT, "meta": meta_text, "covers": COVERS, "sha256": _digest(tensors, FORMAT, meta_text)}
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=header)
     return Path(path)
@@ -91,7 +100,8 @@ def load_checkpoint(path: str | os.PathLike, name: str = BEST) -> Checkpoint:
     """Read a checkpoint file (or a run folder's best checkpoint), verifying its checksum.
 
     Raises:
-        ImagerecError: missing, truncated, tampered, or not an imagerec checkpoint.
+        ImagerecError: missing, truncated, damaged or edited (tensors or metadata), broken
+            metadata, or not an imagerec checkpoint.
     """
     path = resolve_checkpoint(path, name)
     try:
@@ -102,28 +112,85 @@ def load_checkpoint(path: str | os.PathLike, name: str = BEST) -> Checkpoint:
         raise ImagerecError(f"{path}: not a readable checkpoint, truncated or corrupt ({e}); use another checkpoint, e.g. the run's {LAST}") from None
     if header.get("format") != FORMAT:
         raise ImagerecError(f"{path}: a safetensors file, but not an imagerec checkpoint (format {header.get('format')!r})")
-    if header.get("sha256") != _digest(tensors):
+    meta_text = header.get("meta", "")
+    if header.get("covers") == COVERS:
+        expected = _digest(tensors, FORMAT, meta_text)
+    elif "covers" in header:
+        raise ImagerecError(f"{path}: checksum scope {header['covers']!r} is unknown to imagerec {__version__}; upgrade imagerec")
+    else:
+        expected = _digest(tensors)
+        warnings.warn(
+            f"{path}: written by an older imagerec whose checksum covers the tensors only, not the class names and "
+            "preprocessing; resume or re-save it to protect them too",
+            ImagerecWarning,
+            stacklevel=2,
+        )
+    if header.get("sha256") != expected:
         raise ImagerecError(f"{path}: checksum mismatch: the file was modified or damaged after it was written; do not use it")
-    meta = json.loads(header["meta"])
-    optim_meta = meta.pop("optimizer", None)
+    meta = _parse_meta(path, meta_text)
+    try:
+        optimizer = _optimizer_state(meta.pop("optimizer", None), tensors)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ImagerecError(f"{path}: broken optimizer metadata ({type(e).__name__}: {e}); use another checkpoint, e.g. the run's {BEST}") from None
     model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    optimizer = None
-    if optim_meta is not None:
-        state = {int(i): dict(extra) for i, extra in optim_meta["state"].items()}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, name_ = key.split(".", 2)
-                state.setdefault(int(index), {})[name_] = value
-        optimizer = {"state": state, "param_groups": optim_meta["param_groups"]}
     return Checkpoint(model=model, meta=meta, optimizer=optimizer, path=path)
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+META_TYPES = {  # field: (accepted types, what the message calls them)
+    "backbone": (str, "a string"),
+    "classes": (list, "a list of strings"),
+    "preprocessing": (dict, "an object"),
+    "config": (dict, "an object"),
+    "plan": (dict, "an object"),
+    "history": (list, "a list"),
+    "step": (int, "an integer"),
+    "optimizer": ((dict, type(None)), "an object or null"),
+}
+
+
+def _parse_meta(path: Path, text: str) -> dict:
+    """The metadata document, its known fields checked for type (one-line errors, no traceback)."""
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ImagerecError(f"{path}: broken metadata, not valid JSON ({e}); use another checkpoint, e.g. the run's {LAST}") from None
+    if not isinstance(meta, dict):
+        raise ImagerecError(f"{path}: broken metadata: a JSON {type(meta).__name__} where an object belongs; use another checkpoint")
+    for key, (types, words) in META_TYPES.items():
+        value = meta.get(key)
+        bad = key in meta and (not isinstance(value, types) or isinstance(value, bool))
+        if key == "classes" and not bad:
+            bad = not value or not all(isinstance(c, str) for c in value) or len(set(value)) != len(value)
+            words = "a non-empty list of distinct strings"
+        if bad:
+            raise ImagerecError(f"{path}: broken metadata: {key!r} is {value!r}, it must be {words}; use another checkpoint")
+    return meta
+
+
+def _optimizer_state(optim_meta: dict | None, tensors: dict[str, torch.Tensor]) -> dict | None:
+    """The optimizer's state dict from its JSON part and its ``optim.I.KEY`` tensors."""
+    if optim_meta is None:
+        return None
+    state = {int(i): dict(extra) for i, extra in optim_meta["state"].items()}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    if not isinstance(optim_meta["param_groups"], list):
+        raise TypeError("param_groups must be a list")
+    return {"state": state, "param_groups": optim_meta["param_groups"]}
+
+
+def _digest(tensors: dict[str, torch.Tensor], *texts: str) -> str:
+    """SHA-256 of every tensor (name, dtype, shape, bytes) and then of ``texts`` (the header)."""
     digest = hashlib.sha256()
     for key in sorted(tensors):
         tensor = tensors[key]
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for text in texts:
+        encoded = text.encode("utf-8", "surrogatepass")
+        digest.update(f"|{len(encoded)}|".encode() + encoded)
     return digest.hexdigest()
 
 
@@ -153,7 +220,10 @@ def model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:
         model.load_state_dict(ckpt.model)
     except RuntimeError as e:
         raise ImagerecError(f"{ckpt.path}: weights do not fit backbone {meta['backbone']!r} ({str(e).splitlines()[0]})") from None
-    model.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+    try:
+        model.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise ImagerecError(f"{ckpt.path}: broken metadata: preprocessing {meta['preprocessing']!r} ({e}); use another checkpoint") from None
     return model.eval()
 
 
