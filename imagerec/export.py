@@ -3,8 +3,10 @@
 The ONNX file has a dynamic batch axis, input ``images`` (N, 3, S, S) float32 and output
 ``logits`` (N, C), and carries the class names and preprocessing in its metadata (see
 ``imagerec._metadata``), so ``imagerec.runtime`` can run it with no PyTorch and prepare images
-exactly as training did. Every export is checked: the exported model runs on a random batch and
-must give PyTorch's logits, or nothing is written.
+exactly as training did. Every export is checked before it takes the file's name: the model is
+written to a temporary file beside ``out``, run on a random batch, and renamed over ``out`` only
+when it gives PyTorch's logits. A failed export (a check, an exporter error, a full disk) leaves
+the previous file at ``out`` as it was.
 """
 
 from __future__ import annotations
@@ -65,12 +67,13 @@ def export_model(
     example = torch.randn(4, 3, pp.input_size, pp.input_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = model(example).numpy()
-    if format == "onnx":
-        export_onnx(model, out, pp.input_size, metadata=metadata, opset=opset, output_name=OUTPUT_NAME)
-        got = onnx_session(out).run(None, {"images": example.numpy()})[0]
-    else:
-        got = _export_torchscript(model, out, example, metadata)
-    _check_parity(out, expected, got)
+    with atomic_path(out, suffix=FORMATS[format]) as tmp:  # renamed over ``out`` only if the check passes
+        if format == "onnx":
+            export_onnx(model, tmp, pp.input_size, metadata=metadata, opset=opset, output_name=OUTPUT_NAME)
+            got = onnx_session(tmp).run(None, {"images": example.numpy()})[0]
+        else:
+            got = _export_torchscript(model, tmp, example, metadata)
+        _check_parity(out, expected, got)
     return out
 
 
@@ -84,8 +87,7 @@ def _export_torchscript(model: nn.Module, out: Path, example: torch.Tensor, meta
         warnings.simplefilter("ignore", FutureWarning)
         with torch.inference_mode(False), torch.no_grad():
             traced = torch.jit.trace(model, example[:1])
-        with atomic_path(out, suffix=".pt") as tmp:
-            torch.jit.save(traced, str(tmp), _extra_files={"imagerec.json": json.dumps(metadata)})
+        torch.jit.save(traced, str(out), _extra_files={"imagerec.json": json.dumps(metadata)})
         with torch.inference_mode():
             return torch.jit.load(str(out))(example).numpy()
 
@@ -93,8 +95,8 @@ def _export_torchscript(model: nn.Module, out: Path, example: torch.Tensor, meta
 def _check_parity(path: Path, expected: np.ndarray, got: np.ndarray) -> None:
     error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-6))
     if not error <= PARITY_RTOL:
-        path.unlink(missing_ok=True)
+        kept = "the previous file there is kept" if path.exists() else "nothing was written"
         raise ImagerecError(
             f"{path}: the exported model's logits differ from PyTorch's by {error:.2e} (relative; the rule is "
-            f"<= {PARITY_RTOL:g}), so the file was removed; try another --opset or --format torchscript"
+            f"<= {PARITY_RTOL:g}), so the new file was removed and {kept}; try another --opset or --format torchscript"
         )

@@ -337,3 +337,38 @@ def test_cifar10_test_set_logits_match_pytorch(tmp_path):
     assert total == 10_000 and len(errors) == 20
     assert worst <= 1e-4
     assert agreement >= 0.999
+
+
+
+def _differing(monkeypatch, fmt: str) -> None:
+    """Make the exported model of ``fmt`` disagree with PyTorch's logits."""
+    if fmt == "onnx":
+        monkeypatch.setattr(imagerec.export, "onnx_session", lambda path: _Shifted(onnx_session(path), 1e-2))
+    else:
+        original = imagerec.export._export_torchscript
+        monkeypatch.setattr(imagerec.export, "_export_torchscript", lambda *a: original(*a) + 1e-2 * np.abs(original(*a)).max())
+
+
+def _disk_full(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("fmt, name", [("onnx", "m.onnx"), ("torchscript", "m.pt")])
+def test_a_failed_export_keeps_the_previous_file(checkpoints, tmp_path, monkeypatch, fmt, name):
+    """The old model survives a failed check and a failing exporter; no temporary file is left."""
+    out = tmp_path / name
+    out.write_bytes(b"the previous good model")
+    _differing(monkeypatch, fmt)
+    with pytest.raises(ImagerecError, match="previous file there is kept"):
+        export_model(checkpoints["seed_cnn"], out, format=fmt)
+    assert out.read_bytes() == b"the previous good model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.onnx if fmt == "onnx" else torch.jit, "export" if fmt == "onnx" else "save", _disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_model(checkpoints["seed_cnn"], out, format=fmt)
+    assert out.read_bytes() == b"the previous good model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
