@@ -7,11 +7,13 @@ everything is.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
 
 from .classifier import Classifier
+from .errors import ImagerecError
 from .training import TrainConfig, train
 
 EVAL_SHARE = 0.1  # of the budget, kept for the final evaluation on the test split
@@ -22,7 +24,12 @@ def quickstart(data: str | os.PathLike = "cifar10", out: str | os.PathLike = "ru
 
     Returns:
         The evaluation summary (accuracy, top-k, ECE...) plus ``run_dir`` and ``minutes``.
+
+    Raises:
+        ImagerecError: ``time_budget`` is not a positive number of minutes (checked first).
     """
+    if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) or not (math.isfinite(time_budget) and time_budget > 0):
+        raise ImagerecError(f"time_budget={time_budget!r} must be a positive number of minutes, e.g. --time-budget 20")
     started = time.perf_counter()
     out = Path(out)
     # All training images train: with the schedule fixed by the budget there is nothing for a

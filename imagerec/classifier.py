@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import warnings
@@ -18,12 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ._lock import run_lock
 from .checkpoint import BEST, load_checkpoint, model_from_checkpoint
-from .data import DEFAULT_MAX_PIXELS, ImageSource, eval_transform, is_image_file, load_images, to_rgb
+from .data import DEFAULT_MAX_PIXELS, ImageSource, eval_transform, is_image_file, load_images, report_skipped, to_rgb
 from .errors import ImagerecError, SkippedImagesWarning
 from .evaluation import EvaluationReport, build_report, write_report
 from .inference import Predictions, autocast, forward_logits, predict_source, resolve_device
 from .training import TrainResult, load_config, train
+from .training._config import outside_kwargs
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -163,6 +166,7 @@ class Classifier:
         tta: bool = False,
         batch_size: int = 128,
         max_pixels: int | None = None,
+        allow_outside: bool = False,
         progress: bool = False,
     ) -> EvaluationReport:
         """Accuracy, top-k, per-class metrics, confusion matrix and calibration on labelled data.
@@ -173,24 +177,39 @@ class Classifier:
             out: a folder for the report files (see :func:`~imagerec.evaluation.write_report`).
             tta: average each prediction with the mirrored image's.
             max_pixels: decompression-bomb limit per image.
+            allow_outside: read manifest rows that point outside the manifest's folder.
 
         Raises:
-            ImagerecError: unlabelled data, or class names the checkpoint does not know.
+            ImagerecError: unlabelled data, class names the checkpoint does not know, an ``out``
+                that is a file or that another process is writing (checked before the work), or
+                data of which no image could be read.
         """
         self._check_fitted()
-        source = data if isinstance(data, ImageSource) else _load_eval_split(data, split, max_pixels or DEFAULT_MAX_PIXELS)
+        with run_lock(out, "evaluation") if out is not None else contextlib.nullcontext():
+            return self._evaluate(data, split, out, tta, batch_size, max_pixels, allow_outside, progress)
+
+    def _evaluate(self, data, split, out, tta: bool, batch_size: int, max_pixels, allow_outside: bool, progress: bool) -> EvaluationReport:
+        if isinstance(data, ImageSource):
+            source = data
+        else:
+            source = _load_eval_split(data, split, max_pixels or DEFAULT_MAX_PIXELS, outside_kwargs(load_images, allow_outside))
         if not source.labelled:
             raise ImagerecError(f"{source.root}: evaluation needs labels: DIR/<class>/* folders or a CSV manifest path,label")
         labels = self._map_labels(source)
         out_pred = self._predictions(source, tta=tta, batch_size=batch_size, progress=progress, desc="evaluate")
+        skipped = list(source.skipped) + list(out_pred.skipped)
+        report_skipped(skipped, out)  # like embed: a console line, and skipped.csv in ``out``
         rows = out_pred.indices
+        if not len(rows):
+            where = f"; see {Path(out) / 'skipped.csv'}" if out is not None else ""
+            raise ImagerecError(f"{source.root}: none of its {len(source)} image(s) could be read, so there is nothing to evaluate{where}")
         report = build_report(
             out_pred.proba,
             labels[rows],
             [source.paths[i] for i in rows],
             self.classes_,
             loss_sum=out_pred.loss_sum,
-            skipped=len(out_pred.skipped) + len(source.skipped),
+            skipped=len(skipped),
         )
         report.summary.update(checkpoint=str(self.path_), data=str(source.root), tta=tta)
         if out is not None:
@@ -214,15 +233,15 @@ class Classifier:
             raise ImagerecError("this Classifier is not trained yet; call fit(...) or Classifier.load(path) first")
 
 
-def _load_eval_split(data, split: str | None, max_pixels: int) -> ImageSource:
+def _load_eval_split(data, split: str | None, max_pixels: int, outside: dict) -> ImageSource:
     if split != "auto":
-        return load_images(data, split, max_pixels=max_pixels)
+        return load_images(data, split, max_pixels=max_pixels, **outside)
     try:
-        return load_images(data, "test", max_pixels=max_pixels)
+        return load_images(data, "test", max_pixels=max_pixels, **outside)
     except ImagerecError as e:
         if "no test" not in str(e):
             raise
-        return load_images(data, None, max_pixels=max_pixels)
+        return load_images(data, None, max_pixels=max_pixels, **outside)
 
 
 def _is_pil_list(images) -> bool:

@@ -2,12 +2,16 @@
 
 Each sub-command parses its arguments and calls one library function. A user error
 (:class:`~imagerec.errors.ImagerecError`, or a bad argument) prints one line on stderr and exits
-with status 2, with no traceback; anything else is a bug and keeps its traceback.
+with status 2, with no traceback; so does an error of the system around the data (``OSError``:
+a full disk, a permission, a vanished file) and text that cannot be decoded or encoded
+(``UnicodeError``). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
 import sys
 from typing import Sequence
@@ -28,12 +32,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="a folder of images, DIR/<class>/*, a split root, a CSV manifest, or 'cifar10'")
     p.add_argument("--split", choices=["train", "val", "test"], help="one split of the data (default: all images)")
     p.add_argument(
         "--max-pixels", type=_positive_int, default=None, help="skip images with more pixels (decompression-bomb guard)"
     )
+    _add_allow_outside(p)
+
+
+def _add_allow_outside(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-outside", action="store_true", help="read manifest rows that point outside the manifest's folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"], default="minmax", help="activation range estimate (default: minmax)")
     p.add_argument("--prune", type=float, metavar="AMOUNT", help="share of channels removed (0-1), then a short fine-tune on --data")
     p.add_argument("--data", help="labelled images to fine-tune the pruned model on (with --prune)")
-    p.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs after pruning (default: 1)")
+    p.add_argument("--epochs", type=_positive_float, default=1.0, help="fine-tuning epochs after pruning (default: 1)")
+    _add_allow_outside(p)
     p.add_argument("--out", help="output file: .onnx for --quantize, .safetensors for --prune alone (default: beside the checkpoint)")
     p.add_argument("--device", default="auto", help="device for the pruning fine-tune (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -120,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="images (a folder, DIR/<class>/*, a split root, a CSV manifest, 'cifar10') or a .npz from 'imagerec embed'")
     p.add_argument("--split", choices=["train", "val", "test"], help="one split of the data (default: all images)")
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="skip images with more pixels (decompression-bomb guard)")
+    _add_allow_outside(p)
     p.add_argument("--method", default="kmeans", choices=["kmeans", "minibatch-kmeans", "dbscan", "hdbscan", "agglomerative", "deep"], help="clustering method (default: kmeans)")
     p.add_argument("--k", help="number of clusters, or 'auto' (the default for the methods that take k; dbscan and hdbscan find it)")
     p.add_argument("--k-range", type=int, nargs=2, default=[2, 15], metavar=("LOW", "HIGH"), help="candidates for --k auto (default: 2 15)")
@@ -149,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("quickstart", help="the main job: download CIFAR-10, fine-tune, evaluate")
     p.add_argument("--data", default="cifar10", help="a local copy instead of the download (a split root or the CIFAR batches)")
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
-    p.add_argument("--time-budget", type=float, default=20.0, help="minutes for training and evaluation (default: 20)")
+    p.add_argument("--time-budget", type=_positive_float, default=20.0, help="minutes for training and evaluation (default: 20)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_quickstart)
     return parser
@@ -224,6 +242,7 @@ def _run_embed(args) -> None:
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         engine=args.engine,
         progress=not args.no_progress,
+        **_outside(embed, args),
     )
     print(f"wrote {args.out}: {len(result):,} x {result.features.shape[1]} float32 features ({result.backbone})")
 
@@ -249,7 +268,8 @@ def _run_evaluate(args) -> None:
 
     clf = Classifier.load(args.checkpoint, device=args.device)
     report = clf.evaluate(
-        args.data, split=args.split, out=args.out, tta=args.tta, batch_size=args.batch_size, max_pixels=args.max_pixels, progress=True
+        args.data, split=args.split, out=args.out, tta=args.tta, batch_size=args.batch_size, max_pixels=args.max_pixels,
+        allow_outside=args.allow_outside, progress=True,
     )
     s = report.summary
     print(f"accuracy {s['accuracy']:.4f}  macro F1 {s['macro_f1']:.4f}  ECE {s['ece']:.4f}  on {s['images']:,} images  -> {args.out}")
@@ -258,6 +278,8 @@ def _run_evaluate(args) -> None:
 def _run_predict(args) -> None:
     from .prediction import format_predictions, predict_top_k  # noqa: PLC0415
 
+    if args.out is not None and (os.path.isdir(args.out) or not os.path.basename(args.out)):
+        raise ImagerecError(f"--out {args.out!r} is a folder; give a file name for the {args.format} result, e.g. --out predictions.{args.format}")
     rows = predict_top_k(args.checkpoint, args.paths, top_k=args.top_k, tta=args.tta, device=args.device)
     text = format_predictions(rows, args.format)
     if args.out:
@@ -290,12 +312,18 @@ def _run_compress(args) -> None:
     folder = Path(model).parent if Path(model).is_file() else Path(model)
     if args.prune is not None:
         pruned_out = args.out if args.out and args.quantize is None else folder / f"pruned{round(args.prune * 100)}.safetensors"
-        model = prune(resolve_checkpoint(model), pruned_out, amount=args.prune, data=args.data, epochs=args.epochs, device=args.device, progress=not args.no_progress)
+        model = prune(
+            resolve_checkpoint(model), pruned_out, amount=args.prune, data=args.data, epochs=args.epochs, device=args.device,
+            progress=not args.no_progress, allow_outside=args.allow_outside,
+        )
         print(f"wrote {model}")
     if args.quantize is not None:
         stem = Path(model).stem if Path(model).is_file() else "model"
         out = args.out or folder / f"{stem}.{args.quantize}.onnx"
-        path = quantize(model, out, mode=args.quantize, calib=args.calib, split=args.calib_split, calib_images=args.calib_images, method=args.calib_method)
+        path = quantize(
+            model, out, mode=args.quantize, calib=args.calib, split=args.calib_split, calib_images=args.calib_images,
+            method=args.calib_method, allow_outside=args.allow_outside,
+        )
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -326,6 +354,7 @@ def _run_cluster(args) -> None:
         adapt=args.adapt,
         adapt_params={"epochs": args.adapt_epochs} if args.adapt_epochs else None,
         progress=not args.no_progress,
+        **_outside(cluster_images, args),
     )
     if result.k_selection is not None:
         print(f"k=auto, scored with {result.k_selection.scored_with}: {result.k_selection.rule}")
@@ -367,6 +396,13 @@ def _parse_value(text: str):
     return text
 
 
+def _outside(function, args) -> dict:
+    """``allow_outside=`` for a library function that takes it (see ``training.outside_kwargs``)."""
+    from .training._config import outside_kwargs  # noqa: PLC0415
+
+    return outside_kwargs(function, args.allow_outside)
+
+
 def _run_quickstart(args) -> None:
     from ._quickstart import quickstart  # noqa: PLC0415
 
@@ -382,10 +418,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImagerecError as e:
         print(f"imagerec {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the system around the data: a full disk, a permission, a vanished file
+        print(f"imagerec {args.command}: error: {_os_error(e)}", file=sys.stderr)
+        return 2
+    except UnicodeError as e:
+        print(f"imagerec {args.command}: error: {_one_line(e)}; a file name or text file is not in the expected encoding: rename it or save it as UTF-8", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("imagerec: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "free some disk space or write elsewhere (--out), then run again",
+    errno.EDQUOT: "free some space in your quota or write elsewhere (--out), then run again",
+    errno.EACCES: "check the permissions, or write elsewhere (--out)",
+    errno.EPERM: "check the permissions, or write elsewhere (--out)",
+    errno.EROFS: "the file system is read-only: write elsewhere (--out)",
+    errno.ENOENT: "check the path",
+}
+
+
+def _os_error(e: OSError) -> str:
+    """An OSError as one line: the file, what the system said, and what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or _one_line(e) or type(e).__name__
+    return f"{where}{what}; {_OS_FIXES.get(e.errno, 'check the path, the disk and the permissions, then run again')}"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

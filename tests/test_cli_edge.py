@@ -262,3 +262,180 @@ def test_nt_xent_prefers_matching_views():
     assert nt_xent(torch.cat([z, noisy]), 0.2) < nt_xent(
         torch.cat([z, noisy[torch.randperm(16, generator=generator)]]), 0.2
     )
+
+
+# -- issue 10: one line and status 2, checked before the work ---------------------------------
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the work started before the output was checked")
+
+
+def test_evaluate_out_file_is_refused_before_the_evaluation(colour_run, tmp_path, capsys, monkeypatch):
+    run_dir, data, _ = colour_run
+    (tmp_path / "report").write_text("a file")
+    monkeypatch.setattr(Classifier, "_predictions", _no_work)
+    code, _, err = run_cli(capsys, "evaluate", run_dir, data, "--out", tmp_path / "report")
+    assert_user_error(code, err, "report: is a file, not a folder")
+
+
+@pytest.mark.parametrize("out", ["{dir}", "{dir}/new/"])
+def test_predict_out_folder_is_refused_before_the_predictions(colour_run, tmp_path, capsys, monkeypatch, out):
+    run_dir, data, _ = colour_run
+    monkeypatch.setattr("imagerec.prediction.predict_top_k", _no_work)
+    code, _, err = run_cli(capsys, "predict", run_dir, data / "red" / "000.png", "--out", out.format(dir=tmp_path))
+    assert_user_error(code, err, "is a folder; give a file name", "--out predictions.table")
+
+
+@pytest.mark.parametrize(("value", "fragment"), [("inf", "epochs=inf must be a finite number"), ("nan", "epochs=nan must be a finite number"),
+                                                  ("-1", "epochs=-1.0 must be > 0"), ("0", "epochs=0.0 must be > 0")])
+def test_train_epochs_must_be_a_positive_finite_number(colour_run, tmp_path, capsys, value, fragment):
+    _, data, _ = colour_run
+    code, _, err = run_cli(capsys, "train", data, "--out", tmp_path / "run", "--backbone", "seed_cnn", f"--epochs={value}")
+    assert_user_error(code, err, fragment)
+    assert not (tmp_path / "run" / "last.safetensors").exists()
+
+
+def test_evaluate_where_every_image_is_broken(colour_run, tmp_path, capsys):
+    run_dir, _, _ = colour_run
+    for name in ("red", "green", "blue"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "x.png").write_bytes(b"not an image")
+    code, _, err = run_cli(capsys, "evaluate", run_dir, tmp_path / "data", "--out", tmp_path / "report")
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("imagerec evaluate: error: ")
+    assert "none of its 3 image(s) could be read" in err and "skipped.csv" in err
+    assert len((tmp_path / "report" / "skipped.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_evaluate_reports_skipped_images_like_embed(colour_run, tmp_path, capsys):
+    run_dir, data, _ = colour_run
+    import shutil
+
+    shutil.copytree(data, tmp_path / "data")
+    (tmp_path / "data" / "red" / "broken.png").write_bytes(b"not an image")
+    code, _, err = run_cli(capsys, "evaluate", run_dir, tmp_path / "data", "--out", tmp_path / "report")
+    assert code == 0, err
+    assert "imagerec: skipped 1 unreadable image(s)" in err and "broken.png" in err
+    rows = (tmp_path / "report" / "skipped.csv").read_text().splitlines()
+    assert rows[0] == "path,reason" and len(rows) == 2 and "broken.png" in rows[1]
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["skipped"] == 1
+
+
+def test_a_class_named_like_mathtext_is_drawn_literally(tmp_path, capsys):
+    data = make_colour_dataset(tmp_path / "data", per_class=4, classes=("red", "green"))
+    (data / "red").rename(data / "price $^{$")
+    config = TrainConfig(backbone="seed_cnn", epochs=1, batch_size=4, val_fraction=0, tta=False, save_every=0, precision="fp32", device="cpu")
+    train(data, tmp_path / "run", config, progress=False)
+    code, _, err = run_cli(capsys, "evaluate", tmp_path / "run", data, "--out", tmp_path / "report")
+    assert code == 0, err
+    assert (tmp_path / "report" / "confusion.png").stat().st_size > 1000
+    assert "price $^{$" in json.loads((tmp_path / "report" / "summary.json").read_text())["classes"]
+
+
+def test_a_full_disk_is_one_line(colour_run, tmp_path, capsys, monkeypatch):
+    import errno
+
+    run_dir, data, _ = colour_run
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("imagerec.evaluation._report.write_text_atomic", full)
+    code, _, err = run_cli(capsys, "evaluate", run_dir, data, "--out", tmp_path / "report")
+    err = err.rpartition("\r")[2]  # after the progress bar
+    assert_user_error(code, err, "summary.json: No space left on device; free some disk space")
+
+
+def test_a_unicode_error_is_one_line_but_a_bug_keeps_its_traceback(colour_run, tmp_path, capsys, monkeypatch):
+    run_dir, data, _ = colour_run
+
+    def bad_encoding(rows, fmt):
+        raise UnicodeEncodeError("utf-8", "caf\udce9", 3, 4, "surrogates not allowed")
+
+    monkeypatch.setattr("imagerec.prediction.format_predictions", bad_encoding)
+    code, _, err = run_cli(capsys, "predict", run_dir, data / "red" / "000.png")
+    assert_user_error(code, err, "surrogates not allowed", "not in the expected encoding")
+
+    def bug(rows, fmt):
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr("imagerec.prediction.format_predictions", bug)
+    from imagerec.cli import main
+
+    with pytest.raises(RuntimeError, match="a real bug"):
+        main(["predict", str(run_dir), str(data / "red" / "000.png")])
+
+
+@pytest.mark.parametrize("meta_key, value, fragment", [
+    ("imagerec.preprocessing", "{broken", "imagerec.preprocessing is not valid JSON"),
+    ("imagerec.preprocessing", "[1]", "imagerec.preprocessing is a JSON list, not a dict"),
+    ("imagerec.compression", "7", "imagerec.compression is a JSON int, not a dict"),
+    ("imagerec.classes", '["a", 2]', "imagerec.classes must be a list of names"),
+])
+def test_compress_of_an_onnx_with_bad_metadata(colour_run, tmp_path, capsys, monkeypatch, meta_key, value, fragment):
+    _, _, fp32 = colour_run
+    proto = onnx.load(str(fp32))
+    for prop in proto.metadata_props:
+        if prop.key == meta_key:
+            prop.value = value
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    monkeypatch.setattr("onnxruntime.quantization.shape_inference.quant_pre_process", _no_work)
+    code, _, err = run_cli(capsys, "compress", tmp_path / "bad.onnx", "--quantize", "dynamic", "--out", tmp_path / "q.onnx")
+    assert_user_error(code, err, "broken imagerec metadata", fragment)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_quickstart_time_budget_must_be_positive(tmp_path, capsys):
+    from imagerec._quickstart import quickstart
+
+    for value in ("-1", "0", "inf", "nan"):
+        code, _, err = run_cli(capsys, "quickstart", "--time-budget", value, "--out", tmp_path / "q")
+        assert_user_error(code, err, f"argument --time-budget: {value} must be a positive number")
+    with pytest.raises(ImagerecError, match=r"time_budget=-1 must be a positive number of minutes"):
+        quickstart(tmp_path, tmp_path / "q", time_budget=-1)
+    assert not (tmp_path / "q").exists()
+
+
+def test_evaluate_out_held_by_another_process_is_refused(colour_run, tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    run_dir, data, _ = colour_run
+    out = tmp_path / "report"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, time; from imagerec._lock import run_lock\nwith run_lock({str(out)!r}):\n print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(Classifier, "_predictions", _no_work)
+        code, _, err = run_cli(capsys, "evaluate", run_dir, data, "--out", out)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_user_error(code, err, f"process {holder.pid}", "another imagerec evaluation is writing this folder")
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "embed", "cluster", "compress"])
+def test_allow_outside_is_a_flag_of_every_command_that_reads_data(command):
+    from imagerec.cli import build_parser
+
+    positional = {"train": ["d"], "evaluate": ["c", "d"], "embed": ["d"], "cluster": ["d"], "compress": ["c"]}[command]
+    required = {"evaluate": ["--out", "o"], "embed": ["--out", "o.npz"], "cluster": ["--out", "o"]}.get(command, [])
+    args = build_parser().parse_args([command, *positional, *required, "--allow-outside"])
+    assert args.allow_outside is True
+
+
+def test_outside_kwargs_passes_the_flag_only_where_it_is_taken():
+    from imagerec.training._config import outside_kwargs
+
+    def takes(data, allow_outside=False): ...
+
+    def does_not(data): ...
+
+    assert outside_kwargs(takes, True) == {"allow_outside": True}
+    assert outside_kwargs(takes, False) == {"allow_outside": False}
+    assert outside_kwargs(does_not, False) == {}
+    with pytest.raises(ImagerecError, match="--allow-outside: does_not of this imagerec build has no such option"):
+        outside_kwargs(does_not, True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,3 +208,122 @@ def test_torchrun_two_processes_on_cpu(colour_folder, tmp_path):
     assert ckpt.meta["plan"]["world_size"] == 2
     assert ckpt.meta["plan"]["steps_per_epoch"] == (36 // 2) // 4  # each process sees half the images
     assert len(read_metrics(run)) == 2
+
+
+# -- issue 10: resume checks the data, one writer per run folder, unreadable batches --------------
+
+
+def _seed_run(data, run, **extra):
+    return train(data, run, TrainConfig(**{"epochs": 1, "val_fraction": 0, **FAST, **extra}), progress=False)
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (lambda d: (d / "green").rename(d / "zebra"), "classes were ['blue', 'green', 'red'], now ['blue', 'red', 'zebra']"),
+        (lambda d: (d / "red").rename(d / "aaa"), "classes were ['blue', 'green', 'red'], now ['aaa', 'blue', 'green']"),
+        (lambda d: shutil.copytree(d / "blue", d / "purple"), "classes were ['blue', 'green', 'red'], now ['blue', 'green', 'purple', 'red']"),
+        (lambda d: (d / "red" / "000.png").unlink(), "training images were 48, now 47"),
+    ],
+)
+def test_resume_refuses_changed_data(tmp_path, capsys, change, fragment):
+    from .conftest import assert_user_error, run_cli
+
+    data = make_colour_dataset(tmp_path / "d")
+    run = tmp_path / "run"
+    _seed_run(data, run, epochs=2)
+    last = load_checkpoint(run / "last.safetensors")
+    _rewind(run, steps=1)  # an unfinished run, as after a crash
+    before = (run / "last.safetensors").read_bytes()
+    change(data)
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--no-progress")
+    assert_user_error(code, err, "cannot resume: the data changed", fragment, "start a new run with --out")
+    assert (run / "last.safetensors").read_bytes() == before  # nothing written
+    assert last.meta["classes"] == ["blue", "green", "red"]
+
+
+def test_resume_refuses_other_preprocessing(tmp_path):
+    data = make_colour_dataset(tmp_path / "d", per_class=6)
+    run = tmp_path / "run"
+    _seed_run(data, run, epochs=2, backbone="efficientnet_lite0", image_size=32, head_epochs=0)
+    _rewind(run, steps=1)
+    for path in data.rglob("*.png"):  # the same images, now larger than the small-image cache takes
+        from PIL import Image
+
+        Image.open(path).resize((80, 80)).save(path)
+    with pytest.raises(ImagerecError, match="preprocessing were"):
+        train(None, None, resume=run, progress=False)
+
+
+def _rewind(run: Path, steps: int) -> None:
+    """Make ``run`` look unfinished: its last checkpoint ``steps`` steps before the end."""
+    from imagerec.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(run / "last.safetensors")
+    ckpt.meta["step"] -= steps
+    save_checkpoint(run / "last.safetensors", ckpt)
+
+
+def test_resume_of_unchanged_data_still_works(tmp_path):
+    data = make_colour_dataset(tmp_path / "d")
+    run = tmp_path / "run"
+    _seed_run(data, run, epochs=2)
+    _rewind(run, steps=1)
+    result = train(None, None, resume=run, progress=False)
+    assert result.history[-1]["step"] == result.plan["total_steps"]
+
+
+@pytest.mark.slow
+def test_a_second_writer_of_one_run_folder_exits_2_naming_the_first(tmp_path):
+    """Two real processes: the second `imagerec train --out` of one folder is refused at once."""
+    data = make_colour_dataset(tmp_path / "d", per_class=8)
+    run = tmp_path / "run"
+    args = [str(data), "--out", str(run), "--backbone", "seed_cnn", "--batch-size", "4",
+            "--epochs", "100000", "--val-fraction", "0", "--precision", "fp32", "--device", "cpu", "--no-progress"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    first = subprocess.Popen(_imagerec("train", *args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None:
+            lock = run / ".lock"
+            if lock.exists() and lock.read_text().strip() == str(first.pid):
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()
+        second = subprocess.run(_imagerec("train", *args), env=env, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first run ended before the second was refused"
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"process {first.pid}" in lines[0] and "another imagerec training run" in lines[0], second.stderr
+    # the kernel released the killed run's lock: the folder can be resumed or reused at once
+    from imagerec._lock import run_lock
+
+    with run_lock(run):
+        pass
+
+
+def test_train_out_is_a_file(tmp_path, capsys):
+    from .conftest import assert_user_error, run_cli
+
+    (tmp_path / "f").write_text("x")
+    data = make_colour_dataset(tmp_path / "d")
+    code, _, err = run_cli(capsys, "train", data, "--out", tmp_path / "f", "--backbone", "seed_cnn")
+    assert_user_error(code, err, "is a file, not a folder")
+
+
+def test_a_batch_of_unreadable_images_is_skipped_and_reported(tmp_path, capsys):
+    """Batches of 1 on files too large for the decode cache: each broken file is a batch with no
+    readable image (labels None); training goes on and skipped.csv lists them."""
+    data = make_colour_dataset(tmp_path / "d", per_class=4, size=(72, 72))
+    (data / "red" / "broken.png").write_bytes(b"not a png at all")
+    (data / "blue" / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    run = tmp_path / "run"
+    result = train(data, run, TrainConfig(epochs=1, val_fraction=0, workers=0, augment="none", **dict(FAST, batch_size=1)), progress=False)
+    assert result.plan["total_steps"] == 14 and result.history[-1]["step"] == 14
+    rows = list(csv.DictReader(open(run / "skipped.csv")))
+    assert sorted(Path(r["path"]).name for r in rows) == ["broken.jpg", "broken.png"]
+    assert "skipped 2 unreadable image(s)" in capsys.readouterr().err

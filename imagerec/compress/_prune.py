@@ -27,6 +27,7 @@ from ..checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint, sav
 from ..data import decode_small_images, iter_batches, load_images
 from ..errors import ImagerecError
 from ..inference import resolve_device
+from ..training._config import outside_kwargs
 
 LR_BATCH = 64  # lr is the peak learning rate for this many images per step; scaled linearly
 _META_KEPT = ("backbone", "classes", "preprocessing", "config", "data")
@@ -49,6 +50,7 @@ def prune(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    allow_outside: bool = False,
 ) -> Path:
     """Remove a share of the channels of every layer of a classifier, then fine-tune it briefly.
 
@@ -69,6 +71,7 @@ def prune(
         seed: seed of the data order, the augmentation and dropout.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         progress: show a progress bar.
+        allow_outside: read manifest rows of ``data`` that point outside the manifest's folder.
 
     Returns:
         The path written. Its ``meta["compression"]`` records ``prune`` (the amount),
@@ -91,7 +94,7 @@ def prune(
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
     pp = model.preprocessing.resolve(image_size)
-    source = _labelled_source(data, ckpt.meta["classes"], progress)
+    source = _labelled_source(data, ckpt.meta["classes"], progress, allow_outside)
     batch_size = min(batch_size, len(source))  # a small data set is one batch per step
     steps_per_epoch = len(source) // batch_size
     total = steps if steps is not None else max(1, round(epochs * steps_per_epoch))
@@ -139,9 +142,9 @@ def _import_torch_pruning():
     return torch_pruning
 
 
-def _labelled_source(data, classes: list[str], progress: bool):
+def _labelled_source(data, classes: list[str], progress: bool, allow_outside: bool = False):
     """The ``train`` split of ``data``, labelled in the checkpoint's class order."""
-    source = load_images(data, "train")
+    source = load_images(data, "train", **outside_kwargs(load_images, allow_outside))
     if not source.labelled:
         raise ImagerecError(f"{source.root}: fine-tuning needs labels: arrange images as DIR/<class>/*, or give a CSV manifest path,label")
     if sorted(source.classes) != sorted(classes):

@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from .._io import atomic_path
-from .._metadata import INPUT_NAME, KEY_COMPRESSION, KEY_FORMAT, KEY_PREPROCESSING, ONNX_FORMAT
+from .._metadata import INPUT_NAME, KEY_CLASSES, KEY_COMPRESSION, KEY_FORMAT, KEY_PREPROCESSING, ONNX_FORMAT
 from .._onnx import onnx_session
 from ..data import Preprocessing, iter_batches, load_images
 from ..errors import ImagerecError, SkippedImagesWarning
 from ..export import export_model
+from ..training._config import outside_kwargs
 
 MODES = ("int8", "dynamic")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -48,6 +49,7 @@ def quantize(
     batch_size: int = 32,
     seed: int = 0,
     method: str = "minmax",
+    allow_outside: bool = False,
 ) -> Path:
     """Quantize a classifier to an ONNX file that ONNX Runtime runs with int8 arithmetic.
 
@@ -69,6 +71,7 @@ def quantize(
             observed range), ``"percentile"`` (clips the top 0.001 % of values) or ``"entropy"``
             (KL divergence). Percentile and entropy keep every calibration activation in memory
             (an ONNX Runtime limitation): lower ``calib_images`` for large inputs.
+        allow_outside: read manifest rows of ``calib`` that point outside the manifest's folder.
 
     Returns:
         The path written.
@@ -90,7 +93,7 @@ def quantize(
     out = Path(out)
     if out.suffix != ".onnx":
         raise ImagerecError(f"{out}: the quantized model is an ONNX file and should end in .onnx; e.g. model.int8.onnx")
-    source = load_images(calib, split) if mode == "int8" else None  # a bad path fails here, before any export
+    source = load_images(calib, split, **outside_kwargs(load_images, allow_outside)) if mode == "int8" else None  # a bad path fails here, before any export
 
     from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415 - heavy import
 
@@ -147,9 +150,29 @@ def _imagerec_metadata(path: Path, model) -> dict[str, str]:
             f"{model}: an ONNX file without imagerec metadata (class names, preprocessing); "
             "quantize the checkpoint or an ONNX file written by 'imagerec export'"
         )
-    if "quantize" in json.loads(metadata.get(KEY_COMPRESSION) or "{}"):
+    compression = _metadata_json(model, metadata, KEY_COMPRESSION, "{}", dict)
+    pp = _metadata_json(model, metadata, KEY_PREPROCESSING, "", dict)
+    classes = _metadata_json(model, metadata, KEY_CLASSES, "[]", list)
+    if not all(isinstance(c, str) for c in classes):
+        raise ImagerecError(f"{model}: broken imagerec metadata: {KEY_CLASSES} must be a list of names; export the model again")
+    try:
+        Preprocessing.from_dict(pp)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ImagerecError(f"{model}: broken imagerec metadata: {KEY_PREPROCESSING} ({e}); export the model again") from None
+    if "quantize" in compression:
         raise ImagerecError(f"{model}: is already quantized; quantize the fp32 checkpoint or its fp32 export instead")
     return metadata
+
+
+def _metadata_json(model, metadata: dict[str, str], key: str, default: str, kind: type):
+    """The JSON value of ``key``, which must be a ``kind``; one ImagerecError otherwise."""
+    try:
+        value = json.loads(metadata.get(key) or default)
+    except json.JSONDecodeError as e:
+        raise ImagerecError(f"{model}: broken imagerec metadata: {key} is not valid JSON ({e}); export the model again") from None
+    if not isinstance(value, kind):
+        raise ImagerecError(f"{model}: broken imagerec metadata: {key} is a JSON {type(value).__name__}, not a {kind.__name__}; export the model again")
+    return value
 
 
 def _save_with_metadata(source: Path, target: Path, metadata: dict[str, str]) -> None:

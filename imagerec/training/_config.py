@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -73,12 +74,17 @@ class TrainConfig:
     device: str = _field("auto", "cpu, cuda, cuda:N or auto")
     workers: int | None = _field(None, 'decoding processes for large images (default: CPUs)')
     max_pixels: int | None = _field(None, "skip images with more pixels (decompression-bomb guard)")
+    allow_outside: bool = _field(False, "read manifest rows that point outside the manifest's folder")
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
         """Raise :class:`ImagerecError` naming the first value that breaks its rule."""
+        for f in fields(self):  # inf and nan pass ``> 0`` checks or break them with a traceback later
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ImagerecError(f"{f.name}={value} must be a finite number; see 'imagerec train --help' for the defaults")
         rules = [
             (self.recipe in RECIPES, f"recipe={self.recipe!r} must be one of {RECIPES}"),
             (self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r} must be one of {OPTIMIZERS}"),
@@ -100,6 +106,8 @@ class TrainConfig:
             (0 <= self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in [0, 1)"),
             (self.patience is None or self.patience >= 1, f"patience={self.patience} must be >= 1"),
             (self.save_every >= 0 and self.log_every >= 0, "save_every and log_every must be >= 0"),
+            (self.max_pixels is None or self.max_pixels >= 1, f"max_pixels={self.max_pixels} must be >= 1"),
+            (self.workers is None or self.workers >= 0, f"workers={self.workers} must be >= 0 (0: decode in the main process)"),
         ]
         for ok, message in rules:
             if not ok:
@@ -173,3 +181,22 @@ def _read_config_file(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ImagerecError(f"{path}: a configuration file holds key = value pairs")
     return data
+
+
+def outside_kwargs(function, allow_outside: bool) -> dict:
+    """``{"allow_outside": allow_outside}`` where ``function`` takes that keyword, else ``{}``.
+
+    A shim while manifest containment (``load_images(..., allow_outside=False)``) lands on
+    another branch: once every reader takes the keyword, callers can pass it directly.
+
+    Raises:
+        ImagerecError: ``allow_outside`` is asked of a reader that does not know it.
+    """
+    import inspect  # noqa: PLC0415
+
+    if "allow_outside" in inspect.signature(function).parameters:
+        return {"allow_outside": allow_outside}
+    if allow_outside:
+        raise ImagerecError(f"--allow-outside: {function.__name__} of this imagerec build has no such option; drop the flag")
+    return {}
+

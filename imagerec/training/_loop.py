@@ -22,6 +22,7 @@ resume at the right batch with fresh augmentation draws).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -30,7 +31,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,9 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from .._io import write_text_atomic
+from .._lock import run_lock
 from ..backbones import create_backbone, early_parameters, list_backbones
-from ..checkpoint import BEST, LAST, Checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import BEST, LAST, Checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..data import (
     DEFAULT_MAX_PIXELS,
     ImageSource,
@@ -53,7 +55,7 @@ from ..data import (
 )
 from ..errors import ImagerecError
 from ..inference import autocast, predict_source
-from ._config import TrainConfig
+from ._config import TrainConfig, outside_kwargs
 from ._distributed import World, setup, teardown
 
 SMALL_IMAGE_TRAIN_SIZE = 96  # px: small images are upsampled to this by default (see docs/MODELS.md)
@@ -107,34 +109,55 @@ def train(
             or a time budget too short for a single step.
     """
     started = time.perf_counter()
-    state = None
-    if resume is not None:
-        state = load_checkpoint(resume, LAST)
-        if state.optimizer is None:
-            raise ImagerecError(f"{state.path}: holds no optimizer state, so it cannot be resumed; resume from a run's {LAST}")
-        config = TrainConfig(**state.meta["config"])
-        data = data if data is not None else state.meta["data"]
-        out = out if out is not None else state.path.parent
-    if data is None or out is None:
+    if resume is None and (data is None or out is None):
         raise ImagerecError("train needs DATA and --out RUN_DIR (or --resume RUN_DIR)")
-    cfg = (config or TrainConfig()).resolved()
-    run_dir = Path(out)
-    if state is None and (run_dir / LAST).exists():
-        raise ImagerecError(f"{run_dir}: already holds a run; continue it with --resume {run_dir}, or pick another --out")
-    world = setup(cfg.device)
+    run_dir = Path(out) if out is not None else resolve_checkpoint(resume, LAST).parent
+    # Only the process that writes (rank 0 under torchrun) holds the run folder's lock.
+    writer = int(os.environ.get("RANK", "0")) == 0
+    with run_lock(run_dir, "training run") if writer else contextlib.nullcontext():
+        if writer:
+            _remove_stale_temporaries(run_dir)
+        state = None
+        if resume is not None:
+            state = load_checkpoint(resume, LAST)
+            if state.optimizer is None:
+                raise ImagerecError(f"{state.path}: holds no optimizer state, so it cannot be resumed; resume from a run's {LAST}")
+            config = _resumed_config(state)
+            data = data if data is not None else state.meta["data"]
+        cfg = (config or TrainConfig()).resolved()
+        if state is None and (run_dir / LAST).exists():
+            raise ImagerecError(f"{run_dir}: already holds a run; continue it with --resume {run_dir}, or pick another --out")
+        world = setup(cfg.device)
+        try:
+            return _train(data, run_dir, cfg, state, world, started, progress and world.main)
+        finally:
+            teardown(world)
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Remove the temporary files a killed writer left (``.NAME.XXXX.tmp...``): with the folder's
+    lock held, no other process can be writing them."""
+    for path in run_dir.glob(".*.tmp*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def _resumed_config(state) -> TrainConfig:
+    """The run's own configuration, from its checkpoint (keys this imagerec no longer knows dropped)."""
+    known = {f.name for f in fields(TrainConfig)}
     try:
-        return _train(data, run_dir, cfg, state, world, started, progress and world.main)
-    finally:
-        teardown(world)
+        return TrainConfig(**{k: v for k, v in state.meta["config"].items() if k in known})
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ImagerecError(f"{state.path}: broken metadata: no usable training configuration ({e}); start a new run with --out") from None
 
 
 def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: float, progress: bool) -> TrainResult:
     # 1. Data: the training split and a validation split (its own folder, or a stratified carve-out).
-    train_src, val_src = _load_splits(data, cfg, progress)
+    #    A resumed run must see the data it started with (checked before any image is decoded).
+    train_src, val_src, listed = _load_splits(data, cfg, progress, expect=None if state is None else state.meta)
     classes = train_src.classes
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        report_skipped(train_src.skipped + (val_src.skipped if val_src else []), run_dir)
         _say(f"training on {train_src.describe()}; validating on {val_src.describe() if val_src else 'nothing'}")
 
     # 2. Model: the backbone with a new head for these classes.
@@ -143,6 +166,8 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
     model = create_backbone(cfg.backbone, num_classes=len(classes), pretrained=pretrained)
     image_size = cfg.image_size or _default_size(model, train_src)
     pp = model.preprocessing.resolve(image_size, 1.0 if _is_small(train_src) else None)
+    if state is not None:
+        _check_same_data(state.meta, "preprocessing", state.meta.get("preprocessing"), json.loads(json.dumps(pp.to_dict())))
     model = model.to(world.device, memory_format=torch.channels_last)
 
     # 3. Plan: fixed once, saved in every checkpoint, reused on resume.
@@ -168,7 +193,12 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
     # 4. Train.
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     stage = None
-    meta = {"backbone": cfg.backbone, "classes": classes, "preprocessing": pp.to_dict(), "config": cfg.to_dict(), "plan": plan, "data": str(data)}
+    meta = {
+        "backbone": cfg.backbone, "classes": classes, "preprocessing": pp.to_dict(), "config": cfg.to_dict(), "plan": plan,
+        "data": str(data), "train_images": listed,
+    }
+    skipped = _SkipLog(train_src.skipped + (val_src.skipped if val_src else []), run_dir if world.main else None)
+    skipped.report()
     images_per_step = cfg.batch_size * world.size
     bar = tqdm(total=total * images_per_step, initial=step * images_per_step, unit="img", disable=not progress, smoothing=0.05)
     writer = _tensorboard(run_dir) if world.main else None
@@ -179,6 +209,15 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
         seen = loss_sum = correct = running = 0.0
         epoch_start = time.perf_counter()
         for batch in _epoch_batches(train_src, pp, cfg, world, epoch, first_batch):
+            skipped.add(batch.skipped)
+            if batch.labels is None or not len(batch.labels):
+                # Every image of this batch was unreadable: no update, but the step still counts,
+                # so that step k stays batch k of the epoch (resume depends on it).
+                step += 1
+                bar.update(images_per_step)
+                if step >= total:
+                    break
+                continue
             # 4a. The stage: head only (frozen backbone) until head_steps, then all but the first groups.
             wanted = 1 if step < head_steps else 2
             if stage is None or stage.number != wanted:
@@ -222,7 +261,9 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
         # 4d. Epoch end (or plan end): validate, record, save.
         train_seconds = time.perf_counter() - epoch_start
         seen, loss_sum, correct = world.sum(seen, loss_sum, correct)
-        val_loss, val_acc = _validate(model, val_src, pp, cfg, world, bf16)
+        if stage is None:
+            raise ImagerecError(f"{train_src.root}: no training image of this epoch could be read; see {run_dir / 'skipped.csv'}")
+        val_loss, val_acc = _validate(model, val_src, pp, cfg, world, bf16, skipped)
         stage.apply_mode()
         row = {
             "epoch": epoch + 1,
@@ -240,6 +281,7 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
         improved = val_acc is None or val_acc > best
         best, stale = (val_acc if val_acc is not None else best, 0) if improved else (best, stale + 1)
         if world.main:
+            skipped.report()
             if improved:
                 save_checkpoint(run_dir / BEST, _checkpoint(model, None, meta, step, history))
             save_checkpoint(run_dir / LAST, _checkpoint(model, stage, meta, step, history))
@@ -261,23 +303,64 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
 # 1. Data
 
 
-def _load_splits(data, cfg: TrainConfig, progress: bool) -> tuple[ImageSource, ImageSource | None]:
+def _load_splits(data, cfg: TrainConfig, progress: bool, expect: dict | None = None) -> tuple[ImageSource, ImageSource | None, int]:
+    """The training and validation splits, and the number of training images listed (before
+    decoding, which may skip some). With ``expect`` (a resumed run's metadata) the classes and
+    that number must be the run's, checked before any image is decoded."""
     max_pixels = cfg.max_pixels or DEFAULT_MAX_PIXELS
     if isinstance(data, ImageSource):
         train_src, val_src = data, None
     else:
-        train_src = load_images(data, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels)
+        outside = outside_kwargs(load_images, cfg.allow_outside)
+        train_src = load_images(data, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels, **outside)
         val_src = None
         if cfg.val_fraction > 0 or _has_val_folder(data):
-            val_src = load_images(data, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels)
+            val_src = load_images(data, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels, **outside)
     if not train_src.labelled:
         raise ImagerecError(f"{train_src.root}: training needs labels: arrange images as DIR/<class>/*, or give a CSV manifest path,label")
     if len(train_src.classes) < 2:
         raise ImagerecError(f"{train_src.root}: only one class ({train_src.classes[0]}); a classifier needs at least two class folders")
+    listed = len(train_src)
+    if expect is not None:
+        _check_same_data(expect, "classes", expect.get("classes"), list(train_src.classes))
+        if "train_images" in expect:  # runs from before this check recorded no count
+            _check_same_data(expect, "training images", expect["train_images"], listed)
     train_src = decode_small_images(train_src, progress=progress) or train_src
     if val_src is not None:
         val_src = decode_small_images(val_src, progress=progress) or val_src
-    return train_src, val_src
+    return train_src, val_src, listed
+
+
+def _check_same_data(meta: dict, what: str, before, now) -> None:
+    """Refuse to resume when ``what`` differs from the run's record: the labels would silently change."""
+    if before != now:
+        raise ImagerecError(
+            f"cannot resume: the data changed since the run started: {what} were {_short(before)}, now {_short(now)}; "
+            f"restore the data as it was (data: {meta.get('data')}), or start a new run with --out"
+        )
+
+
+def _short(value, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _SkipLog:
+    """Images left out of training, each once, reported on stderr and in ``RUN/skipped.csv``."""
+
+    def __init__(self, initial, run_dir: Path | None):
+        self.items = {s.path: s for s in initial}
+        self.run_dir, self.reported = run_dir, 0
+
+    def add(self, pairs) -> None:
+        for _, item in pairs:
+            self.items.setdefault(item.path, item)
+
+    def report(self) -> None:
+        """At most once per new set of skips (an epoch end), so the console is not flooded."""
+        if self.run_dir is not None and len(self.items) > self.reported:
+            report_skipped(list(self.items.values()), self.run_dir)
+            self.reported = len(self.items)
 
 
 def _has_val_folder(data) -> bool:
@@ -555,11 +638,12 @@ class _Stage:
         return n, float(loss.detach()) * n, int((logits.argmax(1) == labels).sum())
 
 
-def _validate(model, val_src, pp, cfg, world: World, bf16: bool) -> tuple[float | None, float | None]:
+def _validate(model, val_src, pp, cfg, world: World, bf16: bool, skipped: _SkipLog) -> tuple[float | None, float | None]:
     if val_src is None:
         return None, None
     shard = np.arange(len(val_src))[world.rank :: world.size]
     out = predict_source(model, val_src, pp, batch_size=128, tta=cfg.tta, device=world.device, bf16=bf16, indices=shard, workers=cfg.workers)
+    skipped.add((None, item) for item in out.skipped)
     correct = float((out.proba.argmax(1) == val_src.labels[out.indices]).sum())
     loss_sum, correct, n = world.sum(out.loss_sum, correct, float(len(out.indices)))
     return loss_sum / max(n, 1), correct / max(n, 1)
