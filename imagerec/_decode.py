@@ -90,7 +90,8 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
     try:
         if os.path.getsize(path) == 0:
             raise DecodeError("empty file (0 bytes)")
-        with _open(path) as img:
+        with warnings.catch_warnings(), _open(path) as img:
+            warnings.simplefilter("ignore")  # Pillow's notes on damaged metadata: the image decodes or is skipped
             _check_size(img.size, max_pixels)
             img.load()
             img = ImageOps.exif_transpose(img)
@@ -112,7 +113,7 @@ def _open(path: str | os.PathLike) -> Iterator[Image.Image]:
     """``Image.open`` limited to imagerec's formats; past Pillow's bomb limit, a second open
     with that limit lifted for the one call (our own ``max_pixels`` is checked by the caller)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore")  # the bomb warning (our limit decides) and notes on damaged tags
         try:
             img = Image.open(path, formats=PILLOW_FORMATS)
         except Image.DecompressionBombError:
