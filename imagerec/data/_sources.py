@@ -85,7 +85,7 @@ class ImageSource:
 
     def describe(self) -> str:
         """One line for the console: how many images, classes and skipped files."""
-        text = f"{len(self):,} images from {self.root}"
+        text = f"{len(self):,} images from {display_path(self.root)}"
         if self.classes is not None:
             text += f", {len(self.classes)} classes"
         if self.skipped:
