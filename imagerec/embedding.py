@@ -230,6 +230,8 @@ def embed(
 
     result = collector.result(source, name, pp)
     if len(result) == 0:
+        if partial:
+            partial.remove()  # nothing worth resuming
         raise ImagerecError(f"{source.root}: none of its {len(source)} images could be read; see the skipped list")
     if out:
         result.save(out)

@@ -125,6 +125,9 @@ def test_no_readable_image_is_an_error(tmp_path):
     (tmp_path / "d" / "a.jpg").write_bytes(b"")
     with pytest.raises(ImagerecError, match="none of its 1 images could be read"):
         embed(tmp_path / "d", "seed_cnn", progress=False)
+    with pytest.raises(ImagerecError, match="none of its 1 images could be read"):
+        embed(tmp_path / "d", "seed_cnn", out=tmp_path / "e.npz", progress=False)
+    assert not (tmp_path / "e.npz.partial").exists()  # a refused run leaves nothing behind
 
 
 @pytest.mark.parametrize(
