@@ -326,8 +326,9 @@ class _Partial:
         meta = self.folder / "run.json"
         recorded = json.loads(meta.read_text()) if meta.is_file() else {}
         identities = [file_identity(p) for p in self.paths]
-        self._write_meta(identities, fresh=recorded.get("fingerprint") != self.fingerprint)
         if recorded.get("fingerprint") != self.fingerprint:
+            shutil.rmtree(self.folder, ignore_errors=True)  # another run's leftovers: start afresh
+            self._write_meta(identities)
             return {}
         chunks = {}
         for file in sorted(self.folder.glob("chunk_*.npz")):
@@ -350,11 +351,10 @@ class _Partial:
             for start in stale:
                 del chunks[start]
                 (self.folder / f"chunk_{start:09d}.npz").unlink(missing_ok=True)
+        self._write_meta(identities)  # only after the stale chunks are gone (a kill in between is safe)
         return chunks
 
-    def _write_meta(self, identities: list[str], fresh: bool) -> None:
-        if fresh:
-            shutil.rmtree(self.folder, ignore_errors=True)  # another run's leftovers: start afresh
+    def _write_meta(self, identities: list[str]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.folder / "run.json", json.dumps({"fingerprint": self.fingerprint, "identities": identities}))
 
