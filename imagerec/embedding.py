@@ -13,6 +13,13 @@ pandas users: ``d = np.load(f); pd.DataFrame(d["features"], index=d["paths"])``.
 A run with an output file is resumable: finished chunks of images are written to
 ``OUT.partial/`` as they complete, and a run started again with the same inputs continues
 from there. The output file is written atomically at the end and the partial folder removed.
+The partial folder records each image's identity (size, mtime_ns, inode, ctime_ns and a hash
+of small files, :func:`imagerec._identity.file_identity`): a resumed run whose images changed
+says "re-embedding N changed images" and embeds again the chunks that hold them.
+
+Paths are stored as Python reads them: a file name that is not UTF-8 keeps its bytes (as
+surrogate escapes, ``os.fsencode(path)`` gives them back); messages and CSV files show such
+bytes as ``\\xNN``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +40,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._decode import display_path
 from ._home import cache_dir
+from ._identity import file_identity
 from ._io import atomic_path, write_text_atomic
 from ._onnx import FeatureModel, export_onnx, onnx_session
 from ._version import __version__
@@ -112,7 +123,7 @@ class Embeddings:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 labelled = "labels" in data
-                return cls(
+                loaded = cls(
                     features=data["features"],
                     paths=data["paths"].tolist(),
                     labels=data["labels"] if labelled else None,
@@ -122,8 +133,26 @@ class Embeddings:
                 )
         except FileNotFoundError:
             raise ImagerecError(f"{path}: no such embeddings file; make one with 'imagerec embed'") from None
-        except (KeyError, ValueError, OSError) as e:
+        except (KeyError, ValueError, TypeError, OSError, AttributeError) as e:
             raise ImagerecError(f"{path}: not an imagerec embeddings file ({e}); make one with 'imagerec embed'") from None
+        problem = loaded._inconsistency()
+        if problem:
+            raise ImagerecError(f"{path}: a damaged embeddings file: {problem}; make it again with 'imagerec embed'")
+        return loaded
+
+    def _inconsistency(self) -> str | None:
+        """What does not fit together in a loaded file, or None."""
+        f = self.features
+        if f.ndim != 2 or not np.issubdtype(f.dtype, np.floating):
+            return f"features of dtype {f.dtype} and shape {f.shape} are not a float (N, D) array"
+        if len(self.paths) != len(f):
+            return f"{len(self.paths)} paths for {len(f)} rows of features"
+        if self.labels is not None:
+            if self.labels.ndim != 1 or len(self.labels) != len(f) or not np.issubdtype(self.labels.dtype, np.integer):
+                return f"labels of shape {self.labels.shape} for {len(f)} rows"
+            if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+                return f"labels outside 0..{len(self.classes) - 1} for {len(self.classes)} classes"
+        return None
 
 
 def embed(
@@ -166,10 +195,14 @@ def embed(
         The :class:`Embeddings` (also written to ``out`` when given).
 
     Raises:
-        ImagerecError: bad arguments, unreadable data, or no readable image at all.
+        ImagerecError: bad arguments, an ``out`` that cannot be written (checked before any
+            work), unreadable data, or no readable image at all.
     """
     if batch_size < 1:
         raise ImagerecError(f"batch_size={batch_size} must be at least 1; try 64")
+    if workers is not None and workers < 0:
+        raise ImagerecError(f"workers={workers} must be 0 or more (0 decodes in this process); leave it out to use every CPU")
+    out = _check_out(out)
     source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
     model = create_backbone(backbone, num_classes=0) if isinstance(backbone, str) else backbone
     name = getattr(model, "backbone_name", type(model).__name__)
@@ -181,7 +214,7 @@ def embed(
     weights = _weights_digest(model, pp, name)
     compute = _feature_function(model, pp, engine, torch_device, weights)
 
-    partial = _Partial(Path(f"{out}.partial"), _fingerprint(source, weights)) if out else None
+    partial = _Partial(Path(f"{out}.partial"), _fingerprint(source, weights), source.paths) if out else None
     done = partial.load() if partial else {}
     todo = [s for s in range(0, len(source), CHUNK) if s not in done]
     indices = np.concatenate([np.arange(s, min(s + CHUNK, len(source))) for s in todo]) if todo else np.empty(0, np.int64)
@@ -197,6 +230,8 @@ def embed(
 
     result = collector.result(source, name, pp)
     if len(result) == 0:
+        if partial:
+            partial.remove()  # nothing worth resuming
         raise ImagerecError(f"{source.root}: none of its {len(source)} images could be read; see the skipped list")
     if out:
         result.save(out)
@@ -213,10 +248,40 @@ def _weights_digest(model: nn.Module, pp: Preprocessing, name: str) -> str:
     return digest.hexdigest()
 
 
+def _check_out(out: str | os.PathLike | None) -> Path | None:
+    """The output file, checked before any work: a ``.npz`` name in a folder that can be written.
+
+    Raises:
+        ImagerecError: an empty name, a folder, another suffix, or a place that cannot be written.
+    """
+    if out is None:
+        return None
+    text = os.fspath(out)
+    if not text.strip():
+        raise ImagerecError("out='' is an empty file name; name an .npz file, e.g. --out embeddings.npz")
+    path, shown = Path(text), display_path(text)
+    if path.is_dir():
+        raise ImagerecError(f"{shown}: is a folder; name an .npz file, e.g. --out {display_path(path / 'embeddings.npz')}")
+    if path.suffix.lower() != ".npz":
+        raise ImagerecError(f"{shown}: an embeddings file must end in .npz; use --out {display_path(path.with_suffix('.npz'))}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the first folder that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ImagerecError(f"{shown}: {display_path(folder)} is a file, not a folder; pick another --out")
+    try:  # the one sure test (permissions, read-only file systems, quotas): write a file there
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ImagerecError(f"{shown}: cannot write in {display_path(folder)} ({e.strerror}); pick another --out") from None
+    return path
+
+
 def _fingerprint(source: ImageSource, weights: str) -> str:
-    """Identifies a run's inputs: the images, and the model's weights and preprocessing."""
+    """Identifies a run's inputs: the image paths (their contents are checked one by one, see
+    :class:`_Partial`), and the model's weights and preprocessing."""
     digest = hashlib.sha256(weights.encode())
-    digest.update("\n".join(source.paths).encode())
+    digest.update("\n".join(source.paths).encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -250,27 +315,48 @@ def _feature_function(model: nn.Module, pp: Preprocessing, engine: str, device: 
 
 
 class _Partial:
-    """The ``OUT.partial/`` folder of a resumable run: one ``.npz`` per finished chunk."""
+    """The ``OUT.partial/`` folder of a resumable run: one ``.npz`` per finished chunk, and
+    ``run.json`` with the run's fingerprint and the identity of every image when it started."""
 
-    def __init__(self, folder: Path, fingerprint: str):
-        self.folder, self.fingerprint = folder, fingerprint
+    def __init__(self, folder: Path, fingerprint: str, paths: list[str]):
+        self.folder, self.fingerprint, self.paths = folder, fingerprint, paths
 
     def load(self) -> dict[int, dict]:
+        """The finished chunks whose images have not changed since; the rest start afresh."""
         meta = self.folder / "run.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == self.fingerprint:
-            chunks = {}
-            for file in sorted(self.folder.glob("chunk_*.npz")):
-                with np.load(file, allow_pickle=False) as d:
-                    chunks[int(file.stem[6:])] = {
-                        "features": d["features"],
-                        "indices": d["indices"],
-                        "skipped": json.loads(str(d["skipped"])),
-                    }
-            return chunks
-        shutil.rmtree(self.folder, ignore_errors=True)  # another run's leftovers: start afresh
-        self.folder.mkdir(parents=True)
-        write_text_atomic(meta, json.dumps({"fingerprint": self.fingerprint}))
-        return {}
+        recorded = json.loads(meta.read_text()) if meta.is_file() else {}
+        identities = [file_identity(p) for p in self.paths]
+        if recorded.get("fingerprint") != self.fingerprint:
+            shutil.rmtree(self.folder, ignore_errors=True)  # another run's leftovers: start afresh
+            self._write_meta(identities)
+            return {}
+        chunks = {}
+        for file in sorted(self.folder.glob("chunk_*.npz")):
+            with np.load(file, allow_pickle=False) as d:
+                chunks[int(file.stem[6:])] = {
+                    "features": d["features"],
+                    "indices": d["indices"],
+                    "skipped": json.loads(str(d["skipped"])),
+                }
+        old = recorded.get("identities", [])
+        changed = [i for i, now in enumerate(identities) if i >= len(old) or old[i] != now]
+        stale = sorted({i // CHUNK * CHUNK for i in changed} & set(chunks))
+        if stale:
+            n = sum(1 for i in changed if i // CHUNK * CHUNK in chunks)
+            print(
+                f"imagerec: re-embedding {n} changed image{'s' if n != 1 else ''} since the interrupted run "
+                f"(the {len(stale)} chunk(s) of up to {CHUNK} images that hold them)",
+                file=sys.stderr,
+            )
+            for start in stale:
+                del chunks[start]
+                (self.folder / f"chunk_{start:09d}.npz").unlink(missing_ok=True)
+        self._write_meta(identities)  # only after the stale chunks are gone (a kill in between is safe)
+        return chunks
+
+    def _write_meta(self, identities: list[str]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.folder / "run.json", json.dumps({"fingerprint": self.fingerprint, "identities": identities}))
 
     def save(self, start: int, chunk: dict) -> None:
         with atomic_path(self.folder / f"chunk_{start:09d}.npz", suffix=".npz") as tmp:

@@ -76,3 +76,48 @@ def test_result_does_not_depend_on_workers(class_folder, workers, monkeypatch):
     cached = decode_small_images(load_images(class_folder), progress=False, workers=workers)
     assert cached.pixels.shape[0] == 12
     np.testing.assert_array_equal(cached.pixels[7], np.asarray(load_rgb(cached.paths[7])))
+
+
+def _replace_keeping_size_and_mtime(path, donor):
+    """``cp donor path`` then ``touch -r``: other pixels, the same size and mtime."""
+    st = os.stat(path)
+    assert os.path.getsize(donor) == st.st_size
+    with open(donor, "rb") as src, open(path, "r+b") as dst:  # cp writes in place: same inode
+        dst.write(src.read())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_file_replaced_with_the_same_size_and_mtime_is_decoded_again(tmp_path):
+    root = make_class_folder(tmp_path / "d", per_class=3, ext=".bmp")  # BMP: same size, same bytes count
+    donor = make_image(tmp_path / "donor.bmp", seed=77)
+    first = decode_small_images(load_images(root), progress=False)
+    old = np.array(first.pixels[0])
+    _replace_keeping_size_and_mtime(root / "cat" / "000.bmp", donor)
+    again = decode_small_images(load_images(root), progress=False)
+    np.testing.assert_array_equal(again.pixels[0], np.asarray(load_rgb(donor)))
+    assert not np.array_equal(again.pixels[0], old)
+
+
+def test_mixed_sizes_leave_no_array_and_are_not_decoded_again(tmp_path, imagerec_home, monkeypatch):
+    root = make_class_folder(tmp_path / "mixed", classes=("a",), per_class=40)
+    make_image(root / "a" / "033.png", size=(30, 32))  # not among the probed files
+    assert decode_small_images(load_images(root), progress=False) is None
+    folder = imagerec_home / "decoded"
+    assert list(folder.glob("*.npy")) == [] and [p for p in folder.iterdir() if p.name.startswith(".")] == []
+
+    def fail(*args):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(_cache, "_decode_all", fail)
+    assert decode_small_images(load_images(root), progress=False) is None
+
+
+def test_a_non_utf8_file_name_is_cached_and_reported(tmp_path):
+    root = make_class_folder(tmp_path / "d", per_class=2)
+    bad = root / "cat" / os.fsdecode(b"caf\xe9.png")
+    bad.write_bytes(b"broken")
+    make_image(root / "cat" / os.fsdecode(b"ol\xe9.png"), seed=5)
+    for _ in range(2):  # built, then read back from the cache
+        cached = decode_small_images(load_images(root), progress=False)
+        assert len(cached) == 5 and [s.path for s in cached.skipped] == [str(bad)]
+        assert any(p.endswith(os.fsdecode(b"ol\xe9.png")) for p in cached.paths)

@@ -92,3 +92,87 @@ def test_image_extensions_any_case(name):
 
 def test_other_extensions_are_not_images():
     assert not is_image_file("notes.txt") and not is_image_file("archive.tar.gz")
+
+
+# -- issue 10: formats, limits, listing ---------------------------------------------------------
+
+import os  # noqa: E402
+import struct  # noqa: E402
+import zlib  # noqa: E402
+
+from PIL import EpsImagePlugin  # noqa: E402
+
+from imagerec._decode import MAX_ASPECT, display_path, expand_paths, peek_size, walk_images  # noqa: E402
+from imagerec.errors import ImagerecError  # noqa: E402
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\nnewpath 0 0 moveto showpage\n%%EOF\n"
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels, with almost no data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_postscript_named_jpg_is_never_opened_as_eps(tmp_path, monkeypatch):
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(self) or (_ for _ in ()).throw(SyntaxError("eps")))
+    (tmp_path / "photo.jpg").write_bytes(EPS)
+    with pytest.raises(DecodeError, match="not an image file imagerec reads"):
+        load_rgb(tmp_path / "photo.jpg")
+    assert peek_size(tmp_path / "photo.jpg") is None
+    assert opened == []  # Pillow never even tried the EPS reader
+
+
+def test_a_bomb_says_too_many_pixels_with_its_size(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(20_000, 10_000))  # 200 M pixels: over Pillow's 179 M refusal
+    with pytest.raises(DecodeError, match=r"too many pixels \(20000 x 10000"):
+        load_rgb(path)
+
+
+def test_max_pixels_above_pillows_own_limit_is_the_one_limit(tmp_path):
+    path = tmp_path / "huge.png"
+    path.write_bytes(_png_header_only(20_000, 10_000))
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(DecodeError) as info:
+        load_rgb(path, max_pixels=300_000_000)  # trusted: passes the limit, then the data is short
+    assert "too many pixels" not in str(info.value) and "bomb refused by Pillow" not in str(info.value)
+    assert "truncated" in str(info.value)
+    assert Image.MAX_IMAGE_PIXELS == before  # Pillow's global limit is left as it was
+
+
+def test_a_thin_strip_is_refused_before_decoding(tmp_path):
+    Image.new("RGB", (30_000, 1), "red").save(tmp_path / "strip.png")
+    with pytest.raises(DecodeError, match=r"too thin \(30000 x 1"):
+        load_rgb(tmp_path / "strip.png")
+    Image.new("RGB", (MAX_ASPECT * 2, 2), "red").save(tmp_path / "ok.png")
+    assert load_rgb(tmp_path / "ok.png").size == (MAX_ASPECT * 2, 2)
+
+
+def test_a_link_loop_lists_each_image_once(tmp_path):
+    make_image(tmp_path / "a.png", (8, 8))
+    make_image(tmp_path / "sub" / "b.png", (8, 8))
+    os.symlink(".", tmp_path / "self")
+    os.symlink("..", tmp_path / "sub" / "up")
+    assert [os.path.relpath(p, tmp_path) for p in walk_images(tmp_path)] == ["a.png", "sub/b.png"]
+
+
+def test_an_existing_name_is_a_file_before_it_is_a_glob(tmp_path):
+    path = make_image(tmp_path / "photo[1].jpg", (8, 8))
+    make_image(tmp_path / "photo1.jpg", (8, 8))
+    assert expand_paths([str(path)]) == [str(path)]
+    assert expand_paths([str(tmp_path / "photo[0-9].jpg")]) == [str(tmp_path / "photo1.jpg")]
+    with pytest.raises(ImagerecError, match="matches no image"):
+        expand_paths([str(tmp_path / "x[0-9].jpg")])
+
+
+def test_a_non_utf8_name_is_shown_with_an_escape(tmp_path):
+    name = os.fsdecode(b"caf\xe9.jpg")
+    assert display_path(name) == "caf\\xe9.jpg"
+    assert display_path("café.jpg") == "café.jpg"
+    path = make_image(tmp_path / name, (8, 8))
+    assert load_rgb(path).size == (8, 8)

@@ -125,6 +125,9 @@ def test_no_readable_image_is_an_error(tmp_path):
     (tmp_path / "d" / "a.jpg").write_bytes(b"")
     with pytest.raises(ImagerecError, match="none of its 1 images could be read"):
         embed(tmp_path / "d", "seed_cnn", progress=False)
+    with pytest.raises(ImagerecError, match="none of its 1 images could be read"):
+        embed(tmp_path / "d", "seed_cnn", out=tmp_path / "e.npz", progress=False)
+    assert not (tmp_path / "e.npz.partial").exists()  # a refused run leaves nothing behind
 
 
 @pytest.mark.parametrize(
@@ -182,6 +185,113 @@ def test_partial_results_of_other_inputs_are_not_reused(tmp_path, monkeypatch):
     model = create_backbone("seed_cnn", num_classes=0)
     with pytest.raises(RuntimeError):
         embed(root, Crashing(model, crash_after=1), out=out, batch_size=4, engine="torch", progress=False)
-    other = Crashing(create_backbone("seed_cnn", num_classes=0))  # other weights
+    changed = create_backbone("seed_cnn", num_classes=0)
+    with torch.no_grad():
+        changed.fc1.weight.add_(0.01)  # other weights (seed_cnn's own initialisation is seeded)
+    other = Crashing(changed)
     embed(root, other, out=out, batch_size=4, engine="torch", progress=False)
     assert other.calls == 3  # everything recomputed
+
+
+# -- issue 10: content-keyed resume, outputs checked first, odd names, thin images ---------------
+
+import os  # noqa: E402
+import resource  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+
+def test_a_resumed_run_re_embeds_images_replaced_with_the_same_size_and_mtime(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(embedding_module, "CHUNK", 4)
+    root = make_class_folder(tmp_path / "d", per_class=6, ext=".bmp")  # 12 images = 3 chunks of 4
+    donor = make_image(tmp_path / "donor.bmp", seed=99)
+    model = create_backbone("seed_cnn", num_classes=0)
+    out = tmp_path / "e.npz"
+    with pytest.raises(RuntimeError, match="killed"):
+        embed(root, Crashing(model, crash_after=2), out=out, batch_size=4, engine="torch", progress=False)
+    target = root / "cat" / "000.bmp"  # in the first, finished chunk
+    st = os.stat(target)
+    target.write_bytes(donor.read_bytes())  # same size (BMP), written in place
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime, as touch -r
+    capsys.readouterr()
+
+    resumed_model = Crashing(model)
+    resumed = embed(root, resumed_model, out=out, batch_size=4, engine="torch", progress=False)
+    assert "re-embedding 1 changed image" in capsys.readouterr().err
+    assert resumed_model.calls == 2  # the changed image's chunk and the unfinished one
+    fresh = embed(root, model, batch_size=4, engine="torch", progress=False)
+    np.testing.assert_allclose(resumed.features, fresh.features, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "out, workers, match",
+    [("", None, "empty file name"), ("folder", None, "is a folder"), ("plain", None, "must end in .npz"),
+     ("e.npz", -1, "workers=-1"), ("file.txt/e.npz", None, "is a file, not a folder")],
+)
+def test_outputs_are_checked_before_any_work(tmp_path, monkeypatch, out, workers, match):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    root = make_class_folder(tmp_path / "d", per_class=2)
+    monkeypatch.chdir(tmp_path)
+
+    def never(*args, **kwargs):
+        raise AssertionError("work started before the output was checked")
+
+    monkeypatch.setattr(embedding_module, "load_images", never)
+    with pytest.raises(ImagerecError, match=match):
+        embed(root, "seed_cnn", out=out, workers=workers, progress=False)
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("folder/*"))
+
+
+def test_an_unwritable_out_folder_is_refused_first(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    if os.access(folder, os.W_OK):  # root writes anywhere: use a read-only file system instead
+        folder = "/sys"
+        if os.access(folder, os.W_OK) and os.path.isdir("/sys/kernel"):
+            folder = "/sys/kernel"
+    root = make_class_folder(tmp_path / "d", per_class=2)
+    with pytest.raises(ImagerecError, match="cannot write in"):
+        embed(root, "seed_cnn", out=os.path.join(folder, "e.npz"), progress=False)
+
+
+def test_load_refuses_paths_fewer_than_rows(tmp_path):
+    meta = {"backbone": "seed_cnn", "preprocessing": create_backbone("seed_cnn", num_classes=0).preprocessing.to_dict()}
+    np.savez(tmp_path / "bad.npz", features=np.zeros((3, 4), np.float32), paths=np.asarray(["a", "b"]), meta=np.asarray(__import__("json").dumps(meta)))
+    with pytest.raises(ImagerecError, match="2 paths for 3 rows"):
+        Embeddings.load(tmp_path / "bad.npz")
+
+
+def test_non_utf8_names_are_embedded_saved_and_reported(tmp_path, capsys):
+    root = tmp_path / "u"
+    good = make_image(root / os.fsdecode(b"caf\xe9.png"), (40, 40))
+    make_image(root / "plain.png", (40, 40), seed=1)
+    make_image(root / "other.png", (20, 20), seed=2)  # mixed sizes: read from the files
+    (root / os.fsdecode(b"bro\xefken.jpg")).write_bytes(b"not a jpeg")
+    out = tmp_path / "u.npz"
+    result = embed(root, "seed_cnn", out=out, workers=0, progress=False)
+    assert str(good) in result.paths and len(result.skipped) == 1
+    assert str(good) in Embeddings.load(out).paths
+    assert "bro\\xefken.jpg" in (tmp_path / "u.skipped.csv").read_text(encoding="utf-8")
+    assert "bro\\xefken.jpg" in capsys.readouterr().err
+
+
+def test_seed_cnn_embeddings_are_deterministic(class_folder):
+    first = embed(class_folder, "seed_cnn", progress=False)
+    torch.rand(100)  # the global random state moves on
+    second = embed(class_folder, "seed_cnn", progress=False)
+    np.testing.assert_array_equal(first.features, second.features)
+
+
+def test_a_thin_strip_is_a_reported_skip_with_bounded_memory(tmp_path):
+    root = tmp_path / "thin"
+    root.mkdir()
+    Image.new("RGB", (30_000, 1), "red").save(root / "strip.png")  # a few hundred bytes
+    make_image(root / "photo.png", (80, 80))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    result = embed(root, "seed_cnn", workers=0, progress=False)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert len(result) == 1 and [s.path for s in result.skipped] == [str(root / "strip.png")]
+    assert "too thin (30000 x 1" in result.skipped[0].reason
+    assert grown_mib < 300, f"peak memory grew by {grown_mib:.0f} MiB"

@@ -3,6 +3,7 @@ Classifier's, no torch imported, and clear errors for the wrong files."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -24,6 +25,7 @@ from imagerec.checkpoint import Checkpoint, save_checkpoint
 from imagerec.data import Preprocessing
 from imagerec.data.transforms import eval_transform
 from imagerec.export import export_model
+from imagerec.prediction import format_predictions, predict_top_k
 from imagerec.runtime._preprocess import resized_size
 
 from .conftest import make_colour_dataset, make_image
@@ -242,3 +244,33 @@ def test_predict_refuses_missing_paths_and_wrong_objects(exported, tmp_path):
         model.logits(np.zeros((1, 3, 16, 16), np.float32))
     with pytest.raises(ImagerecError, match="no images given"):
         model.predict([])
+
+
+# -- issue 10: names before globs, odd names, formats, skips reported --------------------------
+
+
+def test_an_existing_name_with_brackets_is_a_file_not_a_glob(exported, tmp_path):
+    _, onnx_path, images = exported
+    photo = tmp_path / "photo[1].png"
+    photo.write_bytes(open(images[0], "rb").read())
+    model = rt.load(onnx_path)
+    np.testing.assert_allclose(model.predict_proba(str(photo)), model.predict_proba(images[0]), atol=1e-6)
+    rows = predict_top_k(onnx_path, [str(photo)], top_k=1)
+    assert rows[0]["path"] == str(photo) and rows[0]["error"] is None
+
+
+def test_predict_reports_skips_like_embed_and_shows_odd_names(exported, tmp_path, capsys):
+    _, onnx_path, images = exported
+    odd = tmp_path / os.fsdecode(b"caf\xe9.png")
+    odd.write_bytes(open(images[0], "rb").read())
+    eps = tmp_path / "photo.jpg"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EOF\n")
+    out = tmp_path / "pred.csv"
+    rows = predict_top_k(onnx_path, [str(odd), str(eps)], top_k=1, out=out)
+    assert rows[0]["error"] is None and "not an image file imagerec reads" in rows[1]["error"]
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable image(s)" in err and "photo.jpg" in err
+    assert "photo.jpg" in (tmp_path / "pred.skipped.csv").read_text()
+    text = format_predictions(rows, "csv")
+    text.encode("utf-8")  # writable as UTF-8: no lone surrogates
+    assert "caf\\xe9.png" in text

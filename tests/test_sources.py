@@ -153,3 +153,67 @@ def test_report_skipped_prints_a_count_and_writes_the_full_list(tmp_path, capsys
     err = capsys.readouterr().err
     assert "skipped 8 unreadable image(s)" in err and "(+3 more)" in err
     assert written.read_text().count("\n") == 9  # header + 8 rows
+
+
+# -- issue 10: manifests that point outside, headers, encodings; link loops; odd names ----------
+
+import os  # noqa: E402
+
+
+def test_manifest_paths_outside_its_folder_are_refused_and_reported(tmp_path):
+    make_image(tmp_path / "secret.png", seed=3)
+    make_image(tmp_path / "set" / "a.png", seed=1)
+    manifest = tmp_path / "set" / "m.csv"
+    manifest.write_text(f"path\na.png\n../secret.png\n{tmp_path / 'secret.png'}\n")
+    src = load_images(manifest)
+    assert [os.path.basename(p) for p in src.paths] == ["a.png"]
+    assert len(src.skipped) == 2
+    assert all("--allow-outside" in s.reason for s in src.skipped)
+    assert load_images(manifest, allow_outside=True).paths[1:] == [str(tmp_path / "secret.png")] * 2
+
+
+def test_a_manifest_whose_every_path_is_outside_says_so(tmp_path):
+    make_image(tmp_path / "x.png")
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "m.csv").write_text("../x.png\n")
+    with pytest.raises(ImagerecError, match="outside its folder.*--allow-outside"):
+        load_images(tmp_path / "set" / "m.csv")
+
+
+@pytest.mark.parametrize("header", ["file,class", "filename,label", "image,category", "path,label"])
+def test_any_header_row_is_not_read_as_an_image(tmp_path, header):
+    make_image(tmp_path / "a.png")
+    make_image(tmp_path / "b.png", seed=1)
+    (tmp_path / "m.csv").write_text(f"{header}\na.png,x\nb.png,y\n")
+    src = load_images(tmp_path / "m.csv")
+    assert src.classes == ["x", "y"] and src.skipped == []
+
+
+def test_a_first_row_naming_an_image_is_data(tmp_path):
+    make_image(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("a.png,x\nmissing.png,y\n")
+    src = load_images(tmp_path / "m.csv")
+    assert len(src) == 1 and src.classes == ["x"] and len(src.skipped) == 1
+
+
+def test_a_latin1_manifest_is_one_clear_error(tmp_path):
+    make_image(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_bytes("a.png,café\n".encode("latin-1"))
+    with pytest.raises(ImagerecError, match="not UTF-8.*save it as UTF-8"):
+        load_images(tmp_path / "m.csv")
+
+
+def test_link_loops_give_each_image_once_and_terminate(tmp_path):
+    make_image(tmp_path / "a.png")
+    make_image(tmp_path / "b.png", seed=1)
+    os.symlink(".", tmp_path / "self")
+    assert len(load_images(tmp_path)) == 2
+    os.symlink(".", tmp_path / "again")
+    assert len(load_images(tmp_path)) == 2
+
+
+def test_report_skipped_writes_a_non_utf8_name_as_an_escape(tmp_path, capsys):
+    name = os.fsdecode(b"/d/caf\xe9.jpg")
+    written = report_skipped([Skipped(name, "corrupt")], tmp_path / "run")
+    assert "caf\\xe9.jpg" in written.read_text(encoding="utf-8")
+    assert "caf\\xe9.jpg" in capsys.readouterr().err

@@ -116,3 +116,39 @@ def test_per_image_train_transform(augment):
 def test_unknown_augment():
     with pytest.raises(ImagerecError, match="augment='wild'"):
         train_transform(PP, "wild")
+
+
+# -- issue 10: thin images cost bounded memory ---------------------------------------------------
+
+_THIN = """
+import resource, sys
+from PIL import Image
+from imagerec import Preprocessing
+from imagerec.data import DecodeError, eval_transform, load_rgb
+folder = sys.argv[1]
+t = eval_transform(Preprocessing(224, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875))
+t(Image.new("RGB", (64, 64)))  # warm up the kernels
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+Image.new("RGB", (2000, 1), "red").save(folder + "/thin.png")  # 765 MB when resized whole
+try:
+    t(load_rgb(folder + "/thin.png"))
+    print("decoded")
+except DecodeError as e:
+    print("skipped:", e)
+Image.new("RGB", (1000, 20), "red").save(folder + "/at_cap.png")  # 50:1 is still read
+print(tuple(t(load_rgb(folder + "/at_cap.png")).shape))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_thin_images_are_refused_and_the_thinnest_read_cost_little_memory(tmp_path):
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    # a fresh process, so that the peak resident size measures this work alone
+    run = subprocess.run([sys.executable, "-c", _THIN, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    thin, shape, grown_mib = run.stdout.splitlines()
+    assert thin.startswith("skipped: too thin (2000 x 1")
+    assert shape == "(3, 224, 224)"
+    assert int(grown_mib) < 150, f"peak RSS grew by {grown_mib} MiB"

@@ -58,7 +58,12 @@ class SeedCNN(nn.Module):
     num_classes=10,
 )
 def seed_cnn(pretrained: bool) -> nn.Module:
-    return SeedCNN(10)
+    # Seeded from torch's initial seed, drawn on a forked generator: the same weights on every
+    # call in a process (so its embeddings are deterministic), the run's seed when training has
+    # called ``torch.manual_seed(seed)``, and the caller's random state left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed())
+        return SeedCNN(10)
 
 
 @register_backbone(

@@ -3,14 +3,16 @@
 CIFAR-sized images cost more to open and decode than to compute on, and every epoch and every
 command would decode them again. :func:`decode_small_images` decodes a folder of small images of
 one size once, in parallel, into ``$IMAGEREC_HOME/decoded/<key>.npy``; later calls map that
-file. The key covers the file list with each file's size and modification time, so an edited,
-added or removed image gives a new key. The cache never lives beside the data, which may be
-read-only.
+file. The key covers the file list with each file's identity (size, mtime_ns, inode, ctime_ns
+and, for files under 256 KB, a hash of the bytes: :func:`imagerec._identity.file_identity`), so
+an edited, added, removed or replaced image gives a new key, even one copied over with the same
+size and mtime (``cp`` then ``touch -r``, ``rsync -t``). A folder found to hold images of mixed
+sizes is remembered as such (a small ``<key>.json``), so it is not decoded again on every run.
+The cache never lives beside the data, which may be read-only.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -20,12 +22,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .._home import cache_dir
+from .._identity import fingerprint
 from .._io import atomic_path, write_text_atomic
 from .._decode import DecodeError, Skipped, load_rgb, peek_size
 from ._sources import ImageSource
 
 SMALL_IMAGE_MAX_SIDE = 64  # images at most this wide and high are cached decoded
-_FORMAT = 1  # bump when the decoding rules change, so old caches are not reused
+_FORMAT = 2  # bump when the decoding rules change, so old caches are not reused
 _CHUNK = 512
 
 
@@ -53,10 +56,11 @@ def decode_small_images(
     key = _cache_key(source, size)
     folder = cache_dir("decoded")
     array_file, meta_file = folder / f"{key}.npy", folder / f"{key}.json"
-    if not (array_file.is_file() and meta_file.is_file()):
-        if not _build(source, size, array_file, meta_file, progress, workers):
-            return None
-    meta = json.loads(meta_file.read_text())
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    if meta is None or (meta.get("small", True) and not array_file.is_file()):
+        meta = _build(source, size, array_file, meta_file, progress, workers)
+    if not meta.get("small", True):  # mixed sizes, found on an earlier run
+        return None
     pixels = np.load(array_file, mmap_mode="r")
     kept = np.asarray(meta["kept"], dtype=np.int64)
     cached = source.subset(kept)
@@ -75,14 +79,27 @@ def _common_small_size(paths: list[str], probe: int = 16) -> tuple[int, int] | N
 
 
 def _cache_key(source: ImageSource, size: tuple[int, int]) -> str:
-    digest = hashlib.sha256(f"{_FORMAT}|{size}|{source.max_pixels}".encode())
-    for path in source.paths:
-        st = os.stat(path)
-        digest.update(f"\n{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return digest.hexdigest()[:32]
+    return fingerprint(source.paths, str(_FORMAT), str(size), str(source.max_pixels))
 
 
-def _build(source, size, array_file, meta_file, progress, workers) -> bool:
+class _MixedSizes(Exception):
+    """An image of another size turned up: the folder is not a set of small images."""
+
+
+def _build(source, size, array_file, meta_file, progress, workers) -> dict:
+    """Decode into ``array_file`` and write ``meta_file``; returns the meta. For mixed sizes
+    only the meta ``{"small": false}`` is written, and no array (nothing half-written)."""
+    try:
+        kept, skipped = _decode_all(source, size, array_file, progress, workers)
+    except _MixedSizes:
+        meta = {"small": False}
+    else:
+        meta = {"small": True, "kept": kept.tolist(), "skipped": skipped, "size": size}
+    write_text_atomic(meta_file, json.dumps(meta))
+    return meta
+
+
+def _decode_all(source, size, array_file, progress, workers) -> tuple[np.ndarray, list]:
     n = len(source)
     width, height = size
     ok = np.zeros(n, dtype=bool)
@@ -97,7 +114,7 @@ def _build(source, size, array_file, meta_file, progress, workers) -> bool:
                 if pixels is None:  # an image of another size: this is not a set of small images
                     pool.shutdown(cancel_futures=True)
                     bar.close()
-                    return False
+                    raise _MixedSizes  # atomic_path removes the temporary array
                 out[start : start + len(good)] = pixels
                 ok[start : start + len(good)] = good
                 skipped += bad
@@ -111,8 +128,7 @@ def _build(source, size, array_file, meta_file, progress, workers) -> bool:
         else:
             out.flush()
             del out
-    write_text_atomic(meta_file, json.dumps({"kept": kept.tolist(), "skipped": skipped, "size": size}))
-    return True
+    return kept, skipped
 
 
 def _decode_chunk(paths: list[str], size: tuple[int, int], max_pixels: int):

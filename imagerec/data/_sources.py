@@ -7,7 +7,9 @@
 * a folder of class folders, ``DIR/<class>/*``, and a split root ``DIR/train/<class>`` with
   ``DIR/test/<class>`` and/or ``DIR/val/<class>``;
 * any other folder, searched recursively, as unlabelled images;
-* a CSV manifest ``path,label`` whose paths are relative to the CSV file.
+* a CSV manifest ``path,label`` (UTF-8) whose paths are relative to the CSV file and stay inside
+  its folder unless ``allow_outside=True``; the header row is optional and may name its
+  columns as it likes (see :func:`_from_manifest` for the rule).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from PIL import Image
 
 from .._io import write_text_atomic
 from ..errors import ImagerecError
-from .._decode import DEFAULT_MAX_PIXELS, Skipped, is_image_file, load_rgb
+from .._decode import DEFAULT_MAX_PIXELS, Skipped, display_path, is_image_file, load_rgb, walk_images
 
 SPLITS = ("train", "val", "test")
 _SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -83,7 +85,7 @@ class ImageSource:
 
     def describe(self) -> str:
         """One line for the console: how many images, classes and skipped files."""
-        text = f"{len(self):,} images from {self.root}"
+        text = f"{len(self):,} images from {display_path(self.root)}"
         if self.classes is not None:
             text += f", {len(self.classes)} classes"
         if self.skipped:
@@ -99,6 +101,7 @@ def load_images(
     seed: int = 0,
     labelled: bool | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_outside: bool = False,
 ) -> ImageSource:
     """Open a data set by name, folder or manifest.
 
@@ -111,13 +114,15 @@ def load_images(
         labelled: True to require class folders, False to read any folder as unlabelled images,
             None to decide from the layout.
         max_pixels: the decompression-bomb limit for each image.
+        allow_outside: read manifest rows whose paths lead outside the manifest's folder
+            (absolute, or ``..``); without it they are skipped and reported (``--allow-outside``).
 
     Returns:
         An :class:`ImageSource`.
 
     Raises:
-        ImagerecError: the path does not exist, holds no images, has an empty class folder, or
-            lacks the requested split.
+        ImagerecError: the path does not exist, holds no images, has an empty class folder,
+            lacks the requested split, or is a manifest that is not UTF-8 CSV.
     """
     if split is not None and split not in SPLITS:
         raise ImagerecError(f"split={split!r} is not one of {SPLITS} or None; pick one of those")
@@ -142,7 +147,7 @@ def load_images(
                 f"{text}: is a file but not a .csv manifest; give a folder of images or a CSV "
                 "manifest with the columns path,label"
             )
-        source = _from_manifest(path, max_pixels)
+        source = _from_manifest(path, max_pixels, allow_outside)
         return _carve(source, split, val_fraction, seed, text)
     if is_cifar10_folder(path):
         return _split_arrays(load_cifar10, path, split, val_fraction, seed)
@@ -294,10 +299,7 @@ def _from_class_folders(root: Path, max_pixels: int, required: bool) -> ImageSou
 
 
 def _unlabelled(root: Path, max_pixels: int) -> ImageSource:
-    paths = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        paths += [os.path.join(folder, f) for f in sorted(files) if not f.startswith(".") and is_image_file(f)]
+    paths = list(walk_images(root))  # links followed once: a link loop neither repeats nor hangs
     if not paths:
         raise ImagerecError(
             f"{root}: holds no images (searched all sub-folders for jpg, jpeg, png, bmp, gif, "
@@ -306,10 +308,18 @@ def _unlabelled(root: Path, max_pixels: int) -> ImageSource:
     return ImageSource(paths, None, None, str(root), max_pixels=max_pixels)
 
 
-def _from_manifest(path: Path, max_pixels: int) -> ImageSource:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
-    if rows and rows[0][0].strip().lower() == "path":
+def _from_manifest(path: Path, max_pixels: int, allow_outside: bool = False) -> ImageSource:
+    """A CSV manifest ``path[,label]``, UTF-8, paths relative to the CSV's folder.
+
+    The first row is a header when its first cell names no image: it has no image extension
+    and no such file exists (``path,label``, ``file,class``, ``filename``). A path outside the
+    manifest's folder (absolute, or climbing out with ``..``) is refused as a skipped row unless
+    ``allow_outside``; the check is on the path as written, so links inside the folder are the
+    folder owner's choice and are followed.
+    """
+    rows = _read_manifest(path)
+    base = path.parent
+    if rows and _is_header(rows[0], base):
         rows = rows[1:]
     if not rows:
         raise ImagerecError(f"{path}: the manifest lists no images; write one 'path,label' row per image")
@@ -319,17 +329,24 @@ def _from_manifest(path: Path, max_pixels: int) -> ImageSource:
         raise ImagerecError(
             f"{path}: row {line} has no label while others do; give every row a label, or none"
         )
-    base = path.parent
-    paths, names, skipped = [], [], []
+    inside = os.path.abspath(base)
+    paths, names, skipped, refused = [], [], [], 0
     for row in rows:
-        file = os.path.normpath(base / row[0].strip())
+        file = os.path.normpath(os.path.join(inside, row[0].strip()))
+        if not allow_outside and os.path.commonpath([inside, file]) != inside:
+            refused += 1
+            skipped.append(Skipped(file, f"outside the manifest's folder {inside}; pass --allow-outside (allow_outside=True) to read it"))
+            continue
         if not os.path.isfile(file):
             skipped.append(Skipped(file, "file not found (listed in the manifest)"))
             continue
         paths.append(file)
         names.append(row[1].strip() if len(row) > 1 else None)
     if not paths:
-        raise ImagerecError(f"{path}: none of the {len(rows)} files it lists exists; paths are relative to the CSV")
+        why = f"{refused} are outside its folder (pass --allow-outside to read them), the others" if refused else "none"
+        raise ImagerecError(
+            f"{path}: none of the {len(rows)} files it lists can be read: {why} do not exist; paths are relative to the CSV"
+        )
     labels = classes = None
     if all(has_labels):
         classes = sorted(set(names))
@@ -338,9 +355,30 @@ def _from_manifest(path: Path, max_pixels: int) -> ImageSource:
     return ImageSource(paths, labels, classes, str(path), skipped=skipped, max_pixels=max_pixels)
 
 
+def _read_manifest(path: Path) -> list[list[str]]:
+    """The non-blank rows of a UTF-8 CSV file (a byte-order mark is allowed)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as e:
+        raise ImagerecError(
+            f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
+    except csv.Error as e:
+        raise ImagerecError(f"{path}: not a readable CSV file ({e}); write one 'path,label' row per image") from None
+
+
+def _is_header(row: list[str], base: Path) -> bool:
+    first = row[0].strip()
+    return not is_image_file(first) and not os.path.isfile(os.path.join(base, first))
+
+
 def report_skipped(skipped: Sequence[Skipped], out: str | os.PathLike | None, shown: int = 5) -> Path | None:
     """Tell the user which images were left out: a count and the first few on stderr, the full
     list as CSV in ``out`` (a run folder) or beside it (a file: ``NAME.skipped.csv``).
+
+    A file name that is not UTF-8 is written with its odd bytes as ``\\xNN`` escapes
+    (see :func:`~imagerec._decode.display_path`).
 
     Returns:
         The CSV written, or None when nothing was skipped or no ``out`` was given.
@@ -351,9 +389,9 @@ def report_skipped(skipped: Sequence[Skipped], out: str | os.PathLike | None, sh
     if out is not None:
         out = Path(out)
         target = out / "skipped.csv" if out.is_dir() or not out.suffix else out.with_suffix(".skipped.csv")
-        lines = ["path,reason"] + [_csv_line(s.path, s.reason) for s in skipped]
+        lines = ["path,reason"] + [_csv_line(display_path(s.path), s.reason) for s in skipped]
         write_text_atomic(target, "\n".join(lines) + "\n")
-    first = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:shown])
+    first = "; ".join(f"{display_path(s.path)}: {s.reason}" for s in skipped[:shown])
     more = f" (+{len(skipped) - shown} more)" if len(skipped) > shown else ""
     where = f"; full list in {target}" if target else ""
     print(f"imagerec: skipped {len(skipped)} unreadable image(s): {first}{more}{where}", file=sys.stderr)

@@ -8,17 +8,15 @@ probabilities, a row of NaN for an unreadable image, and a
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .._decode import DEFAULT_MAX_PIXELS, DecodeError, Skipped, is_image_file, load_rgb
+from .._decode import DEFAULT_MAX_PIXELS, DecodeError, Skipped, expand_paths, load_rgb
 from .._metadata import (
     INPUT_NAME,
     KEY_BACKBONE,
@@ -314,26 +312,8 @@ def _expand(images) -> list:
 
 
 def _paths(text: str) -> list[str]:
-    if glob.has_magic(text):
-        found = sorted(p for p in glob.glob(text, recursive=True) if os.path.isfile(p) and is_image_file(p))
-        if not found:
-            raise ImagerecError(f"{text}: the pattern matches no image files")
-        return found
-    if os.path.isdir(text):
-        found = list(_walk_images(text))
-        if not found:
-            raise ImagerecError(f"{text}: holds no images (searched all sub-folders); point at a folder that has some")
-        return found
-    if os.path.isfile(text):
-        return [text]
-    raise ImagerecError(f"{text}: no such file or folder")
-
-
-def _walk_images(root: str) -> Iterator[str]:
-    """Image files under ``root`` in the order ``imagerec.load_images`` lists them."""
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        yield from (os.path.join(folder, f) for f in sorted(files) if not f.startswith(".") and is_image_file(f))
+    """A file (an existing name before a glob), a folder searched recursively, or a glob."""
+    return expand_paths([text])
 
 
 def _pixels(item, max_pixels: int) -> np.ndarray:
