@@ -424,3 +424,13 @@ def test_listening_beyond_localhost_needs_a_token(models, capsys):
     assert_user_error(code, err, "nothing.onnx", "no such file")
     with pytest.raises(ImagerecError, match="max_wait_ms=-1"):
         ServeConfig(max_wait_ms=-1).check()
+
+
+def test_a_lone_request_does_not_wait_for_company(models):
+    # a long max wait only applies while other requests are on their way
+    with running(create_app(models["onnx"], config=ServeConfig(max_wait_ms=3000))) as url:
+        wait_ready(url, seconds=10)
+        start = time.perf_counter()
+        r = httpx.post(f"{url}/predict", content=png_bytes(), timeout=30)
+        elapsed = time.perf_counter() - start
+    assert r.status_code == 200 and elapsed < 1.5, elapsed

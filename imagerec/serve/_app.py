@@ -8,7 +8,8 @@ Life of a ``POST /predict``:
 3. decode and prepare the images in the decoding thread pool, off the event loop
    (format allow-list, pixel limit): a bad image -> 400 naming the file and the problem;
 4. queue the prepared images for the :class:`~imagerec.serve._batcher.Batcher`, which runs
-   concurrent requests as one forward pass in its own thread;
+   concurrent requests as one forward pass in its own thread (waiting up to ``max_wait_ms``
+   for requests still being decoded, never when none are);
 5. softmax, top-k, JSON. Steps 2-5 have ``timeout_s`` in all, else 504.
 """
 
@@ -102,11 +103,12 @@ class _Server:
         self.engine, self.config, self.metrics = engine, config, metrics
         self.batcher = Batcher(
             self._forward, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
-            on_batch=metrics.batch_size.observe,
+            on_batch=metrics.batch_size.observe, arriving=lambda: self.arriving,
         )
         threads = config.decode_threads or min(4, os.cpu_count() or 1)
         self.decoders = ThreadPoolExecutor(threads, thread_name_prefix="imagerec-decode")
-        self.in_flight = 0
+        self.in_flight = 0  # admitted, not yet answered
+        self.arriving = 0  # admitted, not yet queued for the model (reading, decoding)
         self.ready = False
 
     def _forward(self, kind: tuple, batch: np.ndarray) -> np.ndarray:
@@ -147,11 +149,20 @@ class _Server:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
 
-    async def images(self, request: Request) -> tuple[list[str], np.ndarray]:
-        """The request's images, decoded and prepared: (names, float32 (N, 3, S, S))."""
-        files = await self._read(request)
-        loop = asyncio.get_running_loop()
-        return [name for name, _ in files], await loop.run_in_executor(self.decoders, self._prepare, files)
+    async def run(self, request: Request, kind: tuple) -> tuple[list[str], np.ndarray]:
+        """Read, decode and prepare the request's images, then run them in a shared batch.
+
+        Returns:
+            (file names, the model's outputs: float32 (N, C) logits or (N, D) features).
+        """
+        self.arriving += 1
+        try:
+            files = await self._read(request)
+            loop = asyncio.get_running_loop()
+            batch = await loop.run_in_executor(self.decoders, self._prepare, files)
+        finally:
+            self.arriving -= 1
+        return [name for name, _ in files], await self.batcher.submit(kind, batch)
 
     async def _read(self, request: Request) -> list[tuple[str, bytes]]:
         ctype = request.headers.get("content-type", "")
@@ -246,8 +257,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         tta: bool = Query(False, description="average with the mirrored image"),
     ):
         async with server.admitted():
-            names, batch = await server.images(request)
-            logits = await server.batcher.submit(("logits", tta), batch)
+            names, logits = await server.run(request, ("logits", tta))
         return {"predictions": [_top(name, row, engine.classes, top_k) for name, row in zip(names, _softmax(logits))]}
 
     @app.post("/embed", summary="Feature vectors of one or more images (the backbone's embedding)")
@@ -259,8 +269,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 "folder it came from (imagerec serve RUN) to get /embed",
             )
         async with server.admitted():
-            names, batch = await server.images(request)
-            features = await server.batcher.submit(("features",), batch)
+            names, features = await server.run(request, ("features",))
         return {"dim": int(features.shape[1]), "embeddings": [{"file": n, "vector": v.tolist()} for n, v in zip(names, features)]}
 
     @app.get("/model", summary="Class names, preprocessing, backbone, versions and the model file's SHA-256")

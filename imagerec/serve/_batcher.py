@@ -1,9 +1,11 @@
 """Dynamic batching: the images of concurrent requests go through the model in one forward pass.
 
 Requests put their prepared images on a queue. One collector task takes the first
-waiting request, then keeps taking requests for up to ``max_wait_ms`` or until
-``max_batch_size`` images are gathered, and runs them as one batch in the single forward
-thread; while that runs, the next requests queue up, so under load batches fill without waiting.
+waiting request, then keeps taking requests until ``max_batch_size`` images are gathered, and
+runs them as one batch in the single forward thread; while that runs, the next requests queue
+up, so under load batches fill without waiting. The collector waits for more (at most
+``max_wait_ms``) only while other requests are on their way (admitted, still being read or
+decoded): a lone request is never held back waiting for company that cannot come.
 Requests of different kinds (logits with or without TTA, embeddings) go in separate batches.
 A request larger than ``max_batch_size`` runs alone, in chunks of that size.
 """
@@ -35,11 +37,21 @@ class Batcher:
         max_batch_size: images per forward pass at most.
         max_wait_ms: how long the first request of a batch waits for others.
         on_batch: called with each batch's size (for metrics).
+        arriving: how many requests are on their way to the queue (None: always wait).
     """
 
-    def __init__(self, run: Callable, *, max_batch_size: int, max_wait_ms: float, on_batch: Callable[[int], None] = lambda n: None):
+    def __init__(
+        self,
+        run: Callable,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        on_batch: Callable[[int], None] = lambda n: None,
+        arriving: Callable[[], int] | None = None,
+    ):
         self._run, self.max_batch_size, self.max_wait = run, max_batch_size, max_wait_ms / 1000
         self._on_batch = on_batch
+        self._arriving = arriving or (lambda: 1)
         self._jobs: collections.deque[_Job] = collections.deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -99,6 +111,8 @@ class Batcher:
                 job = self._next_nowait_fitting(first.kind, self.max_batch_size - count)
                 if job is None:
                     if self._jobs:  # the next one does not fit this batch: it starts the next
+                        break
+                    if not self._arriving():  # nobody else is coming
                         break
                     left = deadline - time.monotonic()
                     if left <= 0:
