@@ -164,6 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_cluster)
 
+    p = commands.add_parser("serve", help="serve a model over HTTP: batched predictions, embeddings, metrics")
+    p.add_argument("model", help="a run folder, a .safetensors checkpoint, or an exported .onnx (int8 included)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--token", help="bearer token required by every endpoint but /health (default: $IMAGEREC_SERVE_TOKEN)")
+    p.add_argument("--insecure-no-token", action="store_true", help="allow a --host beyond this machine without a token")
+    p.add_argument("--engine", choices=["auto", "onnx", "torch"], default="auto", help="onnx: ONNX Runtime; torch: PyTorch; auto: onnx on a CPU (default)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (a GPU needs --engine torch or auto; default: cpu)")
+    p.add_argument("--threads", type=_positive_int, help="ONNX Runtime CPU threads (default: all cores)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=32, help="images per forward pass at most (default: 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to share its forward pass (default: 5)")
+    p.add_argument("--max-queue", type=_positive_int, default=256, help="requests in the server at once; beyond, 503 + Retry-After (default: 256)")
+    p.add_argument("--max-images", type=_positive_int, default=64, help="images per request at most (default: 64)")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="larger request bodies get a 413 (default: 20)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request, else 504 (default: 30)")
+    p.add_argument("--max-pixels", type=_positive_int, default=None, help="refuse images with more pixels (decompression-bomb guard)")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+    p.set_defaults(run=_run_serve)
+
     p = commands.add_parser("quickstart", help="the main job: download CIFAR-10, fine-tune, evaluate")
     p.add_argument("--data", default="cifar10", help="a local copy instead of the download (a split root or the CIFAR batches)")
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
@@ -401,6 +420,21 @@ def _outside(function, args) -> dict:
     from .training._config import outside_kwargs  # noqa: PLC0415
 
     return outside_kwargs(function, args.allow_outside)
+
+
+def _run_serve(args) -> None:
+    from ._decode import DEFAULT_MAX_PIXELS  # noqa: PLC0415
+    from .serve import ServeConfig, serve  # noqa: PLC0415
+
+    config = ServeConfig(
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        max_images=args.max_images, max_body_mb=args.max_body_mb, timeout_s=args.timeout,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+    )
+    serve(
+        args.model, host=args.host, port=args.port, token=args.token, insecure_no_token=args.insecure_no_token,
+        engine=args.engine, device=args.device, threads=args.threads, config=config, log_level=args.log_level,
+    )
 
 
 def _run_quickstart(args) -> None:
