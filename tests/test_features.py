@@ -204,3 +204,10 @@ def test_a_file_that_became_unreadable_is_a_skip_not_a_crash(tmp_path, seed_cnn)
     assert len(again.embeddings) == 3 and [s.path for s in again.embeddings.skipped] == [str(data / "02.bmp")]
     third = compute_features(data, backbone=seed_cnn, cache_dir=run, progress=False)  # remembered as unreadable
     assert [s.path for s in third.embeddings.skipped] == [str(data / "02.bmp")]
+
+
+def test_small_images_of_several_sizes_get_the_small_image_rule_too(tmp_path):
+    make_image(tmp_path / "mixed" / "a.png", (32, 32), seed=1)
+    make_image(tmp_path / "mixed" / "b.png", (20, 24), seed=2)  # a resized copy, say
+    name, size, source = auto_backbone(load_images(tmp_path / "mixed"), None)
+    assert (name, size, source.pixels) == (SMALL_IMAGE_BACKBONE, SMALL_IMAGE_SIZE, None)

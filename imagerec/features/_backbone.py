@@ -1,6 +1,6 @@
 """Which backbone embeds a collection, and at what input size: the one place that decides it.
 
-Small images (all of one size, at most ``SMALL_IMAGE_MAX_SIDE`` pixels a side, like CIFAR's)
+Small images (at most ``SMALL_IMAGE_MAX_SIDE`` pixels a side, like CIFAR's)
 carry little detail for ImageNet features; EfficientNet-Lite2 upsampled to ``SMALL_IMAGE_SIZE``
 clustered CIFAR-10 best of the Lite0/Lite2 sizes measured (docs/BENCHMARKS.md). Photos get
 EfficientNet-Lite0 at its own size (224 px), the cheapest backbone whose features are strong
@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data import ImageSource, decode_small_images
+from .._decode import peek_size
+from ..data import SMALL_IMAGE_MAX_SIDE, ImageSource, decode_small_images
 
 SMALL_IMAGE_BACKBONE = "efficientnet_lite2"
 SMALL_IMAGE_SIZE = 160  # px: small images are upsampled to this for embedding (CIFAR-10 k-means ACC)
@@ -35,7 +36,18 @@ def auto_backbone(source: ImageSource, image_size: int | None) -> tuple[str, int
     small = decode_small_images(source, progress=False)
     if small is not None:
         return SMALL_IMAGE_BACKBONE, image_size or SMALL_IMAGE_SIZE, small
+    if _all_small(source):  # small but of several sizes (resized copies): same rule, read from files
+        return SMALL_IMAGE_BACKBONE, image_size or SMALL_IMAGE_SIZE, source
     return PHOTO_BACKBONE, image_size, source
+
+
+def _all_small(source: ImageSource, probe: int = 64) -> bool:
+    """Whether the images (a spread sample of ``probe`` of them) are all at most
+    ``SMALL_IMAGE_MAX_SIDE`` pixels a side."""
+    paths = source.paths[:: max(1, len(source.paths) // probe)][:probe]
+    sizes = [peek_size(p) for p in paths]
+    known = [s for s in sizes if s is not None]
+    return bool(known) and max(max(s) for s in known) <= SMALL_IMAGE_MAX_SIDE
 
 
 class FlipAveraged(nn.Module):

@@ -41,6 +41,7 @@ def resolve_embeddings(
     cache_dir: str | os.PathLike | None = None,
     split: str | None = None,
     image_size: int | None = None,
+    crop_pct: float | None = None,
     batch_size: int = 64,
     device: str = "cpu",
     tta: bool = False,
@@ -57,6 +58,8 @@ def resolve_embeddings(
             reused when a model with the same weights, at the same size, embedded the same file content).
         split: ``"train"``, ``"val"``, ``"test"`` or None, for a data set spec.
         image_size: input side in pixels (default: the backbone's).
+        crop_pct: centre-crop share (default: the backbone's; see :func:`~imagerec.embed`); 1.0
+            embeds the whole image.
         batch_size: images per forward pass.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         tta: embed each image as the mean of it and its mirror image.
@@ -77,7 +80,7 @@ def resolve_embeddings(
             "images, or fit an estimator of imagerec.clustering (KMeans, DBSCAN, ...) on it directly"
         )
     if is_embeddings_file(data):
-        if tta or image_size:
+        if tta or image_size or crop_pct:
             raise ImagerecError(
                 f"{data}: holds finished embeddings; tta and image_size apply only when images are embedded"
             )
@@ -86,11 +89,11 @@ def resolve_embeddings(
     model = backbone if isinstance(backbone, nn.Module) else create_backbone(backbone, num_classes=0)
     if tta:
         model = FlipAveraged(model)
-    options = dict(image_size=image_size, batch_size=batch_size, device=device, max_pixels=max_pixels, progress=progress)
+    options = dict(image_size=image_size, crop_pct=crop_pct, batch_size=batch_size, device=device, max_pixels=max_pixels, progress=progress)
     if cache_dir is None:
         return embed(source, model, **options), source
     cache = Path(cache_dir) / EMBEDDINGS_FILE
-    key = _key(model, image_size, max_pixels)
+    key = _key(model, image_size, crop_pct, max_pixels)
     identities = {p: _identity(p) for p in source.paths}
     old = _read_cache(cache, key)
     if old is None:
@@ -110,11 +113,11 @@ def is_embeddings_file(data) -> bool:
     return not isinstance(data, (ImageSource, Embeddings, np.ndarray)) and str(data).lower().endswith(".npz")
 
 
-def _key(model: nn.Module, image_size: int | None, max_pixels: int) -> str:
+def _key(model: nn.Module, image_size: int | None, crop_pct: float | None, max_pixels: int) -> str:
     """What the features depend on besides the files: the weights themselves (a backbone without
     pretrained weights is random at each creation; an adapted one is new), the size, the limit."""
     size = image_size or model.preprocessing.input_size
-    digest = hashlib.sha256(json.dumps([getattr(model, "backbone_name", type(model).__name__), int(size), int(max_pixels)]).encode())
+    digest = hashlib.sha256(json.dumps([getattr(model, "backbone_name", type(model).__name__), int(size), crop_pct, int(max_pixels)]).encode())
     for tensor in model.state_dict().values():
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

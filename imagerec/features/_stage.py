@@ -53,6 +53,7 @@ def compute_features(
     backbone: str | nn.Module = "auto",
     split: str | None = None,
     image_size: int | None = None,
+    crop_pct: float | None = None,
     adapt: str | None = None,
     adapt_params: dict | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -75,6 +76,7 @@ def compute_features(
             images (CIFAR-like), else EfficientNet-Lite0 at 224 px.
         split: ``"train"``, ``"val"``, ``"test"`` or None (all images) of a data set spec.
         image_size: input side in pixels (default: the backbone's, or the small-image size).
+        crop_pct: centre-crop share when embedding (default: the backbone's); 1.0: the whole image.
         adapt: ``"simclr"`` fine-tunes the backbone on the images first (no labels); None: as it is.
         adapt_params: arguments of :func:`adapt_backbone`, e.g. ``{"epochs": 8, "image_size": 64}``.
         cache_dir: run folder whose ``embeddings.npz`` is reused for unchanged files; None: no cache.
@@ -120,7 +122,7 @@ def compute_features(
 
     # 3. embed, or reuse the cached rows of unchanged files
     emb, source = resolve_embeddings(
-        data, backbone=backbone, cache_dir=cache_dir, split=split, image_size=image_size, batch_size=batch_size,
+        data, backbone=backbone, cache_dir=cache_dir, split=split, image_size=image_size, crop_pct=crop_pct, batch_size=batch_size,
         device=device, tta=tta, max_pixels=max_pixels, progress=progress,
     )  # fmt: skip
     seconds["embed"] = time.perf_counter() - timer
