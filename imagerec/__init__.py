@@ -18,6 +18,8 @@ from ._version import __version__
 from .errors import ImagerecError, ImagerecWarning, SkippedImagesWarning
 
 _LAZY = {
+    "AuditResult": ".audit",
+    "audit": ".audit",
     "ModelCard": ".backbones",
     "create_backbone": ".backbones",
     "list_backbones": ".backbones",
