@@ -94,7 +94,6 @@ def make_faiss(vectors: np.ndarray, exact_max: int = EXACT_MAX, seed: int = 0):
     index.train(vectors[np.sort(sample)])
     index.add(vectors)
     index.nprobe = min(NPROBE, nlist)
-    index.quantizer_keepalive = quantizer  # the IVF index refers to it; keep it alive in Python
     return index, {"kind": "ivf", "faiss_index": "IndexIVFFlat", "nlist": nlist, "nprobe": index.nprobe}
 
 
