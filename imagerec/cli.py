@@ -146,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_cluster)
 
+    p = commands.add_parser("studio", help="a local web app: name clusters, fix what the audit found, train, export")
+    p.add_argument("data", nargs="?", help="the photos: a folder, DIR/<class>/*, a split root or a CSV manifest (omit to reopen --project)")
+    p.add_argument("--project", help="project folder (default: DATA.studio beside the data)")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default: 8765; 0: any free port)")
+    p.add_argument("--open", action="store_true", help="open the studio in the default browser")
+    p.add_argument("--k", help="clusters for unlabelled photos: a number or 'auto' (default: auto)")
+    p.add_argument("--backbone", default="auto", help="backbone that embeds the photos for clustering and search (default: auto)")
+    p.add_argument("--image-size", type=int, help="input side in pixels of that embedding (default: the backbone's)")
+    p.set_defaults(run=_run_studio)
+
     p = commands.add_parser("quickstart", help="the main job: download CIFAR-10, fine-tune, evaluate")
     p.add_argument("--data", default="cifar10", help="a local copy instead of the download (a split root or the CIFAR batches)")
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
@@ -365,6 +375,15 @@ def _parse_value(text: str):
         except ValueError:
             pass
     return text
+
+
+def _run_studio(args) -> None:
+    from .studio import serve  # noqa: PLC0415 - fast --help
+
+    k = None if args.k in (None, "auto") else _parse_value(args.k)
+    if k is not None and not isinstance(k, int):
+        raise ImagerecError(f"--k {args.k!r} must be a whole number of clusters or 'auto'")
+    serve(args.data, args.project, port=args.port, open_browser=args.open, k=k, backbone=args.backbone, image_size=args.image_size)
 
 
 def _run_quickstart(args) -> None:
