@@ -213,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="refuse images with more pixels (decompression-bomb guard)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
     p.set_defaults(run=_run_serve)
+    p = commands.add_parser("studio", help="a local web app: name clusters, fix what the audit found, train, export")
+    p.add_argument("data", nargs="?", help="the photos: a folder, DIR/<class>/*, a split root or a CSV manifest (omit to reopen --project)")
+    p.add_argument("--project", help="project folder (default: DATA.studio beside the data)")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default: 8765; 0: any free port)")
+    p.add_argument("--open", action="store_true", help="open the studio in the default browser")
+    p.add_argument("--k", help="clusters for unlabelled photos: a number or 'auto' (default: auto)")
+    p.add_argument("--backbone", default="auto", help="backbone that embeds the photos for clustering and search (default: auto)")
+    p.add_argument("--image-size", type=int, help="input side in pixels of that embedding (default: the backbone's)")
+    p.set_defaults(run=_run_studio)
 
     p = commands.add_parser("quickstart", help="the main job: download CIFAR-10, fine-tune, evaluate")
     p.add_argument("--data", default="cifar10", help="a local copy instead of the download (a split root or the CIFAR batches)")
@@ -520,6 +529,13 @@ def _run_serve(args) -> None:
         args.model, host=args.host, port=args.port, token=args.token, insecure_no_token=args.insecure_no_token,
         engine=args.engine, device=args.device, threads=args.threads, config=config, log_level=args.log_level,
     )
+def _run_studio(args) -> None:
+    from .studio import serve  # noqa: PLC0415 - fast --help
+
+    k = None if args.k in (None, "auto") else _parse_value(args.k)
+    if k is not None and not isinstance(k, int):
+        raise ImagerecError(f"--k {args.k!r} must be a whole number of clusters or 'auto'")
+    serve(args.data, args.project, port=args.port, open_browser=args.open, k=k, backbone=args.backbone, image_size=args.image_size)
 
 
 def _run_quickstart(args) -> None:
