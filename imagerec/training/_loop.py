@@ -14,6 +14,10 @@
    ``save_every`` steps too, ``best`` on a better validation accuracy; stop early after
    ``patience`` epochs without progress.
 
+The run folder is locked for the whole run (by rank 0, the only writer under torchrun), and a
+resumed run must find the data it started with: the same classes in the same order, the same
+number of training images and the same preprocessing, or it stops before decoding anything.
+
 Everything random is drawn from ``(seed, epoch, step, rank)``: the order of each epoch, each
 batch's augmentation, dropout. A run resumed from a checkpoint at step k therefore continues
 exactly as the uninterrupted run would have (for in-memory data; folders of large photos
