@@ -169,6 +169,7 @@ def embed(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     engine: str = "auto",
     progress: bool = True,
+    allow_outside: bool = False,
 ) -> Embeddings:
     """Embed images with a backbone's pooled features (``forward_head(pre_logits=True)``).
 
@@ -190,6 +191,8 @@ def embed(
             a CPU, same features to about 1e-5) or ``"auto"`` (onnx on a CPU where
             onnxruntime is installed, else torch).
         progress: show a progress bar with images/s and ETA.
+        allow_outside: read CSV manifest rows whose paths lead outside the manifest's folder
+            (``--allow-outside``); without it they are reported as skipped.
 
     Returns:
         The :class:`Embeddings` (also written to ``out`` when given).
@@ -203,7 +206,7 @@ def embed(
     if workers is not None and workers < 0:
         raise ImagerecError(f"workers={workers} must be 0 or more (0 decodes in this process); leave it out to use every CPU")
     out = _check_out(out)
-    source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
+    source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels, allow_outside=allow_outside)
     model = create_backbone(backbone, num_classes=0) if isinstance(backbone, str) else backbone
     name = getattr(model, "backbone_name", type(model).__name__)
     torch_device = resolve_device(device)

@@ -295,3 +295,13 @@ def test_a_thin_strip_is_a_reported_skip_with_bounded_memory(tmp_path):
     assert len(result) == 1 and [s.path for s in result.skipped] == [str(root / "strip.png")]
     assert "too thin (30000 x 1" in result.skipped[0].reason
     assert grown_mib < 300, f"peak memory grew by {grown_mib:.0f} MiB"
+
+
+def test_manifest_rows_outside_its_folder_need_allow_outside(tmp_path, capsys):
+    make_image(tmp_path / "elsewhere.png", seed=1)
+    make_image(tmp_path / "set" / "a.png", seed=2)
+    (tmp_path / "set" / "m.csv").write_text("path\na.png\n../elsewhere.png\n")
+    result = embed(tmp_path / "set" / "m.csv", "seed_cnn", progress=False)
+    assert len(result) == 1 and "--allow-outside" in result.skipped[0].reason
+    assert "--allow-outside" in capsys.readouterr().err
+    assert len(embed(tmp_path / "set" / "m.csv", "seed_cnn", progress=False, allow_outside=True)) == 2
