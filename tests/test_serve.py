@@ -434,3 +434,17 @@ def test_a_lone_request_does_not_wait_for_company(models):
         r = httpx.post(f"{url}/predict", content=png_bytes(), timeout=30)
         elapsed = time.perf_counter() - start
     assert r.status_code == 200 and elapsed < 1.5, elapsed
+
+
+def test_blas_is_single_threaded_while_the_app_runs_and_restored_after(models):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    with running(create_app(models["onnx"])) as url:
+        wait_ready(url, seconds=10)
+        during = blas_threads()
+    assert during and set(during) == {1}
+    assert blas_threads() == before
