@@ -15,7 +15,7 @@ from torch import nn
 from .._decode import Skipped
 from .._lock import run_lock
 from .._version import __version__
-from ..data import DEFAULT_MAX_PIXELS, ImageSource
+from ..data import DEFAULT_MAX_PIXELS, ImageSource, Preprocessing, decode_small_images, load_images
 from ..embedding import Embeddings
 from ..errors import ImagerecError
 from ..features import compute_features, is_embeddings_file, l2_normalize, prepare_features
@@ -174,12 +174,17 @@ def _audit(data, options: dict, plan: dict, run_dir: Path | None) -> AuditResult
     checks, t, k = plan["checks"], plan["thresholds"], plan["k"]
 
     # 2. the features (shared stage: one cache in the run folder), then the one decode pass
-    feats = compute_features(data, cache_dir=run_dir, **options)
-    emb = feats.embeddings
-    seconds.update(feats.seconds)
+    if set(checks) <= set(PIXEL_CHECKS) and not (isinstance(data, Embeddings) or is_embeddings_file(data)):
+        emb, source = _pixels_only(data, options)  # no check needs embeddings: none are computed
+    else:
+        if isinstance(data, Embeddings) or is_embeddings_file(data):
+            options = {**options, "tta": False, "crop_pct": None}  # how they were embedded is decided
+        feats = compute_features(data, cache_dir=run_dir, **options)
+        emb, source = feats.embeddings, feats.source
+        seconds.update(feats.seconds)
     n = len(emb)
     images = _image_table(emb)
-    source = _pixel_source(feats.source, emb)
+    source = _pixel_source(source, emb)
     skipped: list[Skipped] = list(emb.skipped)
     not_run: dict[str, str] = {}
     timer = time.perf_counter()
@@ -198,7 +203,7 @@ def _audit(data, options: dict, plan: dict, run_dir: Path | None) -> AuditResult
     # 3. the checks
     timer = time.perf_counter()
     x = l2_normalize(np.ascontiguousarray(emb.features, dtype=np.float32))
-    if n > EXACT_SEARCH_MAX:
+    if n > EXACT_SEARCH_MAX and x.shape[1] > 128:
         x = prepare_features(x, pca_dim=128)  # a million rows of 1,280 floats do not fit; cosines stay close
     split = images["split"].to_numpy().astype(str)
     area = (images["width"] * images["height"]).to_numpy() if "width" in images else np.ones(n)
@@ -303,6 +308,16 @@ def _pixel_source(source: ImageSource | None, emb: Embeddings) -> ImageSource | 
     return None
 
 
+def _pixels_only(data, options: dict) -> tuple[Embeddings, ImageSource]:
+    """The images without embedding them: an Embeddings with no features, for the row table."""
+    source = data if isinstance(data, ImageSource) else load_images(data, options["split"], max_pixels=options["max_pixels"])
+    source = decode_small_images(source, progress=options["progress"]) or source
+    empty = Embeddings(np.zeros((len(source), 0), np.float32), list(source.paths), source.labels, source.classes,
+                       "none (pixel checks only)", Preprocessing(32, (0.5,) * 3, (0.5,) * 3))  # fmt: skip
+    empty.skipped = list(source.skipped)
+    return empty, source
+
+
 def _outliers(x: np.ndarray, emb: Embeddings, threshold, k: int, not_run: dict) -> dict:
     from ._outliers import find_outliers  # noqa: PLC0415
 
@@ -379,7 +394,7 @@ def _summary(emb, images, tables, t, not_run, search, k, options, seconds) -> di
         "thresholds": used,
         "not_run": not_run,
         "features": {"backbone": emb.backbone, "input_size": emb.preprocessing.input_size, "dim": int(emb.features.shape[1]),
-                     "tta": bool(options["tta"]), "neighbours": k, "search": search},  # fmt: skip
+                     "tta": emb.backbone.endswith("+flip"), "neighbours": k, "search": search},  # fmt: skip
         "seconds": {key: round(v, 3) for key, v in seconds.items()},
         "imagerec_version": __version__,
     }
