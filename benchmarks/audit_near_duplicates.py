@@ -6,8 +6,9 @@ intel-scenes-small. 5% of the images get one transformed copy each, the transfor
 resize to 50-80%, JPEG quality 20-40, crop 85-95%, horizontal flip, brightness +-20%, rotation
 +-5 degrees. A method's predicted pairs are all pairs inside its groups (connected components of
 its edges at the threshold); precision and recall are over the planted (original, copy) pairs.
-For every method the threshold is swept and the table reports the best recall at precision >=
-0.95, and imagerec's at its default threshold.
+For every method the threshold is swept (imagerec: the cosine threshold, and the thumbnail
+correlation that confirms candidates) and the table reports the best recall at precision >= 0.95,
+and imagerec's at its default thresholds.
 
     nohup .venv/bin/python benchmarks/audit_near_duplicates.py > LOG 2>&1 &
 
@@ -33,6 +34,8 @@ from scipy.sparse.csgraph import connected_components
 
 from imagerec import embed
 from imagerec.audit import NEAR_DUPLICATE_THRESHOLD, knn
+from imagerec.audit._duplicates import PIXEL_THRESHOLD, edges
+from imagerec.audit._scan import scan_images
 from imagerec.data import load_images
 from imagerec.features import compute_features, l2_normalize
 
@@ -99,13 +102,13 @@ def score(pairs: set, truth: set) -> tuple[float, float]:
     return (tp / len(pairs) if pairs else 1.0), tp / len(truth)
 
 
-def sweep_cosine(x: np.ndarray, truth: set, thresholds) -> list[dict]:
+def sweep_cosine(x: np.ndarray, truth: set, thresholds, thumbs=None, pixel=None) -> list[dict]:
     sims, ids, _ = knn(x, 10)
     rows = []
     for t in thresholds:
-        r, c = np.nonzero(sims >= t)
+        r, c = np.nonzero(edges(sims, ids, t, thumbs, pixel) if thumbs is not None else sims >= t)
         p, rec = score(pairs_of_components(len(x), r, ids[r, c]), truth)
-        rows.append({"threshold": round(float(t), 3), "precision": p, "recall": rec})
+        rows.append({"threshold": round(float(t), 3), "pixel_threshold": pixel, "precision": p, "recall": rec})
     return rows
 
 
@@ -125,14 +128,20 @@ def sweep_hash(method, folder: Path, files: list[str], truth: set, distances) ->
     return rows
 
 
+def in_order(emb, files: list[str]) -> np.ndarray:
+    """The L2-normalised features in the order of ``files`` (the truth pairs' numbering)."""
+    row = {p: i for i, p in enumerate(emb.paths)}
+    return l2_normalize(emb.features[[row[f] for f in files]])
+
+
 def best_at(rows: list[dict], precision: float = 0.95) -> dict:
     ok = [r for r in rows if r["precision"] >= precision]
     return max(ok, key=lambda r: (r["recall"], r["precision"])) if ok else {"threshold": None, "precision": None, "recall": 0.0}
 
 
-def per_kind(x, truth, kinds, threshold):
+def per_kind(x, truth, kinds, threshold, thumbs=None):
     sims, ids, _ = knn(x, 10)
-    r, c = np.nonzero(sims >= threshold)
+    r, c = np.nonzero(edges(sims, ids, threshold, thumbs) if thumbs is not None else sims >= threshold)
     found = pairs_of_components(len(x), r, ids[r, c])
     out = {}
     for kind in TRANSFORMS:
@@ -160,20 +169,27 @@ def main() -> None:
             folder = Path(tmp)
             files, truth, kinds = build(name, paths, folder, seed=1)
             res = {"images": len(files), "true_pairs": len(truth)}
-            for label, tta, crop in (("imagerec audit (flip-averaged, whole image)", True, 1.0), ("imagerec, no flip TTA", False, 1.0)):
-                started = time.perf_counter()
-                feats = compute_features(str(folder), tta=tta, crop_pct=crop, progress=False)
-                x = l2_normalize(feats.embeddings.features)
-                rows = sweep_cosine(x, truth, grid)
-                res[label] = {"backbone": feats.embeddings.backbone, 
-                              "sweep": rows, "best": best_at(rows),
-                              "at_default": next(r for r in rows if abs(r["threshold"] - NEAR_DUPLICATE_THRESHOLD) < 1e-6),
-                              "per_transform_at_default": per_kind(x, truth, kinds, NEAR_DUPLICATE_THRESHOLD)}  # fmt: skip
+            source = load_images(str(folder))
+            figures, _, thumbs_all = scan_images(source, progress=False)
+            row = {p: i for i, p in enumerate(source.paths)}
+            thumbs = thumbs_all[[row[f] for f in files]]
+            for label, tta, use_thumbs in (("imagerec audit (flip-averaged embeddings + thumbnail check)", True, True),
+                                           ("imagerec, embeddings only (flip-averaged)", True, False),
+                                           ("imagerec, embeddings only, no flip TTA", False, False)):  # fmt: skip
+                feats = compute_features(str(folder), tta=tta, crop_pct=1.0, progress=False) if label != "imagerec, embeddings only (flip-averaged)" else feats
+                x = in_order(feats.embeddings, files)
+                rows = []
+                for pixel in ((0.85, 0.88, 0.90, 0.92, 0.95) if use_thumbs else (None,)):
+                    rows += sweep_cosine(x, truth, grid, thumbs if use_thumbs else None, pixel)
+                default = next(r for r in rows if abs(r["threshold"] - NEAR_DUPLICATE_THRESHOLD) < 1e-6
+                               and r["pixel_threshold"] in (PIXEL_THRESHOLD if use_thumbs else None,))  # fmt: skip
+                res[label] = {"backbone": feats.embeddings.backbone, "sweep": rows, "best": best_at(rows), "at_default": default,
+                              "per_transform_at_default": per_kind(x, truth, kinds, NEAR_DUPLICATE_THRESHOLD, thumbs if use_thumbs else None)}  # fmt: skip
                 print(label, res[label]["backbone"], "best", res[label]["best"], "default", res[label]["at_default"], res[label]["per_transform_at_default"], flush=True)
             started = time.perf_counter()
             backbone = "efficientnet_lite0"
             plain = embed(str(folder), backbone, progress=False)  # timm network, its own preprocessing, no TTA
-            x = l2_normalize(plain.features)
+            x = in_order(plain, files)
             rows = sweep_cosine(x, truth, grid)
             res["plain cosine, timm features"] = {"backbone": backbone,  "sweep": rows, "best": best_at(rows)}
             print("plain", res["plain cosine, timm features"]["best"], flush=True)

@@ -23,6 +23,8 @@ from ._duplicates import (
     EXACT_SEARCH_MAX,
     NEAR_DUPLICATE_K,
     NEAR_DUPLICATE_THRESHOLD,
+    PIXEL_THRESHOLD,
+    edges,
     exact_groups,
     group_table,
     knn,
@@ -34,7 +36,7 @@ from ._scan import scan_images
 
 CHECKS = ("exact_duplicates", "near_duplicates", "leakage", "outliers", "label_issues", "quality")
 PIXEL_CHECKS = ("exact_duplicates", "quality")  # need the image files (or pixels), not only embeddings
-THRESHOLD_NAMES = ("near_duplicates", "outliers", "label_issues", *QUALITY_THRESHOLDS)
+THRESHOLD_NAMES = ("near_duplicates", "pixel_correlation", "outliers", "label_issues", *QUALITY_THRESHOLDS)
 _SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -122,7 +124,9 @@ def audit(
             are embedded whole (no centre crop): a copy that differs at its borders still shows.
         max_pixels: decompression-bomb limit per image.
         thresholds: overrides by check: ``near_duplicates`` (cosine similarity, default
-            ``NEAR_DUPLICATE_THRESHOLD``; leakage uses it too), ``outliers`` (cosine distance;
+            ``NEAR_DUPLICATE_THRESHOLD``; leakage uses it too), ``pixel_correlation`` (of the grey
+            thumbnails that confirm a candidate above ``CANDIDATE_FLOOR``; default
+            ``PIXEL_THRESHOLD``; 1.0 or more: embeddings alone), ``outliers`` (cosine distance;
             None: robust z-score), ``label_issues`` (label quality; None: cleanlab's own rule),
             and the quality ones of ``QUALITY_THRESHOLDS`` (``blurry``, ``dark``...).
         k: neighbours searched per image (near-duplicates, leakage, outliers).
@@ -189,12 +193,12 @@ def _audit(data, options: dict, plan: dict, run_dir: Path | None) -> AuditResult
     not_run: dict[str, str] = {}
     timer = time.perf_counter()
     if source is not None:
-        figures, bad = scan_images(source, progress=plan["progress"])
+        figures, bad, thumbs = scan_images(source, progress=plan["progress"])
         skipped += bad
         images = pd.concat([images, figures.drop(columns="pixel_hash")], axis=1)
         pixel_hash = figures["pixel_hash"]
     else:
-        pixel_hash = None
+        pixel_hash = thumbs = None
         for name in PIXEL_CHECKS:
             if name in checks:
                 not_run[name] = "needs the image files; the embeddings' paths do not name readable files"
@@ -221,10 +225,11 @@ def _audit(data, options: dict, plan: dict, run_dir: Path | None) -> AuditResult
             not_run[name] = f"needs at least 2 images; {n} given"
     elif wants_knn:
         sims, ids, search = knn(x, k)
+        accept = edges(sims, ids, t["near_duplicates"], thumbs, t["pixel_correlation"])
         if "near_duplicates" in checks:
-            tables["near_duplicates"] = group_table(near_groups(sims, ids, t["near_duplicates"], exact), x, area, split, "near")
+            tables["near_duplicates"] = group_table(near_groups(sims, ids, accept, exact), x, area, split, "near")
         if "leakage" in wants_knn:
-            tables["leakage"] = leak_table(sims, ids, t["near_duplicates"], split, exact)
+            tables["leakage"] = leak_table(sims, ids, accept, split, exact)
     if "outliers" in checks:
         tables.update(_outliers(x, emb, t["outliers"], k, not_run))
     if "label_issues" in checks:
@@ -271,12 +276,12 @@ def _check_thresholds(thresholds) -> dict:
     for key, value in given.items():
         if value is not None and not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
             raise ImagerecError(f"{key} threshold={value!r} must be a number >= 0 (or None for the default)")
-    if given.get("near_duplicates") is not None and not 0 < given["near_duplicates"] <= 1:
+    if given.get("near_duplicates") is not None and not 0 < given["near_duplicates"] <= 1:  # cosine
         raise ImagerecError(
             f"near_duplicates threshold={given['near_duplicates']} is a cosine similarity and must be in (0, 1]; "
             f"try {NEAR_DUPLICATE_THRESHOLD}"
         )
-    defaults = {"near_duplicates": NEAR_DUPLICATE_THRESHOLD, "outliers": None, "label_issues": None, **QUALITY_THRESHOLDS}
+    defaults = {"near_duplicates": NEAR_DUPLICATE_THRESHOLD, "pixel_correlation": PIXEL_THRESHOLD, "outliers": None, "label_issues": None, **QUALITY_THRESHOLDS}
     return {**defaults, **{key: v for key, v in given.items() if v is not None}}
 
 
