@@ -49,6 +49,7 @@ def make_collection(root):
     planted = {
         "exact": a / "exact_copy.png",
         "flipped": a / "flipped.png",
+        "resized": a / "resized.png",
         "leak": root / "test" / "b" / "leak.png",
         "black": a / "black.png",
         "blurred": a / "blurred.png",
@@ -57,6 +58,7 @@ def make_collection(root):
     }
     Image.open(a / "0.png").save(planted["exact"])
     ImageOps.mirror(Image.open(a / "1.png")).save(planted["flipped"])
+    Image.open(a / "2.png").resize((44, 44), Image.Resampling.BICUBIC).save(planted["resized"])
     Image.open(b / "4.png").save(planted["leak"])
     Image.new("RGB", (64, 64), (0, 0, 0)).save(planted["black"])
     scene(777).filter(ImageFilter.GaussianBlur(4)).save(planted["blurred"])
@@ -94,10 +96,21 @@ def test_a_flipped_copy_is_a_near_duplicate_and_different_images_are_not(audited
     table = result["near_duplicates"]
     group = table[table["path"] == planted["flipped"]]["group"].iloc[0]
     assert set(table[table["group"] == group]["path"]) == {str(root / "data/train/a/1.png"), planted["flipped"]}
-    planted_or_original = {planted["exact"], planted["flipped"], planted["leak"]} | {
-        str(root / p) for p in ("data/train/a/0.png", "data/train/a/1.png", "data/train/b/4.png")
+    planted_or_original = {planted["exact"], planted["flipped"], planted["resized"], planted["leak"]} | {
+        str(root / p) for p in ("data/train/a/0.png", "data/train/a/1.png", "data/train/a/2.png", "data/train/b/4.png")
     }
     assert _paths(table) <= planted_or_original  # no distinct picture joined a group
+
+
+def test_a_resized_copy_is_confirmed_by_its_thumbnail(audited):
+    """Its embedding alone is under the cosine threshold (tiny images); the thumbnails agree."""
+    result, planted, root = audited
+    table = result["near_duplicates"]
+    group = table[table["path"] == planted["resized"]]["group"].iloc[0]
+    members = table[table["group"] == group]
+    assert set(members["path"]) == {str(root / "data/train/a/2.png"), planted["resized"]}
+    assert members["similarity"].min() < result.summary["thresholds"]["near_duplicates"]
+    assert members[members["keep"]]["path"].tolist() == [str(root / "data/train/a/2.png")]  # the larger
 
 
 def test_the_test_copy_of_a_training_image_is_a_leak(audited):
@@ -125,7 +138,7 @@ def test_the_run_folder(audited):
     result, planted, root = audited
     run = root / "run"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["n_images"] == 28 and summary["n_unreadable"] == 1
+    assert summary["n_images"] == 29 and summary["n_unreadable"] == 1
     assert summary["counts"]["exact_duplicates"] == {"groups": 2, "images": 4, "to_remove": 2}
     assert summary["counts"]["leakage"] == {"rows": 1} and summary["thresholds"]["blurry"] == 0.10
     for name in ("exact_duplicates", "near_duplicates", "leakage", "outliers", "label_issues", "quality", "unreadable"):
@@ -142,7 +155,7 @@ def test_the_clean_manifest_leaves_out_the_flagged_and_train_reads_it(audited):
     result, planted, root = audited
     clean = load_images(root / "run" / "clean.csv")
     kept = set(clean.paths)
-    for key in ("exact", "flipped", "leak", "black", "blurred", "grey", "broken"):
+    for key in ("exact", "flipped", "resized", "leak", "black", "blurred", "grey", "broken"):
         assert planted[key] not in kept
     assert str(root / "data/train/a/0.png") in kept and clean.classes == ["a", "b"]
     flagged = set(result.images["path"][result.flagged()])
