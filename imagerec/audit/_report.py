@@ -71,6 +71,9 @@ def _section(name: str, table: pd.DataFrame, result, reader: ImageReader) -> str
     if name in ("exact_duplicates", "near_duplicates"):
         count = f"{table['group'].nunique() if len(table) else 0} groups, {len(table)} images"
         body, shown = _groups_html(table, reader)
+    elif name == "leakage":
+        count = f"{len(table)} test/val images with a copy in train"
+        body, shown = _pairs_html(table, reader)
     elif name == "unreadable":
         count = f"{len(table)} files"
         rows = "".join(f"<tr><td>{html.escape(str(p))}</td><td>{html.escape(str(r))}</td></tr>" for p, r in table.head(200).itertuples(index=False))
@@ -82,7 +85,8 @@ def _section(name: str, table: pd.DataFrame, result, reader: ImageReader) -> str
         body = "".join(_figure(reader, int(r["index"]), _caption(name, r)) for _, r in shown.iterrows())
         shown = shown["index"].astype(int).tolist()
     if len(shown):
-        contact_sheet(reader, shown[:SHOWN], f"{name}: {count} (most certain first)", sheet)
+        columns = 8 if name == "leakage" else 5  # leaks: four (test, train) pairs a row
+        contact_sheet(reader, shown[: 2 * SHOWN if name == "leakage" else SHOWN], f"{name}: {count} (most certain first)", sheet, columns)
     none = "<p class='summary'>Nothing found.</p>" if not body else ""
     return f"<section id='{name}'><h2>{html.escape(title)} <small>{html.escape(count)}</small></h2>{none}{body}</section>"
 
@@ -119,6 +123,17 @@ def _groups_html(table: pd.DataFrame, reader: ImageReader) -> tuple[str, list[in
         more = f"<small>+{len(members) - 8} more</small>" if len(members) > 8 else ""
         parts.append(f"<div class='group'><b>#{gid}</b>{figures}{more}</div>")
         shown += members["index"].astype(int).tolist()[:5]
+    return "".join(parts), shown
+
+
+def _pairs_html(table: pd.DataFrame, reader: ImageReader) -> tuple[str, list[int]]:
+    """Each leak as a pair: the test/val image, then its training copy."""
+    parts, shown = [], []
+    for _, r in table.head(2 * SHOWN).iterrows():
+        test = _figure(reader, int(r["index"]), f"{r['path']}\n{r['split']}; similarity {r['similarity']:.3f}")
+        train = _figure(reader, int(r["train_index"]), f"{r['train_path']}\ntrain", "keep")
+        parts.append(f"<div class='group'>{test}{train}</div>")
+        shown += [int(r["index"]), int(r["train_index"])]
     return "".join(parts), shown
 
 
