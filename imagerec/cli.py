@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--shard", metavar="I/N",
-        help="embed only shard I of N (I from 0; every N-th image by sorted path), e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT",
+        help="embed only shard I of N (I from 0; every N-th image by sorted path), or auto (Slurm array, torchrun); "
+        "{shard} in --out becomes I",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_embed)
@@ -244,9 +245,11 @@ def _run_embed(args) -> None:
     from .embedding import embed  # noqa: PLC0415
 
     if args.shard:
-        from .index import embed_shard  # noqa: PLC0415
+        from .index import embed_shard, parse_shard, shard_path  # noqa: PLC0415
 
-        embed, sharded = embed_shard, {"shard": args.shard}
+        shard = parse_shard(args.shard)
+        args.out = str(shard_path(args.out, shard))
+        embed, sharded = embed_shard, {"shard": shard}
     else:
         sharded = {}
     result = embed(

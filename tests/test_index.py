@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 import imagerec.index._build as build_module
 from imagerec import Embeddings, ImagerecError, Preprocessing, build_index, load_index
-from imagerec.index import add_to_index, merge_parts, parse_shard, shard_indices
+from imagerec.index import add_to_index, merge_parts, parse_shard, shard_indices, shard_path
 
 from .conftest import assert_user_error, make_colour_dataset, run_cli
 
@@ -198,13 +198,29 @@ def test_shard_selection_is_a_strided_partition():
             parse_shard(bad)
 
 
+def test_shard_auto_reads_the_launcher(monkeypatch):
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ImagerecError, match="no launcher found"):
+        parse_shard("auto")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert parse_shard("auto") == (3, 8)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")  # --array=1-4: ids 1..4
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    assert parse_shard("auto") == (3, 4)
+    assert shard_path("parts/part-{shard}.npz", (3, 12)).name == "part-03.npz"
+
+
 @pytest.mark.slow
 def test_two_shard_processes_merge_into_the_single_process_index(tmp_path, capsys):
     data = make_colour_dataset(tmp_path / "colours", per_class=5)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "imagerec", "embed", str(data), *CLI_BACKBONE, "--shard", f"{i}/2", "--out", str(tmp_path / f"part-{i}.npz"), "--no-progress"],
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            # one command line for every process, as torchrun starts them: the shard comes from RANK/WORLD_SIZE
+            [sys.executable, "-m", "imagerec", "embed", str(data), *CLI_BACKBONE, "--shard", "auto", "--out", str(tmp_path / "part-{shard}.npz"), "--no-progress"],
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RANK": str(i), "WORLD_SIZE": "2"},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         for i in range(2)
@@ -212,7 +228,7 @@ def test_two_shard_processes_merge_into_the_single_process_index(tmp_path, capsy
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-    sizes = [len(Embeddings.load(tmp_path / f"part-{i}.npz")) for i in range(2)]
+    sizes = [len(Embeddings.load(tmp_path / f"part-{i}.npz")) for i in range(2)]  # {shard} -> 0, 1
     assert sizes == [8, 7]  # 15 images, strided
     code, out, err = run_cli(capsys, "index", "--parts", tmp_path / "part-0.npz", tmp_path / "part-1.npz", "--out", tmp_path / "merged")
     assert code == 0 and "exact inner-product" in out, err
