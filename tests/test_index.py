@@ -266,6 +266,7 @@ def test_cli_index_add_and_search(capsys, collection, tmp_path):
     code, out, err = run_cli(capsys, "search", tmp_path / "idx", query, "--top-k", "3", "--format", "json", "--sheet", tmp_path / "sheets")
     assert code == 0, err
     rows = json.loads(out)
+    assert "\\/" not in out  # plain paths, not pandas' escaped slashes
     assert [r["rank"] for r in rows] == [1, 2, 3] and rows[0]["path"].endswith("planted.jpg")
     assert "searched with exact" in err and "wrote 1 contact sheet" in err
     sheet = Image.open(next((tmp_path / "sheets").glob("*.png")))
