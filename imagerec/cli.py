@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--shard", metavar="I/N",
-        help="embed only shard I of N (I from 0; every N-th image by sorted path), e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT",
+        help="embed only shard I of N (I from 0; every N-th image by sorted path), or auto (Slurm array, torchrun); "
+        "{shard} in --out becomes I",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_embed)
@@ -311,9 +312,11 @@ def _run_embed(args) -> None:
     from .embedding import embed  # noqa: PLC0415
 
     if args.shard:
-        from .index import embed_shard  # noqa: PLC0415
+        from .index import embed_shard, parse_shard, shard_path  # noqa: PLC0415
 
-        embed, sharded = embed_shard, {"shard": args.shard}
+        shard = parse_shard(args.shard)
+        args.out = str(shard_path(args.out, shard))
+        embed, sharded = embed_shard, {"shard": shard}
     else:
         sharded = {}
     result = embed(
@@ -360,6 +363,8 @@ def _run_index(args) -> None:
 
 
 def _run_search(args) -> None:
+    import json  # noqa: PLC0415
+
     from ._io import write_text_atomic  # noqa: PLC0415
     from .index import load_index, write_sheets  # noqa: PLC0415
 
@@ -368,7 +373,7 @@ def _run_search(args) -> None:
     text = {
         "table": lambda: table.to_string(index=False, float_format=lambda v: f"{v:.4f}") + "\n",
         "csv": lambda: table.to_csv(index=False),
-        "json": lambda: table.to_json(orient="records", indent=1) + "\n",
+        "json": lambda: json.dumps(table.to_dict("records"), indent=1) + "\n",  # pandas' to_json writes "\/"
     }[args.format]()
     if args.out:
         write_text_atomic(args.out, text)

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 import imagerec.index._build as build_module
 from imagerec import Embeddings, ImagerecError, Preprocessing, build_index, load_index
-from imagerec.index import add_to_index, merge_parts, parse_shard, shard_indices
+from imagerec.index import add_to_index, merge_parts, parse_shard, shard_indices, shard_path
 
 from .conftest import assert_user_error, make_colour_dataset, run_cli
 
@@ -70,6 +70,9 @@ def test_search_finds_the_planted_near_copy_first(collection, tmp_path):
     index = build_index(folder, tmp_path / "idx", progress=False, **BACKBONE)
     assert len(index) == 13 and index.kind == "flat" and "exact inner-product" in index.describe()
     results = load_index(tmp_path / "idx").search(query, top_k=5)
+    from_memory = load_index(tmp_path / "idx").search(Image.open(query), top_k=5)  # an upload, never saved
+    assert from_memory["path"].tolist() == results["path"].tolist() and from_memory["query"][0] == "<image 0>"
+    assert np.allclose(from_memory["score"], results["score"], atol=1e-5)
     assert list(results.columns) == ["query", "rank", "path", "score"]
     assert results["rank"].tolist() == [1, 2, 3, 4, 5]
     assert Path(results["path"][0]).name == "planted.jpg"
@@ -77,13 +80,15 @@ def test_search_finds_the_planted_near_copy_first(collection, tmp_path):
     assert results["score"].is_monotonic_decreasing
 
 
+@pytest.mark.slow
 def test_an_indexed_image_finds_itself_with_score_one(collection, tmp_path):
     folder, _ = collection
     index = build_index(folder, tmp_path / "idx", progress=False, **BACKBONE)
-    results = index.search([folder / "pic03.png", folder / "pic07.png"], top_k=2)
-    top = results[results["rank"] == 1]
-    assert [Path(p).name for p in top["path"]] == ["pic03.png", "pic07.png"]
-    assert np.allclose(top["score"], 1.0, atol=1e-4)  # queries are embedded exactly as the index was
+    for engine in ("auto", "torch"):  # the warm ONNX session, and imagerec.embed with PyTorch
+        results = index.search([folder / "pic03.png", folder / "pic07.png", folder / "planted.jpg"], top_k=2, engine=engine)
+        top = results[results["rank"] == 1]
+        assert [Path(p).name for p in top["path"]] == ["pic03.png", "pic07.png", "planted.jpg"]
+        assert np.allclose(top["score"], 1.0, atol=1e-4)  # queries are embedded exactly as the index was
 
 
 def test_files_of_the_index_folder(collection, tmp_path):
@@ -196,13 +201,29 @@ def test_shard_selection_is_a_strided_partition():
             parse_shard(bad)
 
 
+def test_shard_auto_reads_the_launcher(monkeypatch):
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ImagerecError, match="no launcher found"):
+        parse_shard("auto")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert parse_shard("auto") == (3, 8)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")  # --array=1-4: ids 1..4
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    assert parse_shard("auto") == (3, 4)
+    assert shard_path("parts/part-{shard}.npz", (3, 12)).name == "part-03.npz"
+
+
 @pytest.mark.slow
 def test_two_shard_processes_merge_into_the_single_process_index(tmp_path, capsys):
     data = make_colour_dataset(tmp_path / "colours", per_class=5)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "imagerec", "embed", str(data), *CLI_BACKBONE, "--shard", f"{i}/2", "--out", str(tmp_path / f"part-{i}.npz"), "--no-progress"],
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            # one command line for every process, as torchrun starts them: the shard comes from RANK/WORLD_SIZE
+            [sys.executable, "-m", "imagerec", "embed", str(data), *CLI_BACKBONE, "--shard", "auto", "--out", str(tmp_path / "part-{shard}.npz"), "--no-progress"],
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RANK": str(i), "WORLD_SIZE": "2"},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         for i in range(2)
@@ -210,7 +231,7 @@ def test_two_shard_processes_merge_into_the_single_process_index(tmp_path, capsy
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-    sizes = [len(Embeddings.load(tmp_path / f"part-{i}.npz")) for i in range(2)]
+    sizes = [len(Embeddings.load(tmp_path / f"part-{i}.npz")) for i in range(2)]  # {shard} -> 0, 1
     assert sizes == [8, 7]  # 15 images, strided
     code, out, err = run_cli(capsys, "index", "--parts", tmp_path / "part-0.npz", tmp_path / "part-1.npz", "--out", tmp_path / "merged")
     assert code == 0 and "exact inner-product" in out, err
@@ -248,6 +269,7 @@ def test_cli_index_add_and_search(capsys, collection, tmp_path):
     code, out, err = run_cli(capsys, "search", tmp_path / "idx", query, "--top-k", "3", "--format", "json", "--sheet", tmp_path / "sheets")
     assert code == 0, err
     rows = json.loads(out)
+    assert "\\/" not in out  # plain paths, not pandas' escaped slashes
     assert [r["rank"] for r in rows] == [1, 2, 3] and rows[0]["path"].endswith("planted.jpg")
     assert "searched with exact" in err and "wrote 1 contact sheet" in err
     sheet = Image.open(next((tmp_path / "sheets").glob("*.png")))

@@ -12,7 +12,7 @@ Layer: above embedding and clustering (it reuses clustering's automatic backbone
 
 from ._build import AddResult, add_to_index, build_index, choose_backbone
 from ._search import SearchIndex, load_index
-from ._shard import embed_shard, merge_parts, parse_shard, shard_indices
+from ._shard import embed_shard, merge_parts, parse_shard, shard_indices, shard_path
 from ._sheet import write_sheets
 from ._store import EXACT_MAX, NPROBE
 
@@ -29,5 +29,6 @@ __all__ = [
     "merge_parts",
     "parse_shard",
     "shard_indices",
+    "shard_path",
     "write_sheets",
 ]

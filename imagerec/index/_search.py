@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from ..backbones import create_backbone
 from ..data import (
@@ -24,6 +26,7 @@ from ..data import (
 from ..embedding import Embeddings, embed
 from ..errors import ImagerecError
 from . import _store
+from ._encoder import QueryEncoder
 
 
 class SearchIndex:
@@ -39,7 +42,7 @@ class SearchIndex:
 
     def __init__(self, folder: Path, meta: dict, faiss_index, items: _store.Items, skipped: int = 0):
         self.folder, self.meta, self.faiss_index, self.items, self.skipped = folder, meta, faiss_index, items, skipped
-        self._model = None
+        self._model = self._encoder = None
 
     def __len__(self) -> int:
         return int(self.faiss_index.ntotal)
@@ -83,20 +86,21 @@ class SearchIndex:
         nprobe: int | None = None,
         batch_size: int = 64,
         device: str = "cpu",
-        engine: str = "torch",
+        engine: str = "auto",
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> pd.DataFrame:
         """The ``top_k`` most similar indexed images of each query.
 
         Args:
-            queries: an image file, a folder of images, an embeddings ``.npz`` or
-                :class:`~imagerec.Embeddings` made with the index's model, or a list of these.
+            queries: an image file, a folder of images, a PIL image (an upload), an embeddings
+                ``.npz`` or :class:`~imagerec.Embeddings` made with the index's model, or a list of these.
             top_k: neighbours per query.
             nprobe: IVF lists visited per query (default: the index's); ignored by an exact index.
             batch_size: query images per forward pass.
             device: ``"cpu"``, ``"cuda"`` or ``"auto"`` for embedding the queries.
-            engine: ``"torch"`` (default: no per-call model export or session start, the fastest
-                for a few queries) or ``"onnx"``/``"auto"`` (see :func:`~imagerec.embed`).
+            engine: ``"auto"`` (default) or ``"onnx"``: on a CPU, the index's backbone as one ONNX
+                Runtime session kept warm between calls; ``"torch"`` (or a GPU device):
+                :func:`~imagerec.embed` with PyTorch.
             max_pixels: decompression-bomb limit per query image.
 
         Returns:
@@ -150,12 +154,17 @@ class SearchIndex:
 
     def embed_queries(self, queries, **embed_args) -> tuple[list[str], np.ndarray]:
         """(names, features (Q, D)) of the queries, embedded with the index's model (see :meth:`search`)."""
-        items = [queries] if isinstance(queries, (str, os.PathLike, Embeddings)) else list(queries)
+        items = [queries] if isinstance(queries, (str, os.PathLike, Embeddings, Image.Image)) else list(queries)
         if not items:
             raise ImagerecError("no query given; give an image file, a folder of images or an embeddings .npz")
         names, blocks, files = [], [], []
         for q in items:
-            if isinstance(q, Embeddings) or str(q).lower().endswith(".npz"):
+            if isinstance(q, Image.Image):  # an image already in memory (an upload): embedded on its own
+                pixels = np.asarray(q.convert("RGB"))[None]
+                found, features = self._embed_source(ImageSource([f"<image {len(names)}>"], None, None, "query", pixels=pixels), **embed_args)
+                names += found
+                blocks.append(features)
+            elif isinstance(q, Embeddings) or str(q).lower().endswith(".npz"):
                 given = q if isinstance(q, Embeddings) else Embeddings.load(q)
                 self.check_compatible(given.backbone, given.preprocessing, "query" if isinstance(q, Embeddings) else str(q))
                 names += given.paths
@@ -163,22 +172,36 @@ class SearchIndex:
             else:
                 files += _image_files(q)
         if files:
-            found, features = self._embed_files(files, **embed_args)
+            found, features = self._embed_source(_query_source(files, embed_args.get("max_pixels", DEFAULT_MAX_PIXELS)), **embed_args)
             names += found
             blocks.append(features)
         return names, np.concatenate(blocks).astype(np.float32, copy=False)
 
-    def _embed_files(self, files: list[str], *, max_pixels: int = DEFAULT_MAX_PIXELS, **embed_args) -> tuple[list[str], np.ndarray]:
-        if self._model is None:
-            self._model = create_backbone(self.backbone, num_classes=0, pretrained=True)
+    def _embed_source(
+        self, source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 64, device: str = "cpu", engine: str = "auto"
+    ) -> tuple[list[str], np.ndarray]:
         pp = self.preprocessing
-        source = _query_source(files, max_pixels)
-        if not len(source):
-            report_skipped(source.skipped, None)
-            raise ImagerecError(f"none of the {len(files)} query image(s) could be read (e.g. {source.skipped[0].path}: {source.skipped[0].reason})")
-        result = embed(source, self._model, image_size=pp.input_size, crop_pct=pp.crop_pct, progress=False, max_pixels=max_pixels, **embed_args)
-        self.check_compatible(result.backbone, result.preprocessing, "query")
-        return result.paths, result.features
+        if engine not in ("auto", "onnx", "torch"):
+            raise ImagerecError(f"engine {engine!r} is not one of auto, torch, onnx")
+        if engine != "torch" and device == "cpu" and importlib.util.find_spec("onnxruntime"):
+            if self._encoder is None:
+                self._encoder = QueryEncoder(self.backbone, pp)
+            paths, features, skipped = self._encoder(source, batch_size)
+        else:
+            if self._model is None:
+                self._model = create_backbone(self.backbone, num_classes=0, pretrained=True)
+            if not len(source):
+                paths, features, skipped = [], None, source.skipped
+            else:
+                result = embed(source, self._model, image_size=pp.input_size, crop_pct=pp.crop_pct, progress=False,
+                               max_pixels=max_pixels, batch_size=batch_size, device=device, engine=engine)  # fmt: skip
+                self.check_compatible(result.backbone, result.preprocessing, "query")
+                paths, features, skipped = result.paths, result.features, []
+        if not paths:
+            report_skipped(skipped, None)
+            raise ImagerecError(f"none of the {len(source) + len(source.skipped)} query image(s) could be read (e.g. {skipped[0].path}: {skipped[0].reason})")
+        report_skipped(skipped, None)
+        return paths, features
 
 
 def load_index(index_dir: str | os.PathLike) -> SearchIndex:

@@ -1,7 +1,7 @@
 """Sharded embedding: N processes, under any launcher, each embed a deterministic 1/N of the images.
 
-Shard ``I/N`` (``I`` counted from 0, like ``$SLURM_ARRAY_TASK_ID``, torchrun's ``$RANK`` or a
-Ray task index) takes the images at positions ``I, I+N, I+2N, ...`` of the list sorted by path.
+Shard ``I/N`` (``I`` counted from 0, like torchrun's ``RANK`` or a Ray task index; ``auto``
+reads the launcher's environment) takes the images at positions ``I, I+N, I+2N, ...`` of the list sorted by path.
 Strided, not contiguous, so that every shard gets a share of every class folder and the shards
 take about equally long. The part file records ``shard = {index, count, images}`` in its meta,
 so that merging (:func:`merge_parts`) can tell a missing shard or an overlap from a complete set.
@@ -23,11 +23,18 @@ from ..errors import ImagerecError
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` -> ``(I, N)``.
+    """``"I/N"`` -> ``(I, N)``; ``"auto"`` reads the launcher's environment.
+
+    ``auto`` takes a Slurm array's ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of
+    ``SLURM_ARRAY_TASK_COUNT``, else torchrun's (or any MPI-style launcher's) ``RANK`` of
+    ``WORLD_SIZE``: under torchrun the shell expands ``$RANK`` once, before the processes exist,
+    so ``auto`` is the way to shard there.
 
     Raises:
-        ImagerecError: not of the form I/N with 0 <= I < N.
+        ImagerecError: not of the form I/N with 0 <= I < N, or ``auto`` outside a launcher.
     """
+    if str(text).strip().lower() == "auto":
+        text = _from_environment()
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
     if not match or not int(match[1]) < int(match[2]):
         raise ImagerecError(
@@ -35,6 +42,25 @@ def parse_shard(text: str) -> tuple[int, int]:
             "or --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"
         )
     return int(match[1]), int(match[2])
+
+
+def _from_environment() -> str:
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return f"{int(env['SLURM_ARRAY_TASK_ID']) - first}/{env['SLURM_ARRAY_TASK_COUNT']}"
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return f"{env['RANK']}/{env['WORLD_SIZE']}"
+    raise ImagerecError(
+        "--shard auto: no launcher found (neither SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT nor RANK/WORLD_SIZE is set); "
+        "give --shard I/N"
+    )
+
+
+def shard_path(out: str | os.PathLike, shard: tuple[int, int]) -> Path:
+    """``out`` with ``{shard}`` replaced by the shard's number (zero-padded: part-{shard}.npz -> part-003.npz)."""
+    index, count = shard
+    return Path(str(out).replace("{shard}", f"{index:0{len(str(count - 1))}d}"))
 
 
 def shard_indices(paths: list[str], index: int, count: int) -> np.ndarray:
@@ -58,8 +84,9 @@ def embed_shard(
     Args:
         data: a data set spec for :func:`~imagerec.load_images`.
         backbone: registry name; every shard must use the same one.
-        shard: ``"I/N"`` or ``(I, N)``.
-        out: the part's ``.npz`` file (resumable like :func:`~imagerec.embed`'s).
+        shard: ``"I/N"``, ``(I, N)`` or ``"auto"`` (see :func:`parse_shard`).
+        out: the part's ``.npz`` file (resumable like :func:`~imagerec.embed`'s); ``{shard}`` in
+            it becomes the shard's number, for launchers that start every process with one command.
         split: one split of the data, or None.
         max_pixels: decompression-bomb limit per image.
         embed_args: passed to :func:`~imagerec.embed` (image_size, batch_size, device...).
@@ -71,12 +98,13 @@ def embed_shard(
         ImagerecError: a bad shard, or more shards than images.
     """
     index, count = parse_shard(f"{shard[0]}/{shard[1]}" if isinstance(shard, tuple) else shard)
+    out = shard_path(out, (index, count))
     source = load_images(data, split, max_pixels=max_pixels)
     if count > len(source):
         raise ImagerecError(f"--shard {index}/{count}: {source.root} has only {len(source)} images; use at most {len(source)} shards")
     part = source.subset(shard_indices(source.paths, index, count))
     result = embed(part, backbone, out=out, max_pixels=max_pixels, **embed_args)
-    _record_shard(Path(out), {"index": index, "count": count, "images": len(source)})
+    _record_shard(out, {"index": index, "count": count, "images": len(source)})
     return result
 
 
