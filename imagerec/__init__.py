@@ -18,6 +18,8 @@ from ._version import __version__
 from .errors import ImagerecError, ImagerecWarning, SkippedImagesWarning
 
 _LAZY = {
+    "AuditResult": ".audit",
+    "audit": ".audit",
     "ModelCard": ".backbones",
     "create_backbone": ".backbones",
     "list_backbones": ".backbones",
@@ -37,6 +39,10 @@ _LAZY = {
     "Embeddings": ".embedding",
     "embed": ".embedding",
     "EvaluationReport": ".evaluation",
+    "SearchIndex": ".index",
+    "add_to_index": ".index",
+    "build_index": ".index",
+    "load_index": ".index",
     "quickstart": "._quickstart",
     "TrainConfig": ".training",
     "TrainResult": ".training",

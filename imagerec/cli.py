@@ -62,8 +62,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", choices=["auto", "torch", "onnx"], default="auto",
         help="onnx: ONNX Runtime (faster on a CPU); torch: PyTorch; auto: onnx on a CPU (default)",
     )
+    p.add_argument(
+        "--shard", metavar="I/N",
+        help="embed only shard I of N (I from 0; every N-th image by sorted path), or auto (Slurm array, torchrun); "
+        "{shard} in --out becomes I",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_embed)
+
+    p = commands.add_parser("index", help="a searchable FAISS index of a collection (search it with 'imagerec search')")
+    p.add_argument("data", nargs="?", help="images as for 'embed', or an embeddings .npz (omit with --parts)")
+    p.add_argument("--out", required=True, help="index folder (with --add: the index to extend)")
+    p.add_argument("--add", action="store_true", help="append DATA's new images to the index in --out, embedding only them")
+    p.add_argument("--parts", nargs="+", metavar="PART", help="merge the .npz parts of 'imagerec embed --shard I/N' instead of DATA")
+    p.add_argument("--split", choices=["train", "val", "test"], help="one split of the data (default: all images)")
+    p.add_argument("--backbone", default="auto", help="registry name, or auto: Lite2 at 160 px for small images, Lite0 for photos")
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
+    p.add_argument("--exact-max", type=_positive_int, default=None, help="largest count searched exactly; IVF above (default: 1,000,000)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto", help="embedding engine, as for 'embed'")
+    p.add_argument("--max-pixels", type=_positive_int, default=None, help="skip images with more pixels (decompression-bomb guard)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_index)
+
+    p = commands.add_parser("search", help="the images of an index most like query images (search by example)")
+    p.add_argument("index", help="an index folder from 'imagerec index'")
+    p.add_argument("queries", nargs="+", metavar="QUERY", help="image files, folders of images, or an embeddings .npz")
+    p.add_argument("--top-k", type=_positive_int, default=10, help="neighbours per query (default: 10)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default: table)")
+    p.add_argument("--out", help="write the results to this file instead of the screen")
+    p.add_argument("--sheet", metavar="DIR", help="also write a contact sheet PNG per query (query, neighbours, scores) here")
+    p.add_argument("--nprobe", type=_positive_int, help="IVF lists visited per query (default: the index's)")
+    p.add_argument("--device", default="cpu", help="device for embedding the queries (default: cpu)")
+    p.set_defaults(run=_run_search)
 
     p = commands.add_parser("train", help="fine-tune a backbone on labelled images (or --recipe seed)")
     p.add_argument("data", nargs="?", help="labelled images: DIR/<class>/*, a split root, a CSV manifest, or 'cifar10'")
@@ -146,6 +178,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_cluster)
 
+    p = commands.add_parser("serve", help="serve a model over HTTP: batched predictions, embeddings, metrics")
+    p.add_argument("model", help="a run folder, a .safetensors checkpoint, or an exported .onnx (int8 included)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--token", help="bearer token required by every endpoint but /health (default: $IMAGEREC_SERVE_TOKEN)")
+    p.add_argument("--insecure-no-token", action="store_true", help="allow a --host beyond this machine without a token")
+    p.add_argument("--engine", choices=["auto", "onnx", "torch"], default="auto", help="onnx: ONNX Runtime; torch: PyTorch; auto: onnx on a CPU (default)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (a GPU needs --engine torch or auto; default: cpu)")
+    p.add_argument("--threads", type=_positive_int, help="ONNX Runtime CPU threads (default: all cores)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=32, help="images per forward pass at most (default: 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to share its forward pass (default: 5)")
+    p.add_argument("--max-queue", type=_positive_int, default=256, help="requests in the server at once; beyond, 503 + Retry-After (default: 256)")
+    p.add_argument("--max-images", type=_positive_int, default=64, help="images per request at most (default: 64)")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="larger request bodies get a 413 (default: 20)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request, else 504 (default: 30)")
+    p.add_argument("--max-pixels", type=_positive_int, default=None, help="refuse images with more pixels (decompression-bomb guard)")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+    p.set_defaults(run=_run_serve)
+
     p = commands.add_parser("studio", help="a local web app: name clusters, fix what the audit found, train, export")
     p.add_argument("data", nargs="?", help="the photos: a folder, DIR/<class>/*, a split root or a CSV manifest (omit to reopen --project)")
     p.add_argument("--project", help="project folder (default: DATA.studio beside the data)")
@@ -222,6 +273,14 @@ def _run_embed(args) -> None:
     from .data import DEFAULT_MAX_PIXELS  # noqa: PLC0415
     from .embedding import embed  # noqa: PLC0415
 
+    if args.shard:
+        from .index import embed_shard, parse_shard, shard_path  # noqa: PLC0415
+
+        shard = parse_shard(args.shard)
+        args.out = str(shard_path(args.out, shard))
+        embed, sharded = embed_shard, {"shard": shard}
+    else:
+        sharded = {}
     result = embed(
         args.data,
         args.backbone,
@@ -234,8 +293,56 @@ def _run_embed(args) -> None:
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         engine=args.engine,
         progress=not args.no_progress,
+        **sharded,
     )
     print(f"wrote {args.out}: {len(result):,} x {result.features.shape[1]} float32 features ({result.backbone})")
+
+
+def _run_index(args) -> None:
+    from .data import DEFAULT_MAX_PIXELS  # noqa: PLC0415
+    from .index import EXACT_MAX, add_to_index, build_index  # noqa: PLC0415
+
+    if args.parts and (args.data or args.add):
+        raise ImagerecError("--parts merges finished part files: give either DATA or --parts, and no --add")
+    if not args.parts and not args.data:
+        raise ImagerecError("nothing to index: give DATA (images or an embeddings .npz) or --parts PART.npz ...")
+    embedding = {"batch_size": args.batch_size, "device": args.device, "engine": args.engine, "progress": not args.no_progress}
+    embedding["max_pixels"] = args.max_pixels or DEFAULT_MAX_PIXELS
+    if args.add:
+        if args.backbone != "auto" or args.image_size or args.exact_max:
+            raise ImagerecError("--add embeds with the index's own backbone and size; drop --backbone, --image-size and --exact-max")
+        done = add_to_index(args.out, args.data, split=args.split, **embedding)
+        index = done.index
+        print(f"added {done.added:,} image(s); {done.already:,} already indexed and unchanged, not embedded again"
+              + (f"; {done.skipped:,} unreadable, skipped" if done.skipped else ""))
+    else:
+        index = build_index(args.parts or args.data, args.out, backbone=args.backbone, image_size=args.image_size,
+                            split=args.split, exact_max=args.exact_max or EXACT_MAX, **embedding)
+        if index.skipped:
+            print(f"{index.skipped:,} unreadable image(s) skipped")
+    print(f"{args.out}: {index.describe()}")
+
+
+def _run_search(args) -> None:
+    from ._io import write_text_atomic  # noqa: PLC0415
+    from .index import load_index, write_sheets  # noqa: PLC0415
+
+    index = load_index(args.index)
+    table = index.search(args.queries, top_k=args.top_k, nprobe=args.nprobe, device=args.device)
+    text = {
+        "table": lambda: table.to_string(index=False, float_format=lambda v: f"{v:.4f}") + "\n",
+        "csv": lambda: table.to_csv(index=False),
+        "json": lambda: table.to_json(orient="records", indent=1) + "\n",
+    }[args.format]()
+    if args.out:
+        write_text_atomic(args.out, text)
+        print(f"wrote {table['query'].nunique()} query result(s) to {args.out}")
+    else:
+        print(text, end="")
+    print(f"searched with {index.describe()}", file=sys.stderr)
+    if args.sheet:
+        sheets = write_sheets(table, args.sheet)
+        print(f"wrote {len(sheets)} contact sheet(s) to {args.sheet}", file=sys.stderr)
 
 
 def _run_train(args) -> None:
@@ -375,6 +482,21 @@ def _parse_value(text: str):
         except ValueError:
             pass
     return text
+
+
+def _run_serve(args) -> None:
+    from ._decode import DEFAULT_MAX_PIXELS  # noqa: PLC0415
+    from .serve import ServeConfig, serve  # noqa: PLC0415
+
+    config = ServeConfig(
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        max_images=args.max_images, max_body_mb=args.max_body_mb, timeout_s=args.timeout,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+    )
+    serve(
+        args.model, host=args.host, port=args.port, token=args.token, insecure_no_token=args.insecure_no_token,
+        engine=args.engine, device=args.device, threads=args.threads, config=config, log_level=args.log_level,
+    )
 
 
 def _run_studio(args) -> None:

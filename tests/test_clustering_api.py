@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import make_blobs
 
-import imagerec.clustering._features as features_module
+import imagerec.features._cache as features_module  # where the feature stage calls embed
 from imagerec import Embeddings, ImagerecError, Preprocessing, create_backbone, embed, load_images
 from imagerec.clustering import ClusteringWarning, cluster_images
 from imagerec.clustering._features import FlipAveraged

@@ -11,16 +11,16 @@ import numpy as np
 from torch import nn
 
 from .._io import write_text_atomic
+from .._lock import run_lock
 from .._version import __version__
-from ..data import DEFAULT_MAX_PIXELS, ImageSource, load_images
+from ..data import DEFAULT_MAX_PIXELS
 from ..embedding import Embeddings
 from ..errors import ImagerecError
+from ..features import FeaturePipeline, compute_features
 from . import _report as report
-from ._adapt import adapt_backbone
 from ._auto_k import DEFAULT_K_RANGE, KSelection, check_k_range, select_n_clusters
 from ._base import BaseClustering, cluster_means
 from ._checks import check_n_clusters, check_n_samples, check_positive, warn
-from ._features import FeaturePipeline, auto_backbone, resolve_embeddings
 from ._methods import K_METHODS, check_method, make_estimator
 from ._metrics import clustering_scores, neighbor_purity, sampled_silhouette
 
@@ -127,7 +127,7 @@ def cluster_images(
         k_range: inclusive (low, high) candidates for ``k="auto"``.
         backbone: registry name or model that embeds images (see :func:`~imagerec.embed`);
             ``"auto"``: EfficientNet-Lite2 at 160 px for small images (CIFAR-like), else
-            EfficientNet-Lite0 at 224 px (see :func:`auto_backbone`).
+            EfficientNet-Lite0 at 224 px (see :func:`~imagerec.features.auto_backbone`).
         split: ``"train"``, ``"val"``, ``"test"`` or None (all images) of a data set spec.
         image_size: input side in pixels for embedding (default: the backbone's).
         batch_size: images per forward pass when embedding.
@@ -147,10 +147,10 @@ def cluster_images(
         max_clusters_shown: contact sheets and gallery sections for the largest clusters only.
         silhouette_sample: images the silhouette is computed on.
         adapt: ``"simclr"`` first fine-tunes ``backbone`` on the images themselves, without
-            labels (see :func:`adapt_backbone`), then embeds them with it at the adapted size;
+            labels (see :func:`~imagerec.features.adapt_backbone`), then embeds them with it at the adapted size;
             None uses the backbone as it is. Worth it where the images differ from ImageNet's
             photos (small images, drawings, medical or satellite images).
-        adapt_params: arguments of :func:`adapt_backbone`, e.g. ``{"epochs": 8, "image_size": 64}``.
+        adapt_params: arguments of :func:`~imagerec.features.adapt_backbone`, e.g. ``{"epochs": 8, "image_size": 64}``.
         progress: show the embedding progress bar.
 
     Returns:
@@ -190,39 +190,45 @@ def cluster_images(
     run_dir = Path(out) if out is not None else None
     if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
         raise ImagerecError(f"out={run_dir}: is a file; give a folder for the run")
-
-    # 2. features: given, read, cached or embedded (by a backbone first adapted to the images); then prepared
-    timer = time.perf_counter()
-    seconds = {}
-    if isinstance(backbone, str) and backbone == "auto" and not _is_embeddings(data):
-        data = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
-        backbone, image_size, data = auto_backbone(data, image_size)
-    if adapt is not None:
-        if _is_embeddings(data):
-            raise ImagerecError("adapt needs the images, not finished embeddings; pass the image folder as data")
-        data = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
-        adapt_params = {"image_size": image_size, **dict(adapt_params or {})} if image_size else dict(adapt_params or {})
-        backbone = adapt_backbone(data, backbone, method=adapt, device=device, seed=random_state or 0, progress=progress, **adapt_params)
-        image_size = None  # embed at the size the backbone was adapted at
-        seconds["adapt"] = time.perf_counter() - timer
-        timer = time.perf_counter()
-    emb, source = resolve_embeddings(
-        data,
-        backbone=backbone,
-        cache_dir=run_dir,
-        split=split,
-        image_size=image_size,
-        batch_size=batch_size,
-        device=device,
-        tta=tta,
-        max_pixels=max_pixels,
+    features = dict(
+        backbone=backbone, split=split, image_size=image_size, adapt=adapt, adapt_params=adapt_params,
+        batch_size=batch_size, device=device, tta=tta, max_pixels=max_pixels, normalize=normalize, whiten=whiten,
         progress=progress,
-    )
-    seconds["embed"] = time.perf_counter() - timer
-    _check_embeddings(emb)
+    )  # fmt: skip
+    view = _View(map_method, map_sample, sheet_size, gallery_size, max_clusters_shown, max_pixels, random_state)
+
+    plan = _Plan(method, k, params, k_range, pca_dim, random_state, silhouette_sample, export_manifest)
+
+    # 2. features: the shared stage (backbone, adaptation, embed or reuse, preparation)
+    if run_dir is None:
+        return _cluster(data, plan, features, view, None)
+    with run_lock(run_dir, "cluster run"):
+        return _cluster(data, plan, features, view, run_dir)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The validated clustering arguments of :func:`cluster_images`."""
+
+    method: str
+    k: int | str | None
+    params: dict
+    k_range: tuple[int, int]
+    pca_dim: int | None
+    random_state: int | None
+    silhouette_sample: int
+    export_manifest: bool
+
+
+def _cluster(data, plan: _Plan, features: dict, view: "_View", run_dir: Path | None) -> ClusteringResult:
+    """Steps 2 to 5 of :func:`cluster_images`, on validated arguments (under the run folder's lock)."""
+    method, k, params, k_range, pca_dim = plan.method, plan.k, plan.params, plan.k_range, plan.pca_dim
+    random_state, silhouette_sample = plan.random_state, plan.silhouette_sample
+    feats = compute_features(data, cache_dir=run_dir, pca_dim=pca_dim, random_state=random_state, **features)
+    emb, source, X, pipeline = feats.embeddings, feats.source, feats.prepared, feats.pipeline
+    check_n_samples(len(emb))
+    seconds = dict(feats.seconds)
     timer = time.perf_counter()
-    pipeline = FeaturePipeline(normalize, pca_dim, whiten, random_state)
-    X = pipeline.fit_transform(emb.features)
 
     # 3. the number of clusters, then the clustering
     selection = None
@@ -251,11 +257,11 @@ def cluster_images(
         "params": params,
         "k_range": list(k_range) if selection else None,
         "backbone": emb.backbone,
-        "adapt": {"method": adapt, **dict(adapt_params or {}), **getattr(backbone, "adapt_info", {})} if adapt else None,
-        "tta": tta,
-        "normalize": normalize,
+        "adapt": feats.adapt_info,
+        "tta": features["tta"],
+        "normalize": features["normalize"],
         "pca_dim": pca_dim,
-        "whiten": whiten,
+        "whiten": features["whiten"],
         "random_state": random_state,
     }
     result = ClusteringResult(
@@ -266,19 +272,13 @@ def cluster_images(
     # 5. the run folder
     if run_dir is not None:
         timer = time.perf_counter()
-        view = _View(map_method, map_sample, sheet_size, gallery_size, max_clusters_shown, max_pixels, random_state)
-        _write_tables(result, emb, export_manifest)
+        _write_tables(result, emb, plan.export_manifest)
         _write_pictures(result, emb.backbone, source, view)
         seconds["report"] = time.perf_counter() - timer
     summary["seconds"] = {key: round(value, 3) for key, value in seconds.items()}
     if run_dir is not None:
         report.write_json(run_dir / "summary.json", summary)
     return result
-
-
-def _is_embeddings(data) -> bool:
-    """Features rather than images: Embeddings, an .npz path, or a bare array (refused later)."""
-    return isinstance(data, (Embeddings, np.ndarray)) or (not isinstance(data, ImageSource) and str(data).lower().endswith(".npz"))
 
 
 def _check_k(k, method: str):
@@ -304,18 +304,6 @@ def _check_pca_dim(pca_dim, method: str) -> int | None:
     if pca_dim is None:
         return None
     return check_positive(pca_dim, "pca_dim", integer=True, minimum=1, inclusive=True, hint="; try 128, 'auto' or None")
-
-
-def _check_embeddings(emb: Embeddings) -> None:
-    features = np.asarray(emb.features)
-    check_n_samples(len(features))
-    if features.ndim == 2 and np.issubdtype(features.dtype, np.floating):
-        bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
-        if len(bad):
-            raise ImagerecError(
-                f"{len(bad)} image(s) have NaN or infinite features (first: {emb.paths[bad[0]]}); "
-                "embed them again (imagerec embed) or remove them"
-            )
 
 
 def _distances(X: np.ndarray, labels: np.ndarray) -> np.ndarray:

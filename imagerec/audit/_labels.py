@@ -1,0 +1,168 @@
+"""Label issues: images whose given label is probably wrong, found from their embeddings.
+
+1. A linear probe (scikit-learn ``LogisticRegression`` on L2-normalised embeddings) gives each
+   image out-of-fold predicted probabilities (``cross_val_predict``, stratified folds): every
+   image is judged by a model that never saw its label.
+2. cleanlab ranks them: ``cleanlab.filter.find_label_issues`` (confident learning, pruned by
+   noise rate) decides which images are issues, ``cleanlab.rank.get_label_quality_scores``
+   (self-confidence: the out-of-fold probability of the given label) scores every image.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from imagerec.audit._outliers import check_features
+from imagerec.errors import ImagerecError, ImagerecWarning
+
+DEFAULT_C = 10.0  # inverse L2 strength of the probe, for unit-norm features (see docs/BENCHMARKS.md)
+
+
+def find_label_issues(
+    features: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    *,
+    threshold: float | None = None,
+    cv_folds: int = 5,
+    random_state: int = 0,
+    C: float = DEFAULT_C,
+    max_iter: int = 1000,
+    n_jobs: int | None = None,
+) -> pd.DataFrame:
+    """Find images whose given label is probably wrong.
+
+    Args:
+        features: float array of shape (N, D), one embedding per image (rows are L2-normalised
+            here).
+        labels: int array of shape (N,), indices into ``classes``.
+        classes: class names.
+        threshold: flag images whose ``label_quality`` is below this value (0..1). Default
+            (None): cleanlab's confident learning decides (``filter_by="prune_by_noise_rate"``),
+            which needs no threshold and adapts to the noise it estimates.
+        cv_folds: cross-validation folds for the out-of-fold probabilities; reduced to the size
+            of the smallest class when that is smaller (at least 2 images per class needed).
+        random_state: seed of the fold split and of the probe.
+        C: inverse regularisation strength of the logistic-regression probe.
+        max_iter: iteration cap of the probe's solver.
+        n_jobs: folds fitted in parallel (None: one at a time).
+
+    Returns:
+        A DataFrame, one row per image, sorted most certain issues first (issues by rising
+        ``label_quality``, then the other images the same way): ``index`` (row in
+        ``features``), ``given_label`` and ``suggested_label`` (class names; suggested = the
+        most probable class out of fold), ``confidence`` (out-of-fold probability of the
+        suggested label), ``label_quality`` (cleanlab's score, lower = more likely wrong),
+        ``is_issue``. ``df.attrs`` holds ``threshold``, ``cv_folds`` (the folds used) and ``C``.
+
+    Raises:
+        ImagerecError: bad shapes, labels outside ``classes``, fewer than 2 classes present,
+            a class with a single image, or bad ``threshold``, ``cv_folds``, ``C``.
+    """
+    x = check_features(features, min_rows=2, what="label-issue detection")
+    y, folds = _check_labels(labels, classes, len(x), cv_folds)
+    if threshold is not None and not (0 <= threshold <= 1):
+        raise ImagerecError(
+            f"threshold={threshold} must be a label quality between 0 and 1; try 0.1, or None for cleanlab's rule"
+        )
+    if not (C > 0):
+        raise ImagerecError(f"C={C} must be > 0; try the default C={DEFAULT_C}")
+
+    present, y_dense = np.unique(y, return_inverse=True)  # probe over the classes that have images
+    probs = out_of_fold_probabilities(
+        x, y_dense, folds=folds, random_state=random_state, C=C, max_iter=max_iter, n_jobs=n_jobs
+    )
+    quality, is_issue = _rank(y_dense, probs, threshold)
+
+    best = probs.argmax(axis=1)
+    names = np.asarray(classes, dtype=object)
+    df = pd.DataFrame(
+        {
+            "index": np.arange(len(x)),
+            "given_label": names[y],
+            "suggested_label": names[present[best]],
+            "confidence": probs[np.arange(len(x)), best],
+            "label_quality": quality,
+            "is_issue": is_issue,
+        }
+    )
+    df = df.sort_values(["is_issue", "label_quality"], ascending=[False, True], kind="stable").reset_index(drop=True)
+    df.attrs.update({"threshold": threshold, "cv_folds": folds, "C": C})
+    return df
+
+
+def out_of_fold_probabilities(
+    x: np.ndarray, y: np.ndarray, *, folds: int, random_state: int, C: float, max_iter: int, n_jobs: int | None = None
+) -> np.ndarray:
+    """Out-of-fold class probabilities of a logistic-regression probe.
+
+    Args:
+        x: float32 array (N, D), L2-normalised rows.
+        y: int array (N,) with values 0..K-1, every value present at least ``folds`` times.
+        folds: stratified cross-validation folds.
+        random_state: seed of the split and the solver.
+        C: inverse regularisation strength.
+        max_iter: iteration cap of the lbfgs solver.
+        n_jobs: folds fitted in parallel.
+
+    Returns:
+        float array (N, K), rows summing to 1.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    probe = LogisticRegression(C=C, max_iter=max_iter, random_state=random_state)
+    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=random_state)
+    with warnings.catch_warnings():
+        # a probe stopped at max_iter still ranks well; the cap is the caller's speed choice
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return cross_val_predict(probe, x, y, cv=split, method="predict_proba", n_jobs=n_jobs)
+
+
+def _rank(y: np.ndarray, probs: np.ndarray, threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """cleanlab's label quality per image, and which images are issues."""
+    from cleanlab.filter import find_label_issues as cleanlab_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    quality = get_label_quality_scores(y, probs, method="self_confidence")
+    if threshold is not None:
+        return quality, quality < threshold
+    return quality, cleanlab_issues(y, probs, filter_by="prune_by_noise_rate")
+
+
+def _check_labels(labels: np.ndarray, classes: list[str], n: int, cv_folds: int) -> tuple[np.ndarray, int]:
+    """Validate labels against ``classes``; return them as int64 and the folds to use."""
+    y = np.asarray(labels)
+    if y.shape != (n,):
+        raise ImagerecError(f"labels have shape {y.shape}, features have {n} rows; give one label per row")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ImagerecError(f"labels have dtype {y.dtype}; give integer indices into classes")
+    y = y.astype(np.int64)
+    outside = y[(y < 0) | (y >= len(classes))]
+    if len(outside):
+        raise ImagerecError(
+            f"label {int(outside[0])} is outside 0..{len(classes) - 1} ({len(classes)} classes); "
+            "give indices into classes"
+        )
+    if cv_folds < 2:
+        raise ImagerecError(f"cv_folds={cv_folds} must be at least 2 for out-of-fold probabilities; try 5")
+    present, counts = np.unique(y, return_counts=True)
+    if len(present) < 2:
+        only = classes[int(present[0])]
+        raise ImagerecError(f"all {n} images are labelled '{only}'; label issues need at least 2 classes")
+    if counts.min() < 2:
+        lonely = classes[int(present[counts.argmin()])]
+        raise ImagerecError(
+            f"class '{lonely}' has 1 image; label issues need at least 2 per class for cross-validation; "
+            "add images or drop the class"
+        )
+    if counts.min() < cv_folds:
+        small = classes[int(present[counts.argmin()])]
+        few = int(counts.min())
+        message = f"class '{small}' has {few} images, fewer than cv_folds={cv_folds}; using {few} folds"
+        warnings.warn(message, ImagerecWarning, stacklevel=3)
+    return y, int(min(cv_folds, counts.min()))

@@ -1,0 +1,235 @@
+"""Build an index of a collection, and add new images to it without embedding the old ones again."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .._identity import changed_files
+from .._lock import run_lock
+from ..backbones import list_backbones
+from ..clustering._features import auto_backbone
+from ..data import DEFAULT_MAX_PIXELS, ImageSource, load_images
+from ..embedding import Embeddings, embed
+from ..errors import ImagerecError
+from . import _store
+from ._search import SearchIndex, load_index
+from ._shard import merge_parts
+
+
+def choose_backbone(source: ImageSource, backbone: str, image_size: int | None) -> tuple[str, int | None, ImageSource]:
+    """The backbone and input size to embed ``source`` with: the one place that decides it.
+
+    ``"auto"`` follows clustering's rule (EfficientNet-Lite2 at 160 px for small images such as
+    CIFAR's, Lite0 at 224 px for photos). When the shared feature stage lands, this function
+    becomes a call to it.
+
+    Returns:
+        (backbone name, image size or None for the backbone's own, source to embed).
+    """
+    if backbone == "auto":
+        return auto_backbone(source, image_size)
+    return backbone, image_size, source
+
+
+def check_backbone(name: str) -> None:
+    """Refuse a backbone whose features a later query could not reproduce.
+
+    Raises:
+        ImagerecError: ``name`` is not a registry backbone with pretrained weights.
+    """
+    usable = list_backbones(pretrained=True)
+    if name not in usable:
+        raise ImagerecError(
+            f"backbone {name!r} cannot index: queries must be embedded by the same weights later, so it must be "
+            f"a registry backbone with pretrained weights (without test-time augmentation): one of {', '.join(usable)}"
+        )
+
+
+def build_index(
+    data,
+    out: str | os.PathLike,
+    *,
+    backbone: str = "auto",
+    image_size: int | None = None,
+    split: str | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    engine: str = "auto",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    exact_max: int = _store.EXACT_MAX,
+    progress: bool = True,
+) -> SearchIndex:
+    """Embed a collection and write a searchable index of it to ``out``.
+
+    Args:
+        data: a data set spec for :func:`~imagerec.load_images` (folder, split root, CSV, ``cifar10``),
+            an :class:`~imagerec.ImageSource`, finished :class:`~imagerec.Embeddings` or their
+            ``.npz`` file, or a list of ``.npz`` part files from ``imagerec embed --shard I/N``.
+        out: the index folder (created; an index already there is replaced).
+        backbone: registry name, or ``"auto"`` (see :func:`choose_backbone`); ignored for embeddings.
+        image_size: input side in pixels (default: the backbone's).
+        split: one split of a data set spec, or None for all images.
+        batch_size: images per forward pass.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        engine: ``"auto"``, ``"torch"`` or ``"onnx"`` (see :func:`~imagerec.embed`).
+        max_pixels: decompression-bomb limit per image.
+        exact_max: the largest count searched exactly (``IndexFlatIP``); above it an IVF index
+            (``IndexIVFFlat``, about 4 sqrt(N) lists) is trained on a sample.
+        progress: show a progress bar while embedding.
+
+    Returns:
+        The new :class:`SearchIndex`.
+
+    Raises:
+        ImagerecError: bad arguments or data, or a backbone queries could not reproduce.
+    """
+    if exact_max < 1:
+        raise ImagerecError(f"exact_max={exact_max} must be at least 1; the default is {_store.EXACT_MAX:,}")
+    if Path(out).is_file():
+        raise ImagerecError(f"{out}: is a file; give --out a folder name for the index (e.g. {Path(out).stem}_index)")
+    embeddings = _embeddings(data, backbone, image_size, split, batch_size, device, engine, max_pixels, progress)
+    check_backbone(embeddings.backbone)
+    items = _store.Items.from_embeddings(embeddings.paths, embeddings.labels, embeddings.classes)
+    _refuse_repeats(items.paths)
+    index, kind = _store.make_faiss(_store.l2_normalize(embeddings.features), exact_max)
+    meta = {"backbone": embeddings.backbone, "preprocessing": embeddings.preprocessing.to_dict(), "exact_max": exact_max, **kind}
+    with run_lock(out, "index"):
+        meta = _store.write(out, index, items, meta)
+    return SearchIndex(Path(out), meta, index, items, skipped=len(embeddings.skipped))
+
+
+def _embeddings(data, backbone, image_size, split, batch_size, device, engine, max_pixels, progress) -> Embeddings:
+    if isinstance(data, Embeddings):
+        return data
+    if isinstance(data, (list, tuple)):
+        return merge_parts(list(data))
+    if not isinstance(data, ImageSource) and str(data).lower().endswith(".npz"):
+        return Embeddings.load(data)
+    source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
+    if backbone != "auto":
+        check_backbone(backbone)  # before any decoding
+    name, size, source = choose_backbone(source, backbone, image_size)
+    return embed(
+        source, name, image_size=size, batch_size=batch_size, device=device, engine=engine, max_pixels=max_pixels, progress=progress
+    )
+
+
+def _refuse_repeats(paths: list[str]) -> None:
+    seen = set()
+    for p in paths:
+        if p in seen:
+            raise ImagerecError(f"{p} is listed twice; an index holds each image once: remove the repeat from the data")
+        seen.add(p)
+
+
+@dataclass
+class AddResult:
+    """What :func:`add_to_index` did.
+
+    Attributes:
+        index: the index after the addition.
+        added: images embedded and added.
+        already: images of ``data`` already in the index, unchanged (neither embedded nor added).
+        skipped: unreadable images left out.
+    """
+
+    index: SearchIndex
+    added: int
+    already: int
+    skipped: int
+
+
+def add_to_index(
+    index_dir: str | os.PathLike,
+    data,
+    *,
+    split: str | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    engine: str = "auto",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> AddResult:
+    """Append ``data``'s new images to an index, embedding only them, with the index's own model.
+
+    Images already in the index (same absolute path, same content) are left as they are. An
+    indexed image whose file has changed since is an error: the index cannot hold two versions.
+    An index that grows past its ``exact_max`` becomes IVF from its stored vectors (no re-embedding).
+
+    Args:
+        index_dir: a folder written by :func:`build_index`.
+        data: a data set spec, an :class:`~imagerec.ImageSource`, or embeddings (object or
+            ``.npz``) made with the index's backbone and preprocessing.
+        split, batch_size, device, engine, max_pixels, progress: as for :func:`build_index`.
+
+    Returns:
+        An :class:`AddResult`.
+
+    Raises:
+        ImagerecError: not an index, another backbone, changed files, or unreadable data.
+    """
+    with run_lock(index_dir, "index"):
+        current = load_index(index_dir)
+        pp = current.preprocessing
+        if isinstance(data, Embeddings) or (not isinstance(data, ImageSource) and str(data).lower().endswith(".npz")):
+            new = data if isinstance(data, Embeddings) else Embeddings.load(data)
+            current.check_compatible(new.backbone, new.preprocessing, f"{data}")
+            keep, already = _new_images(current, [os.path.abspath(p) for p in new.paths])
+            new = _take(new, keep)
+        else:
+            source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
+            keep, already = _new_images(current, [os.path.abspath(p) for p in source.paths])
+            if not keep.size:
+                return AddResult(current, 0, already, len(source.skipped))
+            new = embed(
+                source.subset(keep), current.backbone, image_size=pp.input_size, crop_pct=pp.crop_pct,
+                batch_size=batch_size, device=device, engine=engine, max_pixels=max_pixels, progress=progress,
+            )  # fmt: skip
+            current.check_compatible(new.backbone, new.preprocessing, f"{data}")
+        if not len(new):
+            return AddResult(current, 0, already, len(new.skipped))
+        items = current.items + _store.Items.from_embeddings(new.paths, new.labels, new.classes)
+        _refuse_repeats(items.paths)
+        index, kind = _grown(current, _store.l2_normalize(new.features))
+        meta = _store.write(index_dir, index, items, {**current.meta, **kind})
+        return AddResult(SearchIndex(Path(index_dir), meta, index, items), len(new), already, len(new.skipped))
+
+
+def _new_images(current: SearchIndex, paths: list[str]) -> tuple[np.ndarray, int]:
+    """Positions of the paths not yet indexed, and how many are; refuses indexed files that changed."""
+    known = dict(zip(current.items.paths, current.items.identities))
+    indexed = [p for p in paths if p in known]
+    changed = changed_files(known, indexed)
+    if changed:
+        raise ImagerecError(
+            f"{len(changed)} indexed image(s) changed content since they were indexed (e.g. {changed[0]}); "
+            f"the index would hold stale vectors for them: rebuild it with 'imagerec index DATA --out {current.folder}' (without --add)"
+        )
+    return np.asarray([i for i, p in enumerate(paths) if p not in known], dtype=np.int64), len(indexed)
+
+
+def _take(e: Embeddings, keep: np.ndarray) -> Embeddings:
+    return Embeddings(
+        features=e.features[keep],
+        paths=[e.paths[i] for i in keep],
+        labels=None if e.labels is None else e.labels[keep],
+        classes=e.classes,
+        backbone=e.backbone,
+        preprocessing=e.preprocessing,
+    )
+
+
+def _grown(current: SearchIndex, vectors: np.ndarray):
+    """The index with ``vectors`` added: the same index, or IVF rebuilt once a flat one passes exact_max."""
+    meta = current.meta
+    index = current.faiss_index
+    if meta["kind"] == "flat" and index.ntotal + len(vectors) > meta["exact_max"]:
+        everything = np.concatenate([_store.all_vectors(index), vectors])
+        return _store.make_faiss(everything, meta["exact_max"])
+    index.add(vectors)
+    return index, {key: meta[key] for key in ("kind", "faiss_index", "nlist", "nprobe") if key in meta}
+

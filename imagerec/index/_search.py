@@ -1,0 +1,244 @@
+"""Search an index by example: query images are embedded with the index's own model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..backbones import create_backbone
+from ..data import (
+    DEFAULT_MAX_PIXELS,
+    SMALL_IMAGE_MAX_SIDE,
+    DecodeError,
+    ImageSource,
+    Preprocessing,
+    Skipped,
+    is_image_file,
+    load_images,
+    load_rgb,
+    report_skipped,
+)
+from ..embedding import Embeddings, embed
+from ..errors import ImagerecError
+from . import _store
+from ._encoder import QueryEncoder
+
+
+class SearchIndex:
+    """A loaded index: search it with images, folders, embeddings or feature vectors.
+
+    Attributes:
+        folder: the index folder.
+        meta: its meta JSON (backbone, preprocessing, kind, count...).
+        faiss_index: the FAISS index.
+        items: the image of each vector (:class:`~imagerec.index._store.Items`).
+        skipped: unreadable images left out when it was built (0 once reloaded).
+    """
+
+    def __init__(self, folder: Path, meta: dict, faiss_index, items: _store.Items, skipped: int = 0):
+        self.folder, self.meta, self.faiss_index, self.items, self.skipped = folder, meta, faiss_index, items, skipped
+        self._model = self._encoder = None
+
+    def __len__(self) -> int:
+        return int(self.faiss_index.ntotal)
+
+    @property
+    def backbone(self) -> str:
+        return self.meta["backbone"]
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.meta["preprocessing"])
+
+    @property
+    def kind(self) -> str:
+        """``"flat"`` (exact) or ``"ivf"`` (approximate)."""
+        return self.meta["kind"]
+
+    def describe(self) -> str:
+        """One line: exact or IVF search, over how many vectors, made by which backbone."""
+        return _store.describe(self.meta)
+
+    def check_compatible(self, backbone: str, preprocessing: Preprocessing, what: str) -> None:
+        """Refuse features made by another model than the index's.
+
+        Raises:
+            ImagerecError: backbone or preprocessing differ from the index's.
+        """
+        mine = self.preprocessing
+        if backbone != self.backbone or preprocessing != mine:
+            raise ImagerecError(
+                f"{what}: made with {backbone} at {preprocessing.input_size} px (crop {preprocessing.crop_pct:g}), but the index "
+                f"{self.folder} with {self.backbone} at {mine.input_size} px (crop {mine.crop_pct:g}); its vectors are not comparable: "
+                "query with images (they are embedded with the index's model), or embed with the index's backbone and size"
+            )
+
+    def search(
+        self,
+        queries,
+        top_k: int = 10,
+        *,
+        nprobe: int | None = None,
+        batch_size: int = 64,
+        device: str = "cpu",
+        engine: str = "auto",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> pd.DataFrame:
+        """The ``top_k`` most similar indexed images of each query.
+
+        Args:
+            queries: an image file, a folder of images, an embeddings ``.npz`` or
+                :class:`~imagerec.Embeddings` made with the index's model, or a list of these.
+            top_k: neighbours per query.
+            nprobe: IVF lists visited per query (default: the index's); ignored by an exact index.
+            batch_size: query images per forward pass.
+            device: ``"cpu"``, ``"cuda"`` or ``"auto"`` for embedding the queries.
+            engine: ``"auto"`` (default) or ``"onnx"``: on a CPU, the index's backbone as one ONNX
+                Runtime session kept warm between calls; ``"torch"`` (or a GPU device):
+                :func:`~imagerec.embed` with PyTorch.
+            max_pixels: decompression-bomb limit per query image.
+
+        Returns:
+            A DataFrame with one row per (query, neighbour): ``query``, ``rank`` (1 = most
+            similar), ``path``, ``score`` (cosine similarity, higher is closer) and ``label``
+            when the index is labelled. Unreadable query images are reported and left out.
+
+        Raises:
+            ImagerecError: bad arguments, no readable query, or queries from another model.
+        """
+        _check_top_k(top_k)
+        names, features = self.embed_queries(queries, batch_size=batch_size, device=device, engine=engine, max_pixels=max_pixels)
+        return self.search_features(features, names, top_k, nprobe=nprobe)
+
+    def search_features(self, features: np.ndarray, names: list[str], top_k: int = 10, *, nprobe: int | None = None) -> pd.DataFrame:
+        """Search with feature vectors made by the index's model.
+
+        Args:
+            features: float array of shape (Q, D), D the index's dimension.
+            names: what to call each query in the ``query`` column (Q names).
+            top_k: neighbours per query.
+            nprobe: IVF lists visited per query (default: the index's).
+
+        Returns:
+            The DataFrame of :meth:`search`.
+
+        Raises:
+            ImagerecError: wrong shape, or bad ``top_k``/``nprobe``.
+        """
+        _check_top_k(top_k)
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or features.shape[1] != self.faiss_index.d or len(names) != len(features):
+            raise ImagerecError(
+                f"query features of shape {features.shape} ({len(names)} names) do not fit an index of {self.faiss_index.d}-dim "
+                "vectors; give (Q, D) features from the index's backbone, one name per row"
+            )
+        if nprobe is not None and hasattr(self.faiss_index, "nprobe"):
+            if nprobe < 1:
+                raise ImagerecError(f"nprobe={nprobe} must be at least 1; the index's default is {self.meta.get('nprobe')}")
+            self.faiss_index.nprobe = nprobe
+        scores, ids = self.faiss_index.search(_store.l2_normalize(features), min(top_k, len(self)))
+        rows = [
+            (name, rank + 1, self.items.paths[i], float(score), i)
+            for name, row_ids, row_scores in zip(names, ids, scores)
+            for rank, (i, score) in enumerate((i, s) for i, s in zip(row_ids, row_scores) if i >= 0)
+        ]
+        table = pd.DataFrame(rows, columns=["query", "rank", "path", "score", "id"])
+        if self.items.labels is not None:
+            table["label"] = [self.items.labels[i] for i in table["id"]]
+        return table.drop(columns="id")
+
+    def embed_queries(self, queries, **embed_args) -> tuple[list[str], np.ndarray]:
+        """(names, features (Q, D)) of the queries, embedded with the index's model (see :meth:`search`)."""
+        items = [queries] if isinstance(queries, (str, os.PathLike, Embeddings)) else list(queries)
+        if not items:
+            raise ImagerecError("no query given; give an image file, a folder of images or an embeddings .npz")
+        names, blocks, files = [], [], []
+        for q in items:
+            if isinstance(q, Embeddings) or str(q).lower().endswith(".npz"):
+                given = q if isinstance(q, Embeddings) else Embeddings.load(q)
+                self.check_compatible(given.backbone, given.preprocessing, "query" if isinstance(q, Embeddings) else str(q))
+                names += given.paths
+                blocks.append(given.features)
+            else:
+                files += _image_files(q)
+        if files:
+            found, features = self._embed_files(files, **embed_args)
+            names += found
+            blocks.append(features)
+        return names, np.concatenate(blocks).astype(np.float32, copy=False)
+
+    def _embed_files(
+        self, files: list[str], *, max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 64, device: str = "cpu", engine: str = "auto"
+    ) -> tuple[list[str], np.ndarray]:
+        pp = self.preprocessing
+        source = _query_source(files, max_pixels)
+        if engine not in ("auto", "onnx", "torch"):
+            raise ImagerecError(f"engine {engine!r} is not one of auto, torch, onnx")
+        if engine != "torch" and device == "cpu" and importlib.util.find_spec("onnxruntime"):
+            if self._encoder is None:
+                self._encoder = QueryEncoder(self.backbone, pp)
+            paths, features, skipped = self._encoder(source, batch_size)
+        else:
+            if self._model is None:
+                self._model = create_backbone(self.backbone, num_classes=0, pretrained=True)
+            if not len(source):
+                paths, features, skipped = [], None, source.skipped
+            else:
+                result = embed(source, self._model, image_size=pp.input_size, crop_pct=pp.crop_pct, progress=False,
+                               max_pixels=max_pixels, batch_size=batch_size, device=device, engine=engine)  # fmt: skip
+                self.check_compatible(result.backbone, result.preprocessing, "query")
+                paths, features, skipped = result.paths, result.features, []
+        if not paths:
+            report_skipped(skipped, None)
+            raise ImagerecError(f"none of the {len(files)} query image(s) could be read (e.g. {skipped[0].path}: {skipped[0].reason})")
+        report_skipped(skipped, None)
+        return paths, features
+
+
+def load_index(index_dir: str | os.PathLike) -> SearchIndex:
+    """Open an index folder written by :func:`~imagerec.build_index`.
+
+    Raises:
+        ImagerecError: the folder is not an index, or its files are damaged.
+    """
+    meta, index, items = _store.read(index_dir)
+    return SearchIndex(Path(index_dir), meta, index, items)
+
+
+def _check_top_k(top_k) -> None:
+    if not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ImagerecError(f"top_k={top_k!r} must be a whole number of neighbours, at least 1; e.g. 10")
+
+
+def _image_files(query) -> list[str]:
+    """The image files a query names: the file itself, or every image under a folder."""
+    path = Path(query)
+    if path.is_dir():
+        return load_images(path, labelled=False).paths
+    if not path.exists():
+        raise ImagerecError(f"query {query}: no such file or folder; give an image file, a folder of images or an embeddings .npz")
+    if not is_image_file(path.name):
+        raise ImagerecError(f"query {query}: not an image file (by its extension); give an image (jpg, png...), a folder or an embeddings .npz")
+    return [str(path)]
+
+
+def _query_source(files: list[str], max_pixels: int) -> ImageSource:
+    """The query images, decoded here when small (so the decode cache is not written per query)."""
+    images, skipped = {}, []
+    for f in files:
+        try:
+            images[f] = load_rgb(f, max_pixels)
+        except DecodeError as e:
+            skipped.append(Skipped(f, str(e)))
+        if f in images and max(images[f].size) > SMALL_IMAGE_MAX_SIDE:
+            return ImageSource(list(files), None, None, "queries", max_pixels=max_pixels)  # large: embed reads them
+    sizes = {im.size for im in images.values()}
+    pixels = np.stack([np.asarray(im) for im in images.values()]) if len(sizes) == 1 else None
+    paths = list(images)
+    if pixels is None:
+        return ImageSource(paths, None, None, "queries", skipped=skipped, max_pixels=max_pixels)
+    return ImageSource(paths, None, None, "queries", pixels=pixels, skipped=skipped, max_pixels=max_pixels)
