@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="refuse images with more pixels (decompression-bomb guard)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
     p.set_defaults(run=_run_serve)
+
     p = commands.add_parser("studio", help="a local web app: name clusters, fix what the audit found, train, export")
     p.add_argument("data", nargs="?", help="the photos: a folder, DIR/<class>/*, a split root or a CSV manifest (omit to reopen --project)")
     p.add_argument("--project", help="project folder (default: DATA.studio beside the data)")
@@ -588,6 +589,8 @@ def _run_serve(args) -> None:
         args.model, host=args.host, port=args.port, token=args.token, insecure_no_token=args.insecure_no_token,
         engine=args.engine, device=args.device, threads=args.threads, config=config, log_level=args.log_level,
     )
+
+
 def _run_studio(args) -> None:
     from .studio import serve  # noqa: PLC0415 - fast --help
 

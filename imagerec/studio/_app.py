@@ -92,10 +92,13 @@ async def _guard(request: Request, call_next):
 
 
 def _user_error(request: Request, exc: ImagerecError):
-    if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
+    """A GET of something that is not there: 404; a bad request: 400. A page for a browser's own
+    navigation (form uploads too), JSON for the script's requests."""
+    status = 404 if request.method == "GET" else 400
+    if "text/html" in request.headers.get("accept", ""):
         body = f'<p class="error">{esc(exc)}</p><p><a href="/">back to the overview</a></p>'
-        return HTMLResponse(layout("Not found", body, ""), 404)
-    return JSONResponse({"error": str(exc)}, 400)
+        return HTMLResponse(layout("Not found" if status == 404 else "Cannot do that", body, ""), status)
+    return JSONResponse({"error": str(exc)}, status)
 
 
 def _page(request: Request, title: str, body: str, active: str) -> HTMLResponse:

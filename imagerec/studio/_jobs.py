@@ -119,8 +119,10 @@ def _train_and_evaluate(project: Project, run_dir: Path, budget_min: float, back
     from ..training import TrainConfig, train  # noqa: PLC0415
 
     small = backbone in ("seed_cnn", "cifar_resnet18")
+    n_train = len(load_images(str(run_dir / "train.csv")))
+    batch = max(1, min(64, int(n_train * 0.9) // 2))  # a tiny project still gets two steps an epoch
     config = TrainConfig(backbone=backbone, pretrained=not small, time_budget=budget_min, image_size=32 if small else None,
-                         device="cpu", workers=0, save_every=0)
+                         batch_size=batch, device="cpu", workers=0, save_every=0)
     train(str(run_dir / "train.csv"), run_dir / "model", config, progress=False)
     set_phase("evaluating", 0.96)
     test = load_images(str(run_dir / "test.csv"))

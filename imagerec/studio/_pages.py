@@ -84,5 +84,6 @@ def selection_toolbar(groups, current: int | None) -> str:
 <input id="newname" placeholder="or a new class name" maxlength="80">
 <button id="movenew">Move to new class</button>
 <button id="junk" title="Mark the selected images as junk (J)">Junk</button>
-<span class="help">click, shift-click or drag to select; A all, Esc none, M move, J junk, Ctrl+Z undo, &larr; &rarr; pages</span>
+<button id="duplicate" title="Mark the selected images as duplicates, left out like junk (D)">Duplicate</button>
+<span class="help">click, shift-click or drag to select; A all, Esc none, M move, J junk, D duplicate, Ctrl+Z undo, &larr; &rarr; pages</span>
 </div>"""

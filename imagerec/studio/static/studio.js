@@ -103,13 +103,15 @@
     act("/api/move", { image_ids: ids, group_id: Number($("#target").value) },
       () => "moved " + ids.length + " image(s) to " + $("#target").selectedOptions[0].textContent.replace(/ \(\d+\)$/, ""));
   }
-  function junk() {
+  function exclude(reason) {
     const ids = need();
-    if (ids.length) act("/api/exclude", { image_ids: ids, reason: "junk" }, () => "marked " + ids.length + " image(s) as junk");
+    if (ids.length) act("/api/exclude", { image_ids: ids, reason: reason }, () => "marked " + ids.length + " image(s) as " + reason);
   }
+  const junk = () => exclude("junk");
   const on = (sel, fn) => { const el = $(sel); if (el) el.addEventListener("click", fn); };
   on("#move", move);
   on("#junk", junk);
+  on("#duplicate", () => exclude("duplicate"));
   on("#movenew", () => {
     const ids = need(), name = $("#newname").value;
     if (ids.length) act("/api/move", { image_ids: ids, new_name: name }, () => "moved " + ids.length + " image(s) to new class " + name);
@@ -129,6 +131,7 @@
     else if (ev.key === "a") { figures().forEach((f) => f.classList.add("selected")); refresh(); }
     else if (ev.key === "Escape") { figures().forEach((f) => f.classList.remove("selected")); refresh(); }
     else if (ev.key === "j" && $("#junk")) junk();
+    else if (ev.key === "d" && $("#duplicate")) exclude("duplicate");
     else if (ev.key === "m" && $("#move")) move();
   });
 
