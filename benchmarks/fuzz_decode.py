@@ -106,7 +106,8 @@ def main(argv=None) -> int:
             rng = random.Random(seed)
             for case in range(args.cases):
                 label, data = rng.choice(bases)
-                ext = rng.choice(list(EXT.values())) if rng.random() < 0.2 else EXT[label.split("/")[1] if label.startswith("photo") else label.split("/")[0]]
+                own = EXT[label.split("/")[1] if label.startswith("photo") else label.split("/")[0]]
+                ext = rng.choice(list(EXT.values())) if rng.random() < 0.2 else own
                 path = os.path.join(tmp, f"case{ext}")
                 with open(path, "wb") as f:
                     f.write(mutate(data, rng))
@@ -134,7 +135,8 @@ def main(argv=None) -> int:
     print(f"outcomes: decoded {outcomes['decoded']}, skipped {outcomes['skipped']}, crashed {outcomes['crashed']}")
     for reason, count in reasons.most_common():
         print(f"  skip reason: {count:6d}  {reason}")
-    print(f"time: {elapsed:.1f} s ({elapsed / max(total, 1) * 1e3:.2f} ms/case); slowest case {slowest[0] * 1e3:.0f} ms: {slowest[1]}")
+    per_case = elapsed / max(total, 1) * 1e3
+    print(f"time: {elapsed:.1f} s ({per_case:.2f} ms/case); slowest case {slowest[0] * 1e3:.0f} ms: {slowest[1]}")
     print(f"peak RSS: {peak_mib:.0f} MiB")
     for seed, case, label, tb in crashes[:10]:
         print(f"CRASH seed {seed} case {case} ({label}):\n{tb}", file=sys.stderr)

@@ -211,7 +211,9 @@ def expand_paths(items: Iterable[str | os.PathLike]) -> list[str]:
         elif os.path.isdir(text):
             found = list(walk_images(text))
             if not found:
-                raise ImagerecError(f"{text}: holds no images (searched all sub-folders); point at a folder that has some")
+                raise ImagerecError(
+                    f"{text}: holds no images (searched all sub-folders); point at a folder that has some"
+                )
             paths += found
         elif glob.has_magic(text):
             found = sorted(p for p in glob.glob(text, recursive=True) if os.path.isfile(p) and is_image_file(p))

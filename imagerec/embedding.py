@@ -204,7 +204,9 @@ def embed(
     if batch_size < 1:
         raise ImagerecError(f"batch_size={batch_size} must be at least 1; try 64")
     if workers is not None and workers < 0:
-        raise ImagerecError(f"workers={workers} must be 0 or more (0 decodes in this process); leave it out to use every CPU")
+        raise ImagerecError(
+            f"workers={workers} must be 0 or more (0 decodes in this process); leave it out to use every CPU"
+        )
     out = _check_out(out)
     source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels, allow_outside=allow_outside)
     model = create_backbone(backbone, num_classes=0) if isinstance(backbone, str) else backbone
@@ -264,9 +266,11 @@ def _check_out(out: str | os.PathLike | None) -> Path | None:
         raise ImagerecError("out='' is an empty file name; name an .npz file, e.g. --out embeddings.npz")
     path, shown = Path(text), display_path(text)
     if path.is_dir():
-        raise ImagerecError(f"{shown}: is a folder; name an .npz file, e.g. --out {display_path(path / 'embeddings.npz')}")
+        example = display_path(path / "embeddings.npz")
+        raise ImagerecError(f"{shown}: is a folder; name an .npz file, e.g. --out {example}")
     if path.suffix.lower() != ".npz":
-        raise ImagerecError(f"{shown}: an embeddings file must end in .npz; use --out {display_path(path.with_suffix('.npz'))}")
+        example = display_path(path.with_suffix(".npz"))
+        raise ImagerecError(f"{shown}: an embeddings file must end in .npz; use --out {example}")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:  # the first folder that exists
         folder = folder.parent
@@ -276,7 +280,8 @@ def _check_out(out: str | os.PathLike | None) -> Path | None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise ImagerecError(f"{shown}: cannot write in {display_path(folder)} ({e.strerror}); pick another --out") from None
+        where = display_path(folder)
+        raise ImagerecError(f"{shown}: cannot write in {where} ({e.strerror}); pick another --out") from None
     return path
 
 

@@ -119,7 +119,11 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 def test_postscript_named_jpg_is_never_opened_as_eps(tmp_path, monkeypatch):
     opened = []
-    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(self) or (_ for _ in ()).throw(SyntaxError("eps")))
+    def spy(self):
+        opened.append(self)
+        raise SyntaxError("the EPS reader was tried")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", spy)
     (tmp_path / "photo.jpg").write_bytes(EPS)
     with pytest.raises(DecodeError, match="not an image file imagerec reads"):
         load_rgb(tmp_path / "photo.jpg")

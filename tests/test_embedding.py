@@ -195,6 +195,7 @@ def test_partial_results_of_other_inputs_are_not_reused(tmp_path, monkeypatch):
 
 # -- issue 10: content-keyed resume, outputs checked first, odd names, thin images ---------------
 
+import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 
@@ -258,7 +259,8 @@ def test_an_unwritable_out_folder_is_refused_first(tmp_path):
 
 def test_load_refuses_paths_fewer_than_rows(tmp_path):
     meta = {"backbone": "seed_cnn", "preprocessing": create_backbone("seed_cnn", num_classes=0).preprocessing.to_dict()}
-    np.savez(tmp_path / "bad.npz", features=np.zeros((3, 4), np.float32), paths=np.asarray(["a", "b"]), meta=np.asarray(__import__("json").dumps(meta)))
+    features, paths = np.zeros((3, 4), np.float32), np.asarray(["a", "b"])
+    np.savez(tmp_path / "bad.npz", features=features, paths=paths, meta=np.asarray(json.dumps(meta)))
     with pytest.raises(ImagerecError, match="2 paths for 3 rows"):
         Embeddings.load(tmp_path / "bad.npz")
 

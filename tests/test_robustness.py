@@ -97,7 +97,11 @@ def test_random_bytes_are_decoded_or_skipped(scratch, data, ext):
 
 
 @settings(max_examples=80, **SETTINGS)
-@given(fmt=st.sampled_from(sorted(FORMATS)), seed=st.integers(0, 2**32 - 1), ext=st.sampled_from(sorted(FORMATS.values())))
+@given(
+    fmt=st.sampled_from(sorted(FORMATS)),
+    seed=st.integers(0, 2**32 - 1),
+    ext=st.sampled_from(sorted(FORMATS.values())),
+)
 def test_mutated_real_images_are_decoded_or_skipped(scratch, fmt, seed, ext):
     path = scratch / f"mutated{ext}"  # any extension: a .jpg may hold a PNG
     path.write_bytes(mutate(SAMPLES[fmt], random.Random(seed)))
@@ -130,7 +134,9 @@ def test_seeded_fuzz_of_the_decoder(scratch):
 # -- manifests -----------------------------------------------------------------------------------
 
 CELLS = st.one_of(
-    st.sampled_from(["a.png", "sub/b.png", "./a.png", "missing.png", "../outside.png", "sub/../a.png", "", " ", "path", "file"]),
+    st.sampled_from(
+        ["a.png", "sub/b.png", "./a.png", "missing.png", "../outside.png", "sub/../a.png", "", " ", "path", "file"]
+    ),
     st.text(max_size=20),
 )
 HEADERS = st.sampled_from([None, "path,label", "file,class", "filename", "PATH", "image,category,extra"])
@@ -145,7 +151,9 @@ ENCODINGS = st.sampled_from(["utf-8", "utf-8-sig", "latin-1", "utf-16"])
     absolute=st.booleans(),
     allow_outside=st.booleans(),
 )
-def test_manifests_give_a_data_set_or_one_clear_error(tmp_path_factory, header, rows, encoding, absolute, allow_outside):
+def test_manifests_give_a_data_set_or_one_clear_error(
+    tmp_path_factory, header, rows, encoding, absolute, allow_outside
+):
     root = tmp_path_factory.mktemp("manifest")
     folder = root / "set"
     (folder / "sub").mkdir(parents=True)
@@ -180,7 +188,11 @@ NAME = st.binary(min_size=1, max_size=24).filter(lambda b: b"/" not in b and b"\
 
 
 @settings(max_examples=30, **SETTINGS)
-@given(names=st.lists(NAME, min_size=1, max_size=5, unique=True), ext=st.sampled_from([b".png", b".JPG", b".bmp"]), loop=st.booleans())
+@given(
+    names=st.lists(NAME, min_size=1, max_size=5, unique=True),
+    ext=st.sampled_from([b".png", b".JPG", b".bmp"]),
+    loop=st.booleans(),
+)
 def test_any_byte_name_is_listed_decoded_and_reported(tmp_path_factory, names, ext, loop):
     folder = tmp_path_factory.mktemp("names")
     written = []

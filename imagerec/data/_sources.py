@@ -335,7 +335,8 @@ def _from_manifest(path: Path, max_pixels: int, allow_outside: bool = False) -> 
         file = os.path.normpath(os.path.join(inside, row[0].strip()))
         if not allow_outside and os.path.commonpath([inside, file]) != inside:
             refused += 1
-            skipped.append(Skipped(file, f"outside the manifest's folder {inside}; pass --allow-outside (allow_outside=True) to read it"))
+            why = f"outside the manifest's folder {inside}; pass --allow-outside (allow_outside=True) to read it"
+            skipped.append(Skipped(file, why))
             continue
         if not os.path.isfile(file):
             skipped.append(Skipped(file, "file not found (listed in the manifest)"))
@@ -345,7 +346,8 @@ def _from_manifest(path: Path, max_pixels: int, allow_outside: bool = False) -> 
     if not paths:
         why = f"{refused} are outside its folder (pass --allow-outside to read them), the others" if refused else "none"
         raise ImagerecError(
-            f"{path}: none of the {len(rows)} files it lists can be read: {why} do not exist; paths are relative to the CSV"
+            f"{path}: none of the {len(rows)} files it lists can be read: {why} do not exist; "
+            "paths are relative to the CSV"
         )
     labels = classes = None
     if all(has_labels):
