@@ -23,7 +23,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from .._plot import pyplot as _pyplot
 from .._plot import save_figure as _save
 from .._io import atomic_path, write_text_atomic
+from .._decode import display_path
 from ..data import DEFAULT_MAX_PIXELS, ImageSource, load_rgb
+from ..data import write_manifest as data_write_manifest
 
 NOISE = "noise"
 
@@ -57,7 +59,7 @@ def write_assignments(path: Path, paths, labels, names, distances, probabilities
     rows = []
     for i, p in enumerate(paths):
         row = [
-            p,
+            display_path(p),  # a non-UTF-8 name as \xNN escapes: a UTF-8 CSV cannot hold its bytes
             names[int(labels[i])],
             _number(float(distances[i])),
             "" if probabilities is None else _number(float(probabilities[i])),
@@ -78,19 +80,15 @@ def write_manifest(path: Path, paths, labels, names) -> tuple[int, int]:
     and ``imagerec train`` read: rename the clusters (or the labels) to classes and train.
 
     Noise images are left out, and so are images that are rows of an array rather than files
-    (the CIFAR batches), which a manifest cannot name. Paths are absolute.
+    (the CIFAR batches), which a manifest cannot name. Paths are absolute; imagerec records the
+    folders they are in, so the manifest reads without ``--allow-outside``.
 
     Returns:
         (rows written, images left out).
     """
-    rows, left_out = [], 0
-    for p, label in zip(paths, labels):
-        if label < 0 or not os.path.isfile(p):
-            left_out += 1
-            continue
-        rows.append([os.path.abspath(p), names[int(label)]])
-    write_text_atomic(path, csv_text(["path", "label"], rows))
-    return len(rows), left_out
+    rows = [(p, names[int(label)]) for p, label in zip(paths, labels) if label >= 0 and os.path.isfile(p)]
+    written = data_write_manifest(path, rows)
+    return written, len(paths) - written
 
 
 class ImageReader:

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from .._io import write_text_atomic
+from ._manifest import trusted_folders
 from ..errors import ImagerecError
 from .._decode import DEFAULT_MAX_PIXELS, Skipped, display_path, is_image_file, load_rgb, walk_images
 
@@ -315,7 +316,8 @@ def _from_manifest(path: Path, max_pixels: int, allow_outside: bool = False) -> 
     and no such file exists (``path,label``, ``file,class``, ``filename``). A path outside the
     manifest's folder (absolute, or climbing out with ``..``) is refused as a skipped row unless
     ``allow_outside``; the check is on the path as written, so links inside the folder are the
-    folder owner's choice and are followed.
+    folder owner's choice and are followed. A manifest that imagerec wrote may also name images in
+    the folders it recorded then (see :mod:`imagerec.data._manifest`).
     """
     rows = _read_manifest(path)
     base = path.parent
@@ -330,10 +332,11 @@ def _from_manifest(path: Path, max_pixels: int, allow_outside: bool = False) -> 
             f"{path}: row {line} has no label while others do; give every row a label, or none"
         )
     inside = os.path.abspath(base)
+    trusted = trusted_folders(path)  # the folders of a manifest that imagerec itself wrote
     paths, names, skipped, refused = [], [], [], 0
     for row in rows:
         file = os.path.normpath(os.path.join(inside, row[0].strip()))
-        if not allow_outside and os.path.commonpath([inside, file]) != inside:
+        if not (allow_outside or os.path.commonpath([inside, file]) == inside or os.path.dirname(file) in trusted):
             refused += 1
             why = f"outside the manifest's folder {inside}; pass --allow-outside (allow_outside=True) to read it"
             skipped.append(Skipped(file, why))
