@@ -13,8 +13,8 @@ What is measured
          (the probe alone and cleanlab's default filter);
        * ``peer``: cleanlab with scikit-learn ``LogisticRegression`` on raw pixels (32x32x3
          flattened, ``StandardScaler``), same folds and cleanlab call; its solver is capped at
-         ``--peer-max-iter`` iterations (default 100, scikit-learn's own default; it stops
-         there unconverged) so that it finishes in minutes. Both run with one BLAS thread.
+         ``--peer-max-iter`` iterations (default 100, scikit-learn's own default; whether it
+         converges there is not checked) so that it finishes in minutes. Both run with one BLAS thread.
        Time is the wall time of the call and its CPU time (all threads; steadier than wall time
        on a shared machine); embeddings precomputed; for the peer, decoding the JPEGs is timed
        apart. Memory is the peak resident size during the call, from
@@ -22,7 +22,7 @@ What is measured
     2. ``--sweep``: the probe's C and folds, on another seed's subset and flips (so that the
        choice is not tuned on the subset it is reported on).
     3. ``--outliers``: the 600 intel-scenes test photos embedded at the same settings
-       (``embed(..., backbone, image_size)`` of the embeddings file); 101 of them (seeded, 1% of
+       (``embed(..., backbone, image_size, crop_pct)`` of the embeddings file); 101 of them (seeded, 1% of
        the result) planted among the 10,000 CIFAR images; how many ``find_outliers`` ranks in
        its top 1%, and the precision/recall of its default threshold. Peer in the same run:
        cleanlab's ``OutOfDistribution`` (kNN on the same features).
@@ -213,7 +213,8 @@ def outliers(emb: Embeddings, x: np.ndarray, seed: int) -> dict:
     from cleanlab.outlier import OutOfDistribution
 
     pp = emb.preprocessing
-    intel, cost = measured(lambda: embed(INTEL / "test", emb.backbone, image_size=pp.input_size, progress=False))
+    settings = {"image_size": pp.input_size, "crop_pct": pp.crop_pct, "progress": False}
+    intel, cost = measured(lambda: embed(INTEL / "test", emb.backbone, **settings))
     if intel.preprocessing != pp:
         print(f"warning: intel preprocessing {intel.preprocessing} differs from {pp}", flush=True)
     n_plant = round(len(x) / 99)  # 1% of the combined set
