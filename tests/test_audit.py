@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from imagerec import Embeddings, ImagerecError, audit, embed, load_images
+from imagerec import ImagerecError, audit, embed, load_images
 from imagerec.audit import exact_groups, knn, near_groups, quality_issues
 from imagerec.audit._duplicates import group_table, leak_table
 from imagerec.audit._scan import image_figures
@@ -281,7 +281,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_a_single_image_gives_a_report_that_says_what_needs_more(tmp_path):
-    scene(0).save(tmp_path / "only" / "one.png") if (tmp_path / "only").mkdir() is None else None
+    (tmp_path / "only").mkdir()
+    scene(0).save(tmp_path / "only" / "one.png")
     result = audit(tmp_path / "only", out=tmp_path / "run", backbone="seed_cnn", progress=False)
     assert "needs at least 2 images" in result.summary["not_run"]["near_duplicates"]
     assert "needs at least 3 images" in result.summary["not_run"]["outliers"]
