@@ -271,6 +271,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, out, err = run_cli(capsys, "audit", tmp_path / "empty", "--out", tmp_path / "run", "--no-progress")
     assert code == 2 and err.count("\n") == 1 and "holds no images" in err
+    assert not (tmp_path / "run").exists()  # checked before the run folder is made
     scene(0).save(tmp_path / "one.png")
     code, out, err = run_cli(capsys, "audit", tmp_path / "one.png", "--out", tmp_path / "run")
     assert code == 2 and "not a .csv manifest" in err

@@ -158,6 +158,8 @@ def audit(
         max_pixels=max_pixels, progress=progress,
     )  # fmt: skip
     plan = dict(checks=checks, thresholds=thresholds, k=k, random_state=random_state, progress=progress)
+    if not isinstance(data, (Embeddings, ImageSource)) and not is_embeddings_file(data):
+        data = load_images(data, split, max_pixels=max_pixels)  # a bad path fails before the run folder exists
     if run_dir is None:
         result = _audit(data, options, plan, None)
     else:
