@@ -13,8 +13,8 @@ What is measured
          (the probe alone and cleanlab's default filter);
        * ``peer``: cleanlab with scikit-learn ``LogisticRegression`` on raw pixels (32x32x3
          flattened, ``StandardScaler``), same folds and cleanlab call; its solver is capped at
-         ``--peer-max-iter`` iterations (default 100, scikit-learn's own default; it stops
-         there unconverged) so that it finishes in minutes. Both run with one BLAS thread.
+         ``--peer-max-iter`` iterations (default 100, scikit-learn's own default; whether it
+         converges there is not checked) so that it finishes in minutes. Both run with one BLAS thread.
        Time is the wall time of the call and its CPU time (all threads; steadier than wall time
        on a shared machine); embeddings precomputed; for the peer, decoding the JPEGs is timed
        apart. Memory is the peak resident size during the call, from
