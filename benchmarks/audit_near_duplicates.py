@@ -33,8 +33,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from imagerec import embed
-from imagerec.audit import NEAR_DUPLICATE_THRESHOLD, knn
-from imagerec.audit._duplicates import PIXEL_THRESHOLD, edges
+from imagerec.audit import knn
+from imagerec.audit._duplicates import NEAR_DUPLICATE_DEFAULTS, edges
 from imagerec.audit._scan import scan_images
 from imagerec.data import load_images
 from imagerec.features import compute_features, l2_normalize
@@ -102,11 +102,11 @@ def score(pairs: set, truth: set) -> tuple[float, float]:
     return (tp / len(pairs) if pairs else 1.0), tp / len(truth)
 
 
-def sweep_cosine(x: np.ndarray, truth: set, thresholds, thumbs=None, pixel=None) -> list[dict]:
+def sweep_cosine(x: np.ndarray, truth: set, thresholds, thumbs=None, pixel=None, floor=None) -> list[dict]:
     sims, ids, _ = knn(x, 10)
     rows = []
     for t in thresholds:
-        r, c = np.nonzero(edges(sims, ids, t, thumbs, pixel) if thumbs is not None else sims >= t)
+        r, c = np.nonzero(edges(sims, ids, t, thumbs, pixel, floor) if thumbs is not None else sims >= t)
         p, rec = score(pairs_of_components(len(x), r, ids[r, c]), truth)
         rows.append({"threshold": round(float(t), 3), "pixel_threshold": pixel, "precision": p, "recall": rec})
     return rows
@@ -139,9 +139,9 @@ def best_at(rows: list[dict], precision: float = 0.95) -> dict:
     return max(ok, key=lambda r: (r["recall"], r["precision"])) if ok else {"threshold": None, "precision": None, "recall": 0.0}
 
 
-def per_kind(x, truth, kinds, threshold, thumbs=None):
+def per_kind(x, truth, kinds, threshold, thumbs=None, pixel=None, floor=None):
     sims, ids, _ = knn(x, 10)
-    r, c = np.nonzero(edges(sims, ids, threshold, thumbs) if thumbs is not None else sims >= threshold)
+    r, c = np.nonzero(edges(sims, ids, threshold, thumbs, pixel, floor) if thumbs is not None else sims >= threshold)
     found = pairs_of_components(len(x), r, ids[r, c])
     out = {}
     for kind in TRANSFORMS:
@@ -169,6 +169,7 @@ def main() -> None:
             folder = Path(tmp)
             files, truth, kinds = build(name, paths, folder, seed=1)
             res = {"images": len(files), "true_pairs": len(truth)}
+            cosine, pixel_default, floor = NEAR_DUPLICATE_DEFAULTS["small" if name.startswith("cifar") else "photos"]
             source = load_images(str(folder))
             figures, _, thumbs_all = scan_images(source, progress=False)
             row = {p: i for i, p in enumerate(source.paths)}
@@ -179,12 +180,12 @@ def main() -> None:
                 feats = compute_features(str(folder), tta=tta, crop_pct=1.0, progress=False) if label != "imagerec, embeddings only (flip-averaged)" else feats
                 x = in_order(feats.embeddings, files)
                 rows = []
-                for pixel in ((0.85, 0.88, 0.90, 0.92, 0.95) if use_thumbs else (None,)):
-                    rows += sweep_cosine(x, truth, grid, thumbs if use_thumbs else None, pixel)
-                default = next(r for r in rows if abs(r["threshold"] - NEAR_DUPLICATE_THRESHOLD) < 1e-6
-                               and r["pixel_threshold"] in (PIXEL_THRESHOLD if use_thumbs else None,))  # fmt: skip
+                for pixel in ((0.85, 0.88, 0.90, 0.92, 0.95, 0.97) if use_thumbs else (None,)):
+                    rows += sweep_cosine(x, truth, grid, thumbs if use_thumbs else None, pixel, floor)
+                default = next(r for r in rows if abs(r["threshold"] - cosine) < 1e-6
+                               and r["pixel_threshold"] in ((pixel_default,) if use_thumbs else (None,)))  # fmt: skip
                 res[label] = {"backbone": feats.embeddings.backbone, "sweep": rows, "best": best_at(rows), "at_default": default,
-                              "per_transform_at_default": per_kind(x, truth, kinds, NEAR_DUPLICATE_THRESHOLD, thumbs if use_thumbs else None)}  # fmt: skip
+                              "per_transform_at_default": per_kind(x, truth, kinds, cosine, thumbs if use_thumbs else None, pixel_default, floor)}  # fmt: skip
                 print(label, res[label]["backbone"], "best", res[label]["best"], "default", res[label]["at_default"], res[label]["per_transform_at_default"], flush=True)
             started = time.perf_counter()
             backbone = "efficientnet_lite0"

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from imagerec import Embeddings, ImagerecError, audit, embed, load_images
+from imagerec import ImagerecError, audit, embed, load_images
 from imagerec.audit import exact_groups, knn, near_groups, quality_issues
 from imagerec.audit._duplicates import group_table, leak_table
 from imagerec.audit._scan import image_figures
@@ -271,6 +271,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, out, err = run_cli(capsys, "audit", tmp_path / "empty", "--out", tmp_path / "run", "--no-progress")
     assert code == 2 and err.count("\n") == 1 and "holds no images" in err
+    assert not (tmp_path / "run").exists()  # checked before the run folder is made
     scene(0).save(tmp_path / "one.png")
     code, out, err = run_cli(capsys, "audit", tmp_path / "one.png", "--out", tmp_path / "run")
     assert code == 2 and "not a .csv manifest" in err
@@ -281,7 +282,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_a_single_image_gives_a_report_that_says_what_needs_more(tmp_path):
-    scene(0).save(tmp_path / "only" / "one.png") if (tmp_path / "only").mkdir() is None else None
+    (tmp_path / "only").mkdir()
+    scene(0).save(tmp_path / "only" / "one.png")
     result = audit(tmp_path / "only", out=tmp_path / "run", backbone="seed_cnn", progress=False)
     assert "needs at least 2 images" in result.summary["not_run"]["near_duplicates"]
     assert "needs at least 3 images" in result.summary["not_run"]["outliers"]

@@ -15,15 +15,15 @@ from torch import nn
 from .._decode import Skipped
 from .._lock import run_lock
 from .._version import __version__
-from ..data import DEFAULT_MAX_PIXELS, ImageSource, Preprocessing, decode_small_images, load_images
+from ..data import DEFAULT_MAX_PIXELS, SMALL_IMAGE_MAX_SIDE, ImageSource, Preprocessing, decode_small_images, load_images
 from ..embedding import Embeddings
 from ..errors import ImagerecError
 from ..features import compute_features, is_embeddings_file, l2_normalize, prepare_features
 from ._duplicates import (
     EXACT_SEARCH_MAX,
     NEAR_DUPLICATE_K,
+    NEAR_DUPLICATE_DEFAULTS,
     NEAR_DUPLICATE_THRESHOLD,
-    PIXEL_THRESHOLD,
     edges,
     exact_groups,
     group_table,
@@ -123,10 +123,11 @@ def audit(
             embeds like its original (near-duplicates); False halves the embedding time. Images
             are embedded whole (no centre crop): a copy that differs at its borders still shows.
         max_pixels: decompression-bomb limit per image.
-        thresholds: overrides by check: ``near_duplicates`` (cosine similarity, default
-            ``NEAR_DUPLICATE_THRESHOLD``; leakage uses it too), ``pixel_correlation`` (of the grey
-            thumbnails that confirm a candidate above ``CANDIDATE_FLOOR``; default
-            ``PIXEL_THRESHOLD``; 1.0 or more: embeddings alone), ``outliers`` (cosine distance;
+        thresholds: overrides by check: ``near_duplicates`` (cosine similarity that suffices
+            alone; leakage uses it too) and ``pixel_correlation`` (of the 16 px colour thumbnails
+            that confirm a weaker candidate; above 1: embeddings alone), by default 0.90 and 0.90
+            for small images (at most 64 px a side, candidates from cosine 0.70) and 0.94 and 0.95
+            for photos (candidates from 0.85): ``NEAR_DUPLICATE_DEFAULTS``; ``outliers`` (cosine distance;
             None: robust z-score), ``label_issues`` (label quality; None: cleanlab's own rule),
             and the quality ones of ``QUALITY_THRESHOLDS`` (``blurry``, ``dark``...).
         k: neighbours searched per image (near-duplicates, leakage, outliers).
@@ -157,6 +158,8 @@ def audit(
         max_pixels=max_pixels, progress=progress,
     )  # fmt: skip
     plan = dict(checks=checks, thresholds=thresholds, k=k, random_state=random_state, progress=progress)
+    if not isinstance(data, (Embeddings, ImageSource)) and not is_embeddings_file(data):
+        data = load_images(data, split, max_pixels=max_pixels)  # a bad path fails before the run folder exists
     if run_dir is None:
         result = _audit(data, options, plan, None)
     else:
@@ -225,7 +228,11 @@ def _audit(data, options: dict, plan: dict, run_dir: Path | None) -> AuditResult
             not_run[name] = f"needs at least 2 images; {n} given"
     elif wants_knn:
         sims, ids, search = knn(x, k)
-        accept = edges(sims, ids, t["near_duplicates"], thumbs, t["pixel_correlation"])
+        kind = "small" if "width" in images and np.nanmedian(np.maximum(images["width"], images["height"])) <= SMALL_IMAGE_MAX_SIDE else "photos"
+        cosine, pixel, floor = NEAR_DUPLICATE_DEFAULTS[kind]
+        t["near_duplicates"] = t["near_duplicates"] if t["near_duplicates"] is not None else cosine
+        t["pixel_correlation"] = t["pixel_correlation"] if t["pixel_correlation"] is not None else pixel
+        accept = edges(sims, ids, t["near_duplicates"], thumbs, t["pixel_correlation"], floor)
         if "near_duplicates" in checks:
             tables["near_duplicates"] = group_table(near_groups(sims, ids, accept, exact), x, area, split, "near")
         if "leakage" in wants_knn:
@@ -281,7 +288,7 @@ def _check_thresholds(thresholds) -> dict:
             f"near_duplicates threshold={given['near_duplicates']} is a cosine similarity and must be in (0, 1]; "
             f"try {NEAR_DUPLICATE_THRESHOLD}"
         )
-    defaults = {"near_duplicates": NEAR_DUPLICATE_THRESHOLD, "pixel_correlation": PIXEL_THRESHOLD, "outliers": None, "label_issues": None, **QUALITY_THRESHOLDS}
+    defaults = {"near_duplicates": None, "pixel_correlation": None, "outliers": None, "label_issues": None, **QUALITY_THRESHOLDS}
     return {**defaults, **{key: v for key, v in given.items() if v is not None}}
 
 

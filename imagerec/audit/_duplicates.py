@@ -5,8 +5,8 @@
 * Near-duplicates: the ``k`` nearest neighbours of every image by cosine similarity of its
   embedding (FAISS: exact inner-product search up to ``EXACT_SEARCH_MAX`` images, an inverted
   file index beyond, queried in blocks); an edge where the similarity reaches the threshold, or
-  where it reaches ``CANDIDATE_FLOOR`` and the two images' small grey thumbnails correlate at
-  ``PIXEL_THRESHOLD`` or more (either way round, for mirrored copies): tiny or heavily compressed
+  where it reaches a lower floor and the two images' small colour thumbnails correlate at a
+  pixel threshold or more (either way round, for mirrored copies): tiny or heavily compressed
   copies lose their embedding similarity before their layout. Then the connected components of
   that sparse graph (scipy). Exact duplicates are joined too.
   Memory is O(N k). The embeddings are flip-averaged by default (see :func:`imagerec.audit.audit`),
@@ -24,9 +24,13 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-NEAR_DUPLICATE_THRESHOLD = 0.92  # cosine; tuned on benchmarks/audit_near_duplicates.py (docs/BENCHMARKS.md)
-PIXEL_THRESHOLD = 0.90  # correlation of 16 x 16 grey thumbnails that confirms a weaker candidate
-CANDIDATE_FLOOR = 0.75  # cosine: below this no pair is a candidate, whatever its thumbnails
+# Defaults tuned on benchmarks/audit_near_duplicates.py (docs/BENCHMARKS.md), by kind of collection:
+# (cosine that suffices alone, thumbnail correlation that confirms a candidate, candidate floor).
+# Small images (CIFAR-like) embed poorly once resized or compressed but their 16 px thumbnail is
+# nearly the whole image; photos embed well, and their thumbnail is a coarse sketch that
+# unrelated scenes (sky over sea) share.
+NEAR_DUPLICATE_DEFAULTS = {"small": (0.90, 0.90, 0.70), "photos": (0.94, 0.95, 0.85)}
+NEAR_DUPLICATE_THRESHOLD, PIXEL_THRESHOLD, CANDIDATE_FLOOR = NEAR_DUPLICATE_DEFAULTS["photos"]
 NEAR_DUPLICATE_K = 10  # neighbours searched per image
 EXACT_SEARCH_MAX = 200_000  # images: exact search up to here, an IVF index beyond
 SEARCH_BLOCK = 4096  # query rows per FAISS call
@@ -85,25 +89,31 @@ def exact_groups(pixel_hash: pd.Series) -> np.ndarray:
 
 
 def edges(
-    sims: np.ndarray, ids: np.ndarray, threshold: float, thumbs: np.ndarray | None = None, pixel_threshold: float = PIXEL_THRESHOLD
+    sims: np.ndarray,
+    ids: np.ndarray,
+    threshold: float,
+    thumbs: np.ndarray | None = None,
+    pixel_threshold: float = PIXEL_THRESHOLD,
+    floor: float = CANDIDATE_FLOOR,
 ) -> np.ndarray:
     """Which kNN pairs are near-duplicates: bool (N, k).
 
     Args:
         sims, ids: the result of :func:`knn`.
         threshold: cosine similarity that suffices on its own.
-        thumbs: float32 (N, T*T) zero-mean unit-norm grey thumbnails, or None (embeddings only).
-        pixel_threshold: thumbnail correlation that confirms a candidate at ``CANDIDATE_FLOOR`` or more.
+        thumbs: float32 (N, T*T*3) zero-mean unit-norm colour thumbnails, or None (embeddings only).
+        pixel_threshold: thumbnail correlation that confirms a candidate at ``floor`` or more.
+        floor: cosine similarity a pair needs to be a candidate at all.
     """
     valid = ids >= 0
     accept = valid & (sims >= threshold)
     if thumbs is None:
         return accept
-    rows, cols = np.nonzero(valid & ~accept & (sims >= min(CANDIDATE_FLOOR, threshold)))
+    rows, cols = np.nonzero(valid & ~accept & (sims >= min(floor, threshold)))
     if len(rows):
-        side = int(round(np.sqrt(thumbs.shape[1])))
+        side = int(round(np.sqrt(thumbs.shape[1] // 3)))
         a, b = thumbs[rows], thumbs[ids[rows, cols]]
-        mirrored = b.reshape(-1, side, side)[:, :, ::-1].reshape(len(b), -1)
+        mirrored = b.reshape(-1, side, side, 3)[:, :, ::-1].reshape(len(b), -1)
         corr = np.maximum(np.einsum("ij,ij->i", a, b), np.einsum("ij,ij->i", a, mirrored))
         accept[rows, cols] = corr >= pixel_threshold
     return accept
