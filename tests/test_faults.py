@@ -3,8 +3,10 @@ then resume (train) or run again (embed, cluster): the result equals an uninterr
 temporary file is left behind.
 
 Each command runs as a real subprocess on tiny generated images. The kill points are drawn from
-a seeded generator as a share (0.15 to 0.95) of the uninterrupted run's own duration, so they
-land anywhere: during imports, decoding, a step, a checkpoint write. What "equal" means:
+a seeded generator as a share (0 to 0.95) of the uninterrupted run's own duration, so they land
+anywhere: during imports, decoding, embedding, clustering, a file write; for train, inside the
+training itself (once a random step is saved, within the next 0.3 s): a step, a validation, a
+checkpoint write. What "equal" means:
 
 - train: in-memory data (small images) resumes exactly where the uninterrupted run would be
   (every random draw comes from (seed, epoch, step)), so the final weights are compared
@@ -41,31 +43,44 @@ def _imagerec(*args) -> list[str]:
     return [sys.executable, "-m", "imagerec", *map(str, args)]
 
 
-def _run(*args) -> float:
-    """Run ``imagerec ARGS`` to the end; returns its duration in seconds."""
+def _run(*args, watch: Path | None = None) -> tuple[float, float]:
+    """Run ``imagerec ARGS`` to the end: (its duration, seconds until ``watch`` appeared) in seconds."""
     start = time.perf_counter()
-    done = subprocess.run(_imagerec(*args), env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return time.perf_counter() - start
+    proc = subprocess.Popen(_imagerec(*args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = 0.0
+    while watch is not None and not seen and proc.poll() is None and time.perf_counter() - start < TIMEOUT:
+        seen = time.perf_counter() - start if watch.exists() else 0.0
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, err[-2000:]
+    return time.perf_counter() - start, seen
 
 
-def _killed(args, delay: float) -> int | None:
-    """Start ``imagerec ARGS``, SIGKILL it after ``delay`` seconds; its exit status (None: killed).
+def _killed(args, delay: float, after_step: tuple[Path, int] | None = None) -> int | None:
+    """Start ``imagerec ARGS`` and SIGKILL it ``delay`` seconds after its start, or after the
+    checkpoint ``after_step[0]`` records step ``after_step[1]``; its exit status (None: killed).
 
     Each outcome is printed (``pytest -s`` shows them; docs/BENCHMARKS.md quotes a run)."""
     proc = subprocess.Popen(_imagerec(*args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start = time.perf_counter()
+    while after_step is not None and proc.poll() is None and time.perf_counter() - start < TIMEOUT:
+        path, step = after_step
+        if path.exists() and load_checkpoint(path).meta["step"] >= step:
+            break
+        time.sleep(0.005)
     try:
         proc.wait(timeout=delay)
         return proc.returncode  # it finished first: a legal outcome, the rerun must cope
     except subprocess.TimeoutExpired:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        print(f"\nfault: {args[0]} killed with SIGKILL after {delay:.2f} s")
+        print(f"\nfault: {args[0]} killed with SIGKILL {delay:.2f} s after " + ("its start" if after_step is None else f"step {after_step[1]}"))
         return None
 
 
-def _delays(seed: int, baseline: float) -> float:
-    return float(np.random.default_rng(seed).uniform(0.15, 0.95) * baseline)
+def _delay(seed: int, window: float) -> float:
+    """A seeded random point in the first 95% of ``window`` seconds."""
+    return float(np.random.default_rng(seed).uniform(0.0, 0.95) * window)
 
 
 def _temporaries(folder: Path) -> list[str]:
@@ -80,17 +95,22 @@ def data(tmp_path_factory) -> Path:
 
 # -- train -----------------------------------------------------------------------------------
 
-TRAIN = ["--backbone", "seed_cnn", "--batch-size", "4", "--epochs", "3", "--val-fraction", "0.25", "--save-every", "3",
+TRAIN = ["--backbone", "seed_cnn", "--batch-size", "4", "--epochs", "3", "--val-fraction", "0.25", "--save-every", "2",
          "--augment", "default", "--precision", "fp32", "--device", "cpu", "--workers", "0", "--no-progress"]
 
 
 def test_train_killed_at_random_points_then_resumed_equals_the_uninterrupted_run(data, tmp_path):
     whole = tmp_path / "whole"
-    baseline = _run("train", data, "--out", whole, *TRAIN)
+    _run("train", data, "--out", whole, *TRAIN)
     expected = load_checkpoint(whole / "last.safetensors")
+    total = expected.meta["step"]
     for seed in SEEDS:
         run = tmp_path / f"killed{seed}"
-        status = _killed(["train", data, "--out", run, *TRAIN], _delays(seed, baseline))
+        # a random point of the training itself: once a random step is saved, within the next steps
+        # (a step, a validation, a checkpoint write); start-up is the other tests' case
+        rng = np.random.default_rng(seed)
+        after = (run / "last.safetensors", int(rng.integers(2, total - 4)))
+        status = _killed(["train", data, "--out", run, *TRAIN], float(rng.uniform(0.0, 0.3)), after_step=after)
         assert status in (None, 0)
         left = _temporaries(run)
         if (run / "last.safetensors").exists():
@@ -114,12 +134,12 @@ def test_train_killed_at_random_points_then_resumed_equals_the_uninterrupted_run
 def test_embed_killed_at_random_points_then_run_again_equals_the_uninterrupted_run(data, tmp_path):
     # a pretrained backbone: seed_cnn's random initial weights are not seeded in embed (issue 10, item 17)
     args = ["--backbone", "efficientnet_lite0", "--image-size", "32", "--engine", "torch", "--batch-size", "8", "--workers", "0", "--no-progress"]
-    baseline = _run("embed", data, "--out", tmp_path / "whole.npz", *args)
+    baseline, _ = _run("embed", data, "--out", tmp_path / "whole.npz", *args)
     expected = np.load(tmp_path / "whole.npz")
     for seed in SEEDS:
         out = tmp_path / f"killed{seed}" / "features.npz"
         out.parent.mkdir()
-        assert _killed(["embed", data, "--out", out, *args], _delays(seed, baseline)) in (None, 0)
+        assert _killed(["embed", data, "--out", out, *args], _delay(seed, baseline)) in (None, 0)
         _run("embed", data, "--out", out, *args)
         got = np.load(out)
         assert np.array_equal(got["features"], expected["features"]), seed
@@ -133,11 +153,11 @@ def test_embed_killed_at_random_points_then_run_again_equals_the_uninterrupted_r
 def test_cluster_killed_at_random_points_then_run_again_equals_the_uninterrupted_run(data, tmp_path):
     args = ["--method", "kmeans", "--k", "3", "--backbone", "efficientnet_lite0", "--image-size", "32", "--map", "pca", "--seed", "0",
             "--no-progress"]
-    baseline = _run("cluster", data, "--out", tmp_path / "whole", *args)
+    baseline, _ = _run("cluster", data, "--out", tmp_path / "whole", *args)
     expected = _rows(tmp_path / "whole" / "assignments.csv")
     for seed in SEEDS:
         run = tmp_path / f"killed{seed}"
-        assert _killed(["cluster", data, "--out", run, *args], _delays(seed, baseline)) in (None, 0)
+        assert _killed(["cluster", data, "--out", run, *args], _delay(seed, baseline)) in (None, 0)
         _run("cluster", data, "--out", run, *args)
         assert _rows(run / "assignments.csv") == expected, seed
         assert _temporaries(run) == []
