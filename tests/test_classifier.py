@@ -19,9 +19,11 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("clf")
     data = make_colour_dataset(root / "data", per_class=24)
     # Every layer tuned (freeze_groups=0): on this 32 px toy set, 2 epochs with the default 4 early
-    # groups frozen scored 65% on its own 72 images, too little for the report checks below.
+    # groups frozen scored 65% on its own 72 images, too little for the report checks below. With
+    # this machine's packages (2026-12-01) batches of 8 also gave 65% with every layer tuned; batches
+    # of 4 (twice the steps, same epochs) gave 85%.
     clf = Classifier(
-        "efficientnet_lite0", epochs=2, head_epochs=1, image_size=32, batch_size=8, val_fraction=0.25, save_every=0, device="cpu", freeze_groups=0
+        "efficientnet_lite0", epochs=2, head_epochs=1, image_size=32, batch_size=4, val_fraction=0.25, save_every=0, device="cpu", freeze_groups=0
     ).fit(data, out=root / "run", progress=False)
     return clf, data, root / "run"
 
