@@ -38,32 +38,49 @@ def run_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
     if folder.exists() and not folder.is_dir():
         raise ImagerecError(f"{folder}: is a file, not a folder; give --out a folder name (e.g. runs/{folder.stem or 'run'})")
     folder.mkdir(parents=True, exist_ok=True)
-    key = str(folder.resolve())
+    with _flock(folder / LOCK_NAME, f"{folder}: another imagerec {what} is writing this folder"):
+        yield folder
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, what: str = "run") -> Iterator[Path]:
+    """Hold an exclusive lock on one output file (``FOLDER/.NAME.lock`` beside it), as :func:`run_lock`.
+
+    For outputs that are single files with work files beside them (``embed --out x.npz`` and
+    its ``x.npz.partial/``), so two runs never write them at once.
+
+    Raises:
+        ImagerecError: another process holds the lock.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _flock(path.parent / f".{path.name}.lock", f"{path}: another imagerec {what} is writing this file"):
+        yield path
+
+
+@contextlib.contextmanager
+def _flock(path: Path, busy: str) -> Iterator[None]:
+    key = str(path.resolve())
     if key in _HELD:  # re-entrant within one process
         _HELD[key] += 1
         try:
-            yield folder
+            yield
         finally:
             _HELD[key] -= 1
         return
     import fcntl  # noqa: PLC0415 - POSIX only; imported here so the module imports anywhere
 
-    path = folder / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_holder(fd)
-            raise ImagerecError(
-                f"{folder}: another imagerec {what} is writing this folder ({holder}); wait for it "
-                "to finish, stop it, or choose another --out"
-            ) from None
+            raise ImagerecError(f"{busy} ({_read_holder(fd)}); wait for it to finish, stop it, or choose another --out") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         _HELD[key] = 1
         try:
-            yield folder
+            yield
         finally:
             del _HELD[key]
             with contextlib.suppress(OSError):

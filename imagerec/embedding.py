@@ -24,6 +24,7 @@ bytes as ``\\xNN``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -44,6 +45,7 @@ from ._decode import display_path
 from ._home import cache_dir
 from ._identity import file_identity
 from ._io import atomic_path, write_text_atomic
+from ._lock import output_lock
 from ._onnx import FeatureModel, export_onnx, onnx_session
 from ._version import __version__
 from .backbones import create_backbone
@@ -208,17 +210,21 @@ def embed(
             f"workers={workers} must be 0 or more (0 decodes in this process); leave it out to use every CPU"
         )
     out = _check_out(out)
-    source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels, allow_outside=allow_outside)
-    model = create_backbone(backbone, num_classes=0) if isinstance(backbone, str) else backbone
-    name = getattr(model, "backbone_name", type(model).__name__)
-    torch_device = resolve_device(device)
-    pp = model.preprocessing.resolve(image_size, crop_pct)  # validated before any decoding
-    source = decode_small_images(source, progress=progress) or source
-    if crop_pct is None and source.pixels is not None and max(source.pixels.shape[1:3]) < pp.input_size:
-        pp = pp.resolve(crop_pct=1.0)  # small images are upsampled whole, not cropped
-    weights = _weights_digest(model, pp, name)
-    compute = _feature_function(model, pp, engine, torch_device, weights)
+    with output_lock(out, "embed run") if out else contextlib.nullcontext():  # before any work: a second run stops at once
+        source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels, allow_outside=allow_outside)
+        model = create_backbone(backbone, num_classes=0) if isinstance(backbone, str) else backbone
+        name = getattr(model, "backbone_name", type(model).__name__)
+        pp = model.preprocessing.resolve(image_size, crop_pct)  # validated before any decoding
+        source = decode_small_images(source, progress=progress) or source
+        if crop_pct is None and source.pixels is not None and max(source.pixels.shape[1:3]) < pp.input_size:
+            pp = pp.resolve(crop_pct=1.0)  # small images are upsampled whole, not cropped
+        weights = _weights_digest(model, pp, name)
+        compute = _feature_function(model, pp, engine, resolve_device(device), weights)
+        return _embed_chunks(source, name, pp, compute, out, weights, batch_size, workers, progress)
 
+
+def _embed_chunks(source, name, pp, compute, out, weights, batch_size, workers, progress) -> Embeddings:
+    """Embed every image not already in ``OUT.partial/``, then write ``out`` (the caller holds its lock)."""
     partial = _Partial(Path(f"{out}.partial"), _fingerprint(source, weights), source.paths) if out else None
     done = partial.load() if partial else {}
     todo = [s for s in range(0, len(source), CHUNK) if s not in done]
