@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -141,7 +142,8 @@ class SearchIndex:
             if nprobe < 1:
                 raise ImagerecError(f"nprobe={nprobe} must be at least 1; the index's default is {self.meta.get('nprobe')}")
             self.faiss_index.nprobe = nprobe
-        scores, ids = self.faiss_index.search(_store.l2_normalize(features), min(top_k, len(self)))
+        with _faiss_threads(1 if len(features) <= FEW_QUERIES else None):
+            scores, ids = self.faiss_index.search(_store.l2_normalize(features), min(top_k, len(self)))
         rows = [
             (name, rank + 1, self.items.paths[i], float(score), i)
             for name, row_ids, row_scores in zip(names, ids, scores)
@@ -202,6 +204,25 @@ class SearchIndex:
             raise ImagerecError(f"none of the {len(source) + len(source.skipped)} query image(s) could be read (e.g. {skipped[0].path}: {skipped[0].reason})")
         report_skipped(skipped, None)
         return paths, features
+
+
+FEW_QUERIES = 8  # up to this many queries FAISS searches on one thread (see _faiss_threads)
+
+
+@contextlib.contextmanager
+def _faiss_threads(threads: int | None):
+    """FAISS's OpenMP threads for one search. A few queries are scanned faster on one thread: on the
+    shared 2-core VM one query against 60,000 vectors took 26 ms on one thread and 84 ms on two
+    (docs/BENCHMARKS.md, "Index and search"), the threads' barriers waiting on busy cores."""
+    import faiss  # noqa: PLC0415
+
+    before = faiss.omp_get_max_threads()
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def load_index(index_dir: str | os.PathLike) -> SearchIndex:
