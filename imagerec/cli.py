@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto", help="embedding engine, as for 'embed'")
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="skip images with more pixels (decompression-bomb guard)")
+    _add_allow_outside(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_index)
 
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--no-tta", action="store_true", help="embed each image once, not also mirrored (twice as fast; flipped copies are then missed more often)")
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="skip images with more pixels (decompression-bomb guard)")
+    _add_allow_outside(p)
     p.add_argument("--neighbours", type=_positive_int, default=10, help="neighbours searched per image (default: 10)")
     for name, default in (("near-duplicates", "0.90 for small images, 0.94 for photos: a cosine similarity; leakage too"), ("pixel-correlation", "0.90 small, 0.95 photos: of 16 px colour thumbnails confirming a weaker candidate"), ("outliers", "robust z-score"), ("label-issues", "cleanlab's own rule"),
                           ("blurry", "0.10"), ("dark", "0.10"), ("bright", "0.92"), ("low-information", "2.0 bits"), ("odd-aspect", "3.0"),
@@ -332,7 +334,7 @@ def _run_embed(args) -> None:
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         engine=args.engine,
         progress=not args.no_progress,
-        **_outside(embed, args),
+        allow_outside=args.allow_outside,
         **sharded,
     )
     print(f"wrote {args.out}: {len(result):,} x {result.features.shape[1]} float32 features ({result.backbone})")
@@ -348,6 +350,7 @@ def _run_index(args) -> None:
         raise ImagerecError("nothing to index: give DATA (images or an embeddings .npz) or --parts PART.npz ...")
     embedding = {"batch_size": args.batch_size, "device": args.device, "engine": args.engine, "progress": not args.no_progress}
     embedding["max_pixels"] = args.max_pixels or DEFAULT_MAX_PIXELS
+    embedding["allow_outside"] = args.allow_outside
     if args.add:
         if args.backbone != "auto" or args.image_size or args.exact_max:
             raise ImagerecError("--add embeds with the index's own backbone and size; drop --backbone, --image-size and --exact-max")
@@ -494,7 +497,7 @@ def _run_cluster(args) -> None:
         adapt=args.adapt,
         adapt_params={"epochs": args.adapt_epochs} if args.adapt_epochs else None,
         progress=not args.no_progress,
-        **_outside(cluster_images, args),
+        allow_outside=args.allow_outside,
     )
     if result.k_selection is not None:
         print(f"k=auto, scored with {result.k_selection.scored_with}: {result.k_selection.rule}")
@@ -523,6 +526,7 @@ def _run_audit(args) -> None:
         device=args.device,
         tta=not args.no_tta,
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        allow_outside=args.allow_outside,
         thresholds={name: value for name, value in thresholds.items() if value is not None},
         k=args.neighbours,
         export_manifest=args.export_manifest,
@@ -567,13 +571,6 @@ def _parse_value(text: str):
         except ValueError:
             pass
     return text
-
-
-def _outside(function, args) -> dict:
-    """``allow_outside=`` for a library function that takes it (see ``training.outside_kwargs``)."""
-    from .training._config import outside_kwargs  # noqa: PLC0415
-
-    return outside_kwargs(function, args.allow_outside)
 
 
 def _run_serve(args) -> None:

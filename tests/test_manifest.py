@@ -57,3 +57,21 @@ def test_names_that_are_not_utf8_are_left_out_and_said(tmp_path, capsys):
     assert write_manifest(manifest, [(str(good), "a"), (bad, "a")]) == 1
     assert "caf\\xe9.png" in capsys.readouterr().err
     assert load_images(manifest).paths == [str(good)]
+
+
+@pytest.mark.parametrize("command", ["embed", "cluster", "audit", "index"])
+def test_every_reader_takes_allow_outside(tmp_path, command, monkeypatch):
+    """A hand-written manifest naming images elsewhere: refused by default, read with --allow-outside."""
+    from imagerec import cli
+
+    data = make_class_folder(tmp_path / "photos", per_class=3)
+    manifest = tmp_path / "lists" / "m.csv"
+    manifest.parent.mkdir()
+    manifest.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(data.rglob("*.png"))))
+    out = tmp_path / ("e.npz" if command == "embed" else "out")
+    extra = {"embed": ["--backbone", "seed_cnn", "--no-progress"], "cluster": ["--backbone", "seed_cnn", "--k", "2", "--no-progress"],
+             "audit": ["--backbone", "seed_cnn", "--checks", "exact_duplicates", "--no-progress"], "index": ["--no-progress"]}[command]
+    assert cli.main([command, str(manifest), "--out", str(out), *extra]) == 2
+    assert not out.exists() or command in ("cluster", "audit", "index")
+    code = cli.main([command, str(manifest), "--out", str(out), "--allow-outside", *extra])
+    assert code == 0

@@ -15,7 +15,7 @@ from torch import nn
 from .._decode import Skipped
 from .._lock import run_lock
 from .._version import __version__
-from ..data import DEFAULT_MAX_PIXELS, SMALL_IMAGE_MAX_SIDE, ImageSource, Preprocessing, decode_small_images, load_images
+from ..data import DEFAULT_MAX_PIXELS, SMALL_IMAGE_MAX_SIDE, ImageSource, Preprocessing, decode_small_images, load_images, write_manifest
 from ..embedding import Embeddings
 from ..errors import ImagerecError
 from ..features import compute_features, is_embeddings_file, l2_normalize, prepare_features
@@ -95,6 +95,7 @@ def audit(
     device: str = "cpu",
     tta: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_outside: bool = False,
     thresholds: dict | None = None,
     k: int = NEAR_DUPLICATE_K,
     export_manifest: str | os.PathLike | None = None,
@@ -123,6 +124,7 @@ def audit(
             embeds like its original (near-duplicates); False halves the embedding time. Images
             are embedded whole (no centre crop): a copy that differs at its borders still shows.
         max_pixels: decompression-bomb limit per image.
+        allow_outside: read CSV manifest rows whose paths lead outside the manifest's folder.
         thresholds: overrides by check: ``near_duplicates`` (cosine similarity that suffices
             alone; leakage uses it too) and ``pixel_correlation`` (of the 16 px colour thumbnails
             that confirm a weaker candidate; above 1: embeddings alone), by default 0.90 and 0.90
@@ -159,7 +161,7 @@ def audit(
     )  # fmt: skip
     plan = dict(checks=checks, thresholds=thresholds, k=k, random_state=random_state, progress=progress)
     if not isinstance(data, (Embeddings, ImageSource)) and not is_embeddings_file(data):
-        data = load_images(data, split, max_pixels=max_pixels)  # a bad path fails before the run folder exists
+        data = load_images(data, split, max_pixels=max_pixels, allow_outside=allow_outside)  # a bad path fails before the run folder exists
     if run_dir is None:
         result = _audit(data, options, plan, None)
     else:
@@ -426,8 +428,6 @@ def write_clean_manifest(result: AuditResult, path: str | os.PathLike, *, relabe
     Raises:
         ImagerecError: no image could be listed.
     """
-    from ._report import write_manifest  # noqa: PLC0415
-
     images = result.images
     drop = set(result.flagged(relabel).tolist())
     labels = images["label"].tolist()
@@ -441,6 +441,6 @@ def write_clean_manifest(result: AuditResult, path: str | os.PathLike, *, relabe
             f"{path}: no image could be listed (all flagged, or images held in arrays such as the CIFAR batches); "
             "audit image files, or raise the thresholds"
         )
-    write_manifest(Path(path), rows, labelled=images["label"].notna().any())
-    print(f"imagerec: wrote {path}: {len(rows):,} images ({len(images) - len(rows):,} left out)", file=sys.stderr)
-    return len(rows), len(images) - len(rows)
+    written = write_manifest(path, rows, labelled=bool(images["label"].notna().any()))
+    print(f"imagerec: wrote {path}: {written:,} images ({len(images) - written:,} left out)", file=sys.stderr)
+    return written, len(images) - written

@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pandas as pd
 from .._io import atomic_path, write_text_atomic
 from PIL import Image, ImageDraw
 
-from ..clustering._report import _CSS, ImageReader, _data_uri, _font, contact_sheet, csv_text
+from ..clustering._report import _CSS, ImageReader, _data_uri, _font, contact_sheet
 
 SHOWN = 24  # findings (or duplicate groups) per check in report.html and on each contact sheet
 _TITLES = {
@@ -43,13 +42,6 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def write_manifest(path: Path, rows: list[tuple[str, str | None]], labelled: bool) -> None:
-    """A ``path,label`` CSV (``path`` only when unlabelled) with absolute paths, atomically."""
-    header = ["path", "label"] if labelled else ["path"]
-    body = [[os.path.abspath(p), label] if labelled else [os.path.abspath(p)] for p, label in rows]
-    write_text_atomic(path, csv_text(header, body))
 
 
 def write_run(result, source) -> None:

@@ -96,6 +96,7 @@ def cluster_images(
     device: str = "cpu",
     tta: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_outside: bool = False,
     normalize: bool = True,
     pca_dim: int | str | None = "auto",
     whiten: bool = False,
@@ -133,6 +134,7 @@ def cluster_images(
         batch_size: images per forward pass when embedding.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``, for embedding and the deep head.
         max_pixels: decompression-bomb limit per image.
+        allow_outside: read CSV manifest rows whose paths lead outside the manifest's folder.
         tta: embed each image as the mean of it and its mirror image.
         normalize: L2-normalise the features (before and after PCA).
         pca_dim: principal components kept; ``"auto"``: 32 for dbscan and hdbscan, 128 otherwise;
@@ -201,7 +203,7 @@ def cluster_images(
 
     # 2. features: the shared stage (backbone, adaptation, embed or reuse, preparation)
     if not isinstance(data, (Embeddings, ImageSource, np.ndarray)) and not is_embeddings_file(data):
-        data = load_images(data, split, max_pixels=max_pixels)  # a bad path fails before the run folder exists
+        data = load_images(data, split, max_pixels=max_pixels, allow_outside=allow_outside)  # a bad path fails before the run folder exists
     if run_dir is None:
         return _cluster(data, plan, features, view, None)
     with run_lock(run_dir, "cluster run"):

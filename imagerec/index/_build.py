@@ -60,6 +60,7 @@ def build_index(
     device: str = "cpu",
     engine: str = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_outside: bool = False,
     exact_max: int = _store.EXACT_MAX,
     progress: bool = True,
 ) -> SearchIndex:
@@ -77,6 +78,7 @@ def build_index(
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         engine: ``"auto"``, ``"torch"`` or ``"onnx"`` (see :func:`~imagerec.embed`).
         max_pixels: decompression-bomb limit per image.
+        allow_outside: read CSV manifest rows whose paths lead outside the manifest's folder.
         exact_max: the largest count searched exactly (``IndexFlatIP``); above it an IVF index
             (``IndexIVFFlat``, about 4 sqrt(N) lists) is trained on a sample.
         progress: show a progress bar while embedding.
@@ -91,7 +93,7 @@ def build_index(
         raise ImagerecError(f"exact_max={exact_max} must be at least 1; the default is {_store.EXACT_MAX:,}")
     if Path(out).is_file():
         raise ImagerecError(f"{out}: is a file; give --out a folder name for the index (e.g. {Path(out).stem}_index)")
-    embeddings = _embeddings(data, backbone, image_size, split, batch_size, device, engine, max_pixels, progress)
+    embeddings = _embeddings(data, backbone, image_size, split, batch_size, device, engine, max_pixels, progress, allow_outside)
     check_backbone(embeddings.backbone)
     items = _store.Items.from_embeddings(embeddings.paths, embeddings.labels, embeddings.classes)
     _refuse_repeats(items.paths)
@@ -102,14 +104,14 @@ def build_index(
     return SearchIndex(Path(out), meta, index, items, skipped=len(embeddings.skipped))
 
 
-def _embeddings(data, backbone, image_size, split, batch_size, device, engine, max_pixels, progress) -> Embeddings:
+def _embeddings(data, backbone, image_size, split, batch_size, device, engine, max_pixels, progress, allow_outside) -> Embeddings:
     if isinstance(data, Embeddings):
         return data
     if isinstance(data, (list, tuple)):
         return merge_parts(list(data))
     if not isinstance(data, ImageSource) and str(data).lower().endswith(".npz"):
         return Embeddings.load(data)
-    source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
+    source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels, allow_outside=allow_outside)
     if backbone != "auto":
         check_backbone(backbone)  # before any decoding
     name, size, source = choose_backbone(source, backbone, image_size)
@@ -152,6 +154,7 @@ def add_to_index(
     device: str = "cpu",
     engine: str = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_outside: bool = False,
     progress: bool = True,
 ) -> AddResult:
     """Append ``data``'s new images to an index, embedding only them, with the index's own model.
@@ -164,7 +167,7 @@ def add_to_index(
         index_dir: a folder written by :func:`build_index`.
         data: a data set spec, an :class:`~imagerec.ImageSource`, or embeddings (object or
             ``.npz``) made with the index's backbone and preprocessing.
-        split, batch_size, device, engine, max_pixels, progress: as for :func:`build_index`.
+        split, batch_size, device, engine, max_pixels, allow_outside, progress: as for :func:`build_index`.
 
     Returns:
         An :class:`AddResult`.
@@ -181,7 +184,7 @@ def add_to_index(
             keep, already = _new_images(current, [os.path.abspath(p) for p in new.paths])
             new = _take(new, keep)
         else:
-            source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
+            source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels, allow_outside=allow_outside)
             keep, already = _new_images(current, [os.path.abspath(p) for p in source.paths])
             if not keep.size:
                 return AddResult(current, 0, already, len(source.skipped))

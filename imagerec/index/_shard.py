@@ -77,6 +77,7 @@ def embed_shard(
     out: str | os.PathLike,
     split: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_outside: bool = False,
     **embed_args,
 ) -> Embeddings:
     """Embed shard ``I/N`` of ``data`` into the part file ``out``.
@@ -89,6 +90,7 @@ def embed_shard(
             it becomes the shard's number, for launchers that start every process with one command.
         split: one split of the data, or None.
         max_pixels: decompression-bomb limit per image.
+        allow_outside: read CSV manifest rows whose paths lead outside the manifest's folder.
         embed_args: passed to :func:`~imagerec.embed` (image_size, batch_size, device...).
 
     Returns:
@@ -99,7 +101,7 @@ def embed_shard(
     """
     index, count = parse_shard(f"{shard[0]}/{shard[1]}" if isinstance(shard, tuple) else shard)
     out = shard_path(out, (index, count))
-    source = load_images(data, split, max_pixels=max_pixels)
+    source = load_images(data, split, max_pixels=max_pixels, allow_outside=allow_outside)
     if count > len(source):
         raise ImagerecError(f"--shard {index}/{count}: {source.root} has only {len(source)} images; use at most {len(source)} shards")
     part = source.subset(shard_indices(source.paths, index, count))
