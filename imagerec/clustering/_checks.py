@@ -9,9 +9,9 @@ from __future__ import annotations
 import numbers
 import warnings
 
-import numpy as np
 
 from ..errors import ImagerecError, ImagerecWarning
+from ..features._prepare import all_identical, check_features, check_positive  # noqa: F401 - re-exported: the one definition lives with the feature stage
 
 
 class ClusteringWarning(ImagerecWarning):
@@ -23,43 +23,6 @@ def warn(message: str, stacklevel: int = 4) -> None:
     """Raise a :class:`ClusteringWarning` pointing at the user's call (``stacklevel`` frames up
     from here), not at imagerec."""
     warnings.warn(message, ClusteringWarning, stacklevel=stacklevel)
-
-
-def check_features(features, name: str = "features") -> np.ndarray:
-    """A 2-D float array of finite values, as float32 (float64 input stays float64).
-
-    Args:
-        features: array-like of shape (N, D).
-        name: what to call it in messages.
-
-    Returns:
-        A C-contiguous float array of shape (N, D).
-
-    Raises:
-        ImagerecError: not 2-D, empty, not numeric, or holding NaN or infinite values.
-    """
-    try:
-        array = np.asarray(features)
-    except (TypeError, ValueError) as e:
-        raise ImagerecError(f"{name} could not be read as an array ({e}); pass a float array of shape (N, D)") from None
-    if array.ndim != 2:
-        raise ImagerecError(
-            f"{name} has shape {array.shape}; it must be 2-D (N images, D features), e.g. Embeddings.features"
-        )
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ImagerecError(f"{name} has shape {array.shape}: no images or no features; embed some images first")
-    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise ImagerecError(f"{name} has dtype {array.dtype}; it must be numeric (float32 feature vectors)")
-    dtype = np.float64 if array.dtype == np.float64 else np.float32
-    array = np.ascontiguousarray(array, dtype=dtype)
-    finite = np.isfinite(array).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise ImagerecError(
-            f"{name} has {len(bad)} row(s) with NaN or infinite values (first: row {bad[0]}); "
-            "embed those images again, or drop the rows before clustering"
-        )
-    return array
 
 
 def check_n_samples(n_samples: int, minimum: int = 2) -> None:
@@ -99,25 +62,3 @@ def check_n_clusters(n_clusters, n_samples: int | None = None) -> int:
             f"clusters; ask for at most {n_samples} clusters, or add images"
         )
     return n_clusters
-
-
-def check_positive(
-    value, name: str, *, integer: bool = False, minimum: float = 0.0, inclusive: bool = False, hint: str = ""
-):
-    """A number above (or, with ``inclusive``, at least) ``minimum``.
-
-    Raises:
-        ImagerecError: of the wrong type or out of range.
-    """
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise ImagerecError(f"{name}={value!r} must be {'a whole number' if integer else 'a number'}{hint}")
-    ok = value >= minimum if inclusive else value > minimum
-    if not ok or (not integer and not np.isfinite(value)):
-        raise ImagerecError(f"{name}={value!r} must be {'>=' if inclusive else '>'} {minimum}{hint}")
-    return int(value) if integer else float(value)
-
-
-def all_identical(features: np.ndarray) -> bool:
-    """Whether every row equals the first (duplicates, or blank images)."""
-    return bool(np.all(features.max(axis=0) == features.min(axis=0)))
