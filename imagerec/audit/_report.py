@@ -13,7 +13,7 @@ import pandas as pd
 from .._io import atomic_path, write_text_atomic
 from PIL import Image, ImageDraw
 
-from ..clustering._report import _CSS, ImageReader, _data_uri, _font, contact_sheet
+from ..clustering._report import _CSS, ImageReader, _data_uri, _font, contact_sheet, paste_tile
 
 SHOWN = 24  # findings (or duplicate groups) per check in report.html and on each contact sheet
 _TITLES = {
@@ -133,11 +133,7 @@ def _group_sheet(reader: ImageReader, table: pd.DataFrame, title: str, path: Pat
     for row, (_, members) in enumerate(groups):
         for col, i in enumerate(members["index"].astype(int).tolist()[:width]):
             x, y = gap + col * (size + gap), top + row * (size + gap)
-            thumb = reader.thumbnail(i)
-            if thumb is None:
-                draw.rectangle([x, y, x + size - 1, y + size - 1], fill=(225, 225, 225))
-            else:
-                sheet.paste(thumb, (x, y))
+            paste_tile(sheet, draw, reader.thumbnail(i), x, y, size)
     with atomic_path(path, suffix=".png") as tmp:
         sheet.save(tmp, format="PNG")
 

@@ -121,10 +121,7 @@ class ImageReader:
 
 
 def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
+    return ImageFont.load_default(size=size)
 
 
 def contact_sheet(reader: ImageReader, indices: Sequence[int], title: str, path: Path, columns: int = 5) -> None:
@@ -138,13 +135,17 @@ def contact_sheet(reader: ImageReader, indices: Sequence[int], title: str, path:
     draw.text((gap, 5), title, fill="black", font=_font(14))
     for n, i in enumerate(indices):
         x, y = gap + (n % columns) * (size + gap), top + (n // columns) * (size + gap)
-        thumb = reader.thumbnail(int(i))
-        if thumb is None:
-            draw.rectangle([x, y, x + size - 1, y + size - 1], fill=(225, 225, 225))
-        else:
-            sheet.paste(thumb, (x, y))
+        paste_tile(sheet, draw, reader.thumbnail(int(i)), x, y, size)
     with atomic_path(path, suffix=".png") as tmp:
         sheet.save(tmp, format="PNG")
+
+
+def paste_tile(sheet: Image.Image, draw: ImageDraw.ImageDraw, thumb: Image.Image | None, x: int, y: int, size: int) -> None:
+    """One thumbnail of a contact sheet at (x, y); a grey tile where the image could not be read."""
+    if thumb is None:
+        draw.rectangle([x, y, x + size - 1, y + size - 1], fill=(225, 225, 225))
+    else:
+        sheet.paste(thumb, (x, y))
 
 
 def map_2d(features: np.ndarray, method: str, sample: int, random_state: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -11,9 +11,10 @@ import re
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from .._io import atomic_path
+from ..clustering._report import _font, paste_tile
 from ..data import DEFAULT_MAX_PIXELS, load_rgb
 
 TILE, GAP, CAPTION = 112, 6, 18
@@ -46,11 +47,7 @@ def _sheet(tiles: list[tuple[str, str]], path: Path, max_pixels: int) -> Path:
     font = _font(13)
     for n, (image_path, caption) in enumerate(tiles):
         x = GAP + n * (TILE + GAP)
-        thumb = _thumbnail(image_path, max_pixels)
-        if thumb is None:
-            draw.rectangle([x, GAP, x + TILE - 1, GAP + TILE - 1], fill=(225, 225, 225))
-        else:
-            sheet.paste(thumb, (x, GAP))
+        paste_tile(sheet, draw, _thumbnail(image_path, max_pixels), x, GAP, TILE)
         if n == 0:  # the query: framed
             draw.rectangle([x - 2, GAP - 2, x + TILE + 1, GAP + TILE + 1], outline=(200, 30, 30), width=2)
         draw.text((x, GAP + TILE + 3), caption, fill="black", font=font)
@@ -65,10 +62,3 @@ def _thumbnail(path: str, max_pixels: int) -> Image.Image | None:
     except Exception:  # noqa: BLE001 - a picture that cannot be shown is left grey
         return None
     return ImageOps.fit(image, (TILE, TILE), Image.Resampling.BICUBIC)
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
