@@ -55,6 +55,7 @@ def create_app(project_dir: str | os.PathLike, data: str | os.PathLike | None = 
         ImagerecError: a new project without ``data``, or data that cannot be read.
     """
     project = Project(project_dir)
+    project.recover()
     if not project.imported:
         if data is None:
             raise ImagerecError(f"{project_dir}: is a new project; give the photos to start it with (imagerec studio DATA)")
@@ -62,6 +63,7 @@ def create_app(project_dir: str | os.PathLike, data: str | os.PathLike | None = 
     app = FastAPI(title="imagerec studio", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.project = project
     app.state.trainer = Trainer(project)
+    app.state.embed_backbone, app.state.embed_image_size = backbone, image_size  # audit and search embed alike
     app.state.cookie = "imagerec_studio_" + hashlib.sha256(project.secret.encode()).hexdigest()[:10]
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
     app.middleware("http")(_guard)
@@ -87,7 +89,7 @@ async def _guard(request: Request, call_next):
     response = await call_next(request)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("X-Frame-Options", "DENY")
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("Referrer-Policy", "same-origin")  # "no-referrer" makes form POSTs send Origin: null
     return response
 
 
