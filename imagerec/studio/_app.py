@@ -476,7 +476,7 @@ def _run_body(project: Project, run_id: int) -> str:
                       [[r["class"], f'{r["precision"]:.2f}', f'{r["recall"]:.2f}', f'{r["f1"]:.2f}', r["support"]] for r in ev["per_class"]])
     matrix = []
     for t, row in zip(classes, ev["confusion"]):
-        cells = [Raw(f'<a class="{"diag" if t == p else "off" if n else "zero"}" href="/train/{run_id}/cell?true={esc(url_arg(t))}'
+        cells = [Raw(f'<a class="{"zero" if not n else "diag" if t == p else "off"}" href="/train/{run_id}/cell?true={esc(url_arg(t))}'
                      f'&amp;predicted={esc(url_arg(p))}">{n}</a>') for p, n in zip(classes, row)]
         matrix.append([t, *cells])
     confusion = table(["true \\ predicted", *classes], matrix, "confusion")
