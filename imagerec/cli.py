@@ -178,6 +178,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_cluster)
 
+    p = commands.add_parser("audit", help="find duplicates, train/test leaks, outliers, wrong labels and bad images in a collection")
+    p.add_argument("data", help="images (a folder, DIR/<class>/*, a split root, a CSV manifest, 'cifar10') or a .npz from 'imagerec embed'")
+    p.add_argument("--out", required=True, help="run folder: summary.json, one CSV/Parquet per check, sheets/*.png, report.html")
+    p.add_argument("--checks", help="comma-separated, from: exact_duplicates, near_duplicates, leakage, outliers, label_issues, quality (default: all that apply)")
+    p.add_argument("--split", choices=["train", "val", "test"], help="audit one split only (default: all; leakage needs them all)")
+    p.add_argument("--backbone", default="auto", help="registry name; auto: efficientnet_lite2 at 160 px for small images, else efficientnet_lite0 (default: auto)")
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--no-tta", action="store_true", help="embed each image once, not also mirrored (twice as fast; flipped copies are then missed more often)")
+    p.add_argument("--max-pixels", type=_positive_int, default=None, help="skip images with more pixels (decompression-bomb guard)")
+    p.add_argument("--neighbours", type=_positive_int, default=10, help="neighbours searched per image (default: 10)")
+    for name, default in (("near-duplicates", "0.90 for small images, 0.94 for photos: a cosine similarity; leakage too"), ("pixel-correlation", "0.90 small, 0.95 photos: of 16 px colour thumbnails confirming a weaker candidate"), ("outliers", "robust z-score"), ("label-issues", "cleanlab's own rule"),
+                          ("blurry", "0.10"), ("dark", "0.10"), ("bright", "0.92"), ("low-information", "2.0 bits"), ("odd-aspect", "3.0"),
+                          ("odd-size", "16x the median area"), ("grayscale", "2.0")):  # fmt: skip
+        p.add_argument(f"--{name}-threshold", type=float, help=f"threshold of the {name} check (default: {default})")
+    p.add_argument("--export-manifest", metavar="CSV", help="write the collection without the flagged images (path,label) for 'imagerec train' and 'cluster'")
+    p.add_argument("--relabel", action="store_true", help="in --export-manifest, keep label issues with their suggested labels")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_audit)
+
     p = commands.add_parser("serve", help="serve a model over HTTP: batched predictions, embeddings, metrics")
     p.add_argument("model", help="a run folder, a .safetensors checkpoint, or an exported .onnx (int8 included)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
@@ -453,6 +475,39 @@ def _run_cluster(args) -> None:
     figures += [f"{key.upper()} {s[key]:.4f}" for key in ("acc", "nmi", "ari", "purity") if key in s]
     print("  ".join(figures))
     print(f"run folder: {args.out}  (open {os.path.join(args.out, 'gallery.html')} in a browser)")
+
+
+def _run_audit(args) -> None:
+    from .audit import THRESHOLD_NAMES, audit  # noqa: PLC0415 - fast --help
+    from .data import DEFAULT_MAX_PIXELS  # noqa: PLC0415
+
+    thresholds = {name: getattr(args, f"{name}_threshold") for name in THRESHOLD_NAMES}
+    result = audit(
+        args.data,
+        out=args.out,
+        checks=args.checks,
+        backbone=args.backbone,
+        split=args.split,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        tta=not args.no_tta,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        thresholds={name: value for name, value in thresholds.items() if value is not None},
+        k=args.neighbours,
+        export_manifest=args.export_manifest,
+        relabel=args.relabel,
+        random_state=args.seed,
+        progress=not args.no_progress,
+    )
+    s = result.summary
+    print(f"{s['n_images']:,} images audited, {s['n_unreadable']} unreadable")
+    for name, counts in s["counts"].items():
+        if name != "unreadable":
+            print(f"  {name}: " + ", ".join(f"{value} {key}" for key, value in counts.items()))
+    for name, why in s["not_run"].items():
+        print(f"  {name}: not run ({why})")
+    print(f"run folder: {args.out}  (open {os.path.join(args.out, 'report.html')} in a browser)")
 
 
 def _cluster_params(args) -> dict:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from imagerec.audit import _outliers
-from imagerec.audit._labels import find_label_issues
+from imagerec.audit._labels import find_label_issues, neighbour_votes
 from imagerec.audit._outliers import find_outliers
 from imagerec.errors import ImagerecError, ImagerecWarning
 
@@ -46,6 +46,29 @@ def test_planted_flips_are_found_with_their_true_label():
     assert list(found.given_label) == [CLASSES[c] for c in noisy[rows]]
     assert (found.confidence > 0.5).all()
     assert (found.label_quality < 0.5).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"k_neighbors": 0}, {"filter_by": "prune_by_noise_rate"}, {"k_neighbors": 0, "filter_by": "both"}]
+)
+def test_planted_flips_are_found_by_every_variant(kwargs):
+    x, y = blobs()
+    noisy, rows = flip(y, 9)
+    df = find_label_issues(x, noisy, CLASSES, **kwargs)
+    assert set(rows) <= set(df.loc[df.is_issue, "index"])
+    assert df.is_issue.sum() <= len(rows) + 3
+    assert df.attrs["k_neighbors"] == kwargs.get("k_neighbors", 50)
+
+
+def test_neighbour_votes_count_the_labels_of_the_nearest_others():
+    # four points on a line of angles: 0 and 1 are close, 2 and 3 are close
+    angles = np.array([0.0, 0.1, 1.4, 1.5])
+    x = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    y = np.array([0, 1, 1, 1])
+    votes = neighbour_votes(x, y, k=1, n_classes=2)
+    # each row gets its one neighbour's vote: (1 + 0.1) / (1 + 0.2) for that class
+    expected = np.array([[0.1, 1.1], [1.1, 0.1], [0.1, 1.1], [0.1, 1.1]]) / 1.2
+    assert np.allclose(votes, expected)
 
 
 def test_rows_are_sorted_issues_first_by_rising_quality():
@@ -125,6 +148,8 @@ def test_bad_input_is_one_line(change, message):
         ({"cv_folds": 1}, "cv_folds=1 must be at least 2"),
         ({"threshold": 1.5}, "threshold=1.5"),
         ({"C": 0}, "C=0 must be > 0"),
+        ({"k_neighbors": -1}, "k_neighbors=-1 must be >= 0"),
+        ({"filter_by": "magic"}, "filter_by='magic' is not one of cleanlab's low_self_confidence"),
     ],
 )
 def test_bad_arguments_are_one_line(kwargs, message):

@@ -9,10 +9,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import imagerec.features._cache as cache_module
-from imagerec import Embeddings, ImagerecError, create_backbone, load_images
+from imagerec import Embeddings, ImagerecError, Preprocessing, create_backbone, load_images
 from imagerec._lock import run_lock
 from imagerec.clustering import cluster_images
 from imagerec.features import (
@@ -24,7 +23,7 @@ from imagerec.features import (
     compute_features,
 )
 
-from .conftest import make_colour_dataset, make_image
+from .conftest import make_image
 
 
 def _replace_keeping_size_and_mtime(path, seed):
@@ -132,7 +131,9 @@ def test_small_images_get_the_one_small_image_rule(tmp_path):
 def test_a_locked_run_folder_is_refused(tmp_path, seed_cnn):
     data = _bmp_folder(tmp_path / "imgs", n=3)
     run = tmp_path / "run"
-    import subprocess, sys, textwrap  # noqa: E401, PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import textwrap  # noqa: PLC0415
 
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
@@ -154,7 +155,7 @@ def test_a_locked_run_folder_is_refused(tmp_path, seed_cnn):
         pass
 
 
-def test_adapt_keeps_the_decompression_bomb_limit(tmp_path):
+def test_adapt_keeps_the_decompression_bomb_limit(tmp_path, monkeypatch):
     """Issue 10 item 17: --adapt read every image with the default limit, ignoring --max-pixels."""
     for i in range(3):
         make_image(tmp_path / "photos" / f"{i}.png", (80, 70), seed=i)
@@ -164,19 +165,14 @@ def test_adapt_keeps_the_decompression_bomb_limit(tmp_path):
     import imagerec.features._adapt as adapt_module  # noqa: PLC0415
 
     real = adapt_module.load_rgb
-    adapt_module_load = lambda path, max_pixels=None: seen.append(max_pixels) or real(path, max_pixels)  # noqa: E731
-    pixels = None
-    try:
-        adapt_module.load_rgb = adapt_module_load
-        pixels = adapt_module._pixels(source, 16, progress=False)
-    finally:
-        adapt_module.load_rgb = real
+    monkeypatch.setattr(adapt_module, "load_rgb", lambda path, max_pixels=None: seen.append(max_pixels) or real(path, max_pixels))
+    pixels = adapt_module._pixels(source, 16, progress=False)
     assert set(seen) == {80 * 80} and len(pixels) == 3  # the 300 x 300 image is over the limit
 
 
 def test_embeddings_given_are_checked_and_prepared(tmp_path):
     features = np.random.default_rng(0).normal(size=(10, 8)).astype(np.float32)
-    emb = Embeddings(features, [f"{i}.png" for i in range(10)], None, None, "x", load_images.__defaults__ and None)
+    emb = Embeddings(features, [f"{i}.png" for i in range(10)], None, None, "x", Preprocessing(32, (0.5,) * 3, (0.5,) * 3))
     result = compute_features(emb, pca_dim=4)
     assert result.prepared.shape == (10, 4)
     np.testing.assert_allclose(np.linalg.norm(result.prepared, axis=1), 1, atol=1e-5)

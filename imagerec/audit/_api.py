@@ -15,14 +15,16 @@ from torch import nn
 from .._decode import Skipped
 from .._lock import run_lock
 from .._version import __version__
-from ..data import DEFAULT_MAX_PIXELS, ImageSource
+from ..data import DEFAULT_MAX_PIXELS, SMALL_IMAGE_MAX_SIDE, ImageSource, Preprocessing, decode_small_images, load_images
 from ..embedding import Embeddings
 from ..errors import ImagerecError
 from ..features import compute_features, is_embeddings_file, l2_normalize, prepare_features
 from ._duplicates import (
     EXACT_SEARCH_MAX,
     NEAR_DUPLICATE_K,
+    NEAR_DUPLICATE_DEFAULTS,
     NEAR_DUPLICATE_THRESHOLD,
+    edges,
     exact_groups,
     group_table,
     knn,
@@ -34,7 +36,7 @@ from ._scan import scan_images
 
 CHECKS = ("exact_duplicates", "near_duplicates", "leakage", "outliers", "label_issues", "quality")
 PIXEL_CHECKS = ("exact_duplicates", "quality")  # need the image files (or pixels), not only embeddings
-THRESHOLD_NAMES = ("near_duplicates", "outliers", "label_issues", *QUALITY_THRESHOLDS)
+THRESHOLD_NAMES = ("near_duplicates", "pixel_correlation", "outliers", "label_issues", *QUALITY_THRESHOLDS)
 _SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -121,8 +123,11 @@ def audit(
             embeds like its original (near-duplicates); False halves the embedding time. Images
             are embedded whole (no centre crop): a copy that differs at its borders still shows.
         max_pixels: decompression-bomb limit per image.
-        thresholds: overrides by check: ``near_duplicates`` (cosine similarity, default
-            ``NEAR_DUPLICATE_THRESHOLD``; leakage uses it too), ``outliers`` (cosine distance;
+        thresholds: overrides by check: ``near_duplicates`` (cosine similarity that suffices
+            alone; leakage uses it too) and ``pixel_correlation`` (of the 16 px colour thumbnails
+            that confirm a weaker candidate; above 1: embeddings alone), by default 0.90 and 0.90
+            for small images (at most 64 px a side, candidates from cosine 0.70) and 0.94 and 0.95
+            for photos (candidates from 0.85): ``NEAR_DUPLICATE_DEFAULTS``; ``outliers`` (cosine distance;
             None: robust z-score), ``label_issues`` (label quality; None: cleanlab's own rule),
             and the quality ones of ``QUALITY_THRESHOLDS`` (``blurry``, ``dark``...).
         k: neighbours searched per image (near-duplicates, leakage, outliers).
@@ -153,6 +158,8 @@ def audit(
         max_pixels=max_pixels, progress=progress,
     )  # fmt: skip
     plan = dict(checks=checks, thresholds=thresholds, k=k, random_state=random_state, progress=progress)
+    if not isinstance(data, (Embeddings, ImageSource)) and not is_embeddings_file(data):
+        data = load_images(data, split, max_pixels=max_pixels)  # a bad path fails before the run folder exists
     if run_dir is None:
         result = _audit(data, options, plan, None)
     else:
@@ -174,22 +181,27 @@ def _audit(data, options: dict, plan: dict, run_dir: Path | None) -> AuditResult
     checks, t, k = plan["checks"], plan["thresholds"], plan["k"]
 
     # 2. the features (shared stage: one cache in the run folder), then the one decode pass
-    feats = compute_features(data, cache_dir=run_dir, **options)
-    emb = feats.embeddings
-    seconds.update(feats.seconds)
+    if set(checks) <= set(PIXEL_CHECKS) and not (isinstance(data, Embeddings) or is_embeddings_file(data)):
+        emb, source = _pixels_only(data, options)  # no check needs embeddings: none are computed
+    else:
+        if isinstance(data, Embeddings) or is_embeddings_file(data):
+            options = {**options, "tta": False, "crop_pct": None}  # how they were embedded is decided
+        feats = compute_features(data, cache_dir=run_dir, **options)
+        emb, source = feats.embeddings, feats.source
+        seconds.update(feats.seconds)
     n = len(emb)
     images = _image_table(emb)
-    source = _pixel_source(feats.source, emb)
+    source = _pixel_source(source, emb)
     skipped: list[Skipped] = list(emb.skipped)
     not_run: dict[str, str] = {}
     timer = time.perf_counter()
     if source is not None:
-        figures, bad = scan_images(source, progress=plan["progress"])
+        figures, bad, thumbs = scan_images(source, progress=plan["progress"])
         skipped += bad
         images = pd.concat([images, figures.drop(columns="pixel_hash")], axis=1)
         pixel_hash = figures["pixel_hash"]
     else:
-        pixel_hash = None
+        pixel_hash = thumbs = None
         for name in PIXEL_CHECKS:
             if name in checks:
                 not_run[name] = "needs the image files; the embeddings' paths do not name readable files"
@@ -198,7 +210,7 @@ def _audit(data, options: dict, plan: dict, run_dir: Path | None) -> AuditResult
     # 3. the checks
     timer = time.perf_counter()
     x = l2_normalize(np.ascontiguousarray(emb.features, dtype=np.float32))
-    if n > EXACT_SEARCH_MAX:
+    if n > EXACT_SEARCH_MAX and x.shape[1] > 128:
         x = prepare_features(x, pca_dim=128)  # a million rows of 1,280 floats do not fit; cosines stay close
     split = images["split"].to_numpy().astype(str)
     area = (images["width"] * images["height"]).to_numpy() if "width" in images else np.ones(n)
@@ -216,10 +228,15 @@ def _audit(data, options: dict, plan: dict, run_dir: Path | None) -> AuditResult
             not_run[name] = f"needs at least 2 images; {n} given"
     elif wants_knn:
         sims, ids, search = knn(x, k)
+        kind = "small" if "width" in images and np.nanmedian(np.maximum(images["width"], images["height"])) <= SMALL_IMAGE_MAX_SIDE else "photos"
+        cosine, pixel, floor = NEAR_DUPLICATE_DEFAULTS[kind]
+        t["near_duplicates"] = t["near_duplicates"] if t["near_duplicates"] is not None else cosine
+        t["pixel_correlation"] = t["pixel_correlation"] if t["pixel_correlation"] is not None else pixel
+        accept = edges(sims, ids, t["near_duplicates"], thumbs, t["pixel_correlation"], floor)
         if "near_duplicates" in checks:
-            tables["near_duplicates"] = group_table(near_groups(sims, ids, t["near_duplicates"], exact), x, area, split, "near")
+            tables["near_duplicates"] = group_table(near_groups(sims, ids, accept, exact), x, area, split, "near")
         if "leakage" in wants_knn:
-            tables["leakage"] = leak_table(sims, ids, t["near_duplicates"], split, exact)
+            tables["leakage"] = leak_table(sims, ids, accept, split, exact)
     if "outliers" in checks:
         tables.update(_outliers(x, emb, t["outliers"], k, not_run))
     if "label_issues" in checks:
@@ -266,12 +283,12 @@ def _check_thresholds(thresholds) -> dict:
     for key, value in given.items():
         if value is not None and not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
             raise ImagerecError(f"{key} threshold={value!r} must be a number >= 0 (or None for the default)")
-    if given.get("near_duplicates") is not None and not 0 < given["near_duplicates"] <= 1:
+    if given.get("near_duplicates") is not None and not 0 < given["near_duplicates"] <= 1:  # cosine
         raise ImagerecError(
             f"near_duplicates threshold={given['near_duplicates']} is a cosine similarity and must be in (0, 1]; "
             f"try {NEAR_DUPLICATE_THRESHOLD}"
         )
-    defaults = {"near_duplicates": NEAR_DUPLICATE_THRESHOLD, "outliers": None, "label_issues": None, **QUALITY_THRESHOLDS}
+    defaults = {"near_duplicates": None, "pixel_correlation": None, "outliers": None, "label_issues": None, **QUALITY_THRESHOLDS}
     return {**defaults, **{key: v for key, v in given.items() if v is not None}}
 
 
@@ -301,6 +318,16 @@ def _pixel_source(source: ImageSource | None, emb: Embeddings) -> ImageSource | 
     if all(os.path.isfile(p) for p in emb.paths):
         return ImageSource(list(emb.paths), emb.labels, emb.classes, "embeddings")
     return None
+
+
+def _pixels_only(data, options: dict) -> tuple[Embeddings, ImageSource]:
+    """The images without embedding them: an Embeddings with no features, for the row table."""
+    source = data if isinstance(data, ImageSource) else load_images(data, options["split"], max_pixels=options["max_pixels"])
+    source = decode_small_images(source, progress=options["progress"]) or source
+    empty = Embeddings(np.zeros((len(source), 0), np.float32), list(source.paths), source.labels, source.classes,
+                       "none (pixel checks only)", Preprocessing(32, (0.5,) * 3, (0.5,) * 3))  # fmt: skip
+    empty.skipped = list(source.skipped)
+    return empty, source
 
 
 def _outliers(x: np.ndarray, emb: Embeddings, threshold, k: int, not_run: dict) -> dict:
@@ -379,7 +406,7 @@ def _summary(emb, images, tables, t, not_run, search, k, options, seconds) -> di
         "thresholds": used,
         "not_run": not_run,
         "features": {"backbone": emb.backbone, "input_size": emb.preprocessing.input_size, "dim": int(emb.features.shape[1]),
-                     "tta": bool(options["tta"]), "neighbours": k, "search": search},  # fmt: skip
+                     "tta": emb.backbone.endswith("+flip"), "neighbours": k, "search": search},  # fmt: skip
         "seconds": {key: round(v, 3) for key, v in seconds.items()},
         "imagerec_version": __version__,
     }

@@ -4,8 +4,11 @@
   array, so a PNG and a lossless re-save of it match, whatever their metadata).
 * Near-duplicates: the ``k`` nearest neighbours of every image by cosine similarity of its
   embedding (FAISS: exact inner-product search up to ``EXACT_SEARCH_MAX`` images, an inverted
-  file index beyond, queried in blocks), an edge wherever the similarity reaches the threshold,
-  then the connected components of that sparse graph (scipy). Exact duplicates are joined too.
+  file index beyond, queried in blocks); an edge where the similarity reaches the threshold, or
+  where it reaches a lower floor and the two images' small colour thumbnails correlate at a
+  pixel threshold or more (either way round, for mirrored copies): tiny or heavily compressed
+  copies lose their embedding similarity before their layout. Then the connected components of
+  that sparse graph (scipy). Exact duplicates are joined too.
   Memory is O(N k). The embeddings are flip-averaged by default (see :func:`imagerec.audit.audit`),
   so a mirrored copy embeds like its original.
 * The member kept in each group: one from the training split where there is one (a leak is
@@ -21,7 +24,13 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-NEAR_DUPLICATE_THRESHOLD = 0.92  # cosine; tuned on benchmarks/audit_near_duplicates.py (docs/BENCHMARKS.md)
+# Defaults tuned on benchmarks/audit_near_duplicates.py (docs/BENCHMARKS.md), by kind of collection:
+# (cosine that suffices alone, thumbnail correlation that confirms a candidate, candidate floor).
+# Small images (CIFAR-like) embed poorly once resized or compressed but their 16 px thumbnail is
+# nearly the whole image; photos embed well, and their thumbnail is a coarse sketch that
+# unrelated scenes (sky over sea) share.
+NEAR_DUPLICATE_DEFAULTS = {"small": (0.90, 0.90, 0.70), "photos": (0.94, 0.95, 0.85)}
+NEAR_DUPLICATE_THRESHOLD, PIXEL_THRESHOLD, CANDIDATE_FLOOR = NEAR_DUPLICATE_DEFAULTS["photos"]
 NEAR_DUPLICATE_K = 10  # neighbours searched per image
 EXACT_SEARCH_MAX = 200_000  # images: exact search up to here, an IVF index beyond
 SEARCH_BLOCK = 4096  # query rows per FAISS call
@@ -52,7 +61,8 @@ def knn(features: np.ndarray, k: int, *, exact: bool | None = None, nprobe: int 
     else:
         nlist = int(4 * math.sqrt(n))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(seed).choice(n, min(n, 64 * nlist), replace=False)
+        sample = np.random.default_rng(seed).choice(n, min(n, 32 * nlist), replace=False)
+        index.cp.niter = 10  # coarse cells suffice: a near-duplicate sits in its original's cell
         index.train(x[np.sort(sample)])
         index.nprobe = nprobe
         method = f"inverted file (faiss IndexIVFFlat, {nlist} lists, nprobe {nprobe})"
@@ -78,19 +88,53 @@ def exact_groups(pixel_hash: pd.Series) -> np.ndarray:
     return group
 
 
-def near_groups(sims: np.ndarray, ids: np.ndarray, threshold: float, exact_group: np.ndarray | None = None) -> np.ndarray:
+def edges(
+    sims: np.ndarray,
+    ids: np.ndarray,
+    threshold: float,
+    thumbs: np.ndarray | None = None,
+    pixel_threshold: float = PIXEL_THRESHOLD,
+    floor: float = CANDIDATE_FLOOR,
+) -> np.ndarray:
+    """Which kNN pairs are near-duplicates: bool (N, k).
+
+    Args:
+        sims, ids: the result of :func:`knn`.
+        threshold: cosine similarity that suffices on its own.
+        thumbs: float32 (N, T*T*3) zero-mean unit-norm colour thumbnails, or None (embeddings only).
+        pixel_threshold: thumbnail correlation that confirms a candidate at ``floor`` or more.
+        floor: cosine similarity a pair needs to be a candidate at all.
+    """
+    valid = ids >= 0
+    accept = valid & (sims >= threshold)
+    if thumbs is None:
+        return accept
+    rows, cols = np.nonzero(valid & ~accept & (sims >= min(floor, threshold)))
+    if len(rows):
+        side = int(round(np.sqrt(thumbs.shape[1] // 3)))
+        a, b = thumbs[rows], thumbs[ids[rows, cols]]
+        mirrored = b.reshape(-1, side, side, 3)[:, :, ::-1].reshape(len(b), -1)
+        corr = np.maximum(np.einsum("ij,ij->i", a, b), np.einsum("ij,ij->i", a, mirrored))
+        accept[rows, cols] = corr >= pixel_threshold
+    return accept
+
+
+def near_groups(
+    sims: np.ndarray, ids: np.ndarray, threshold: float | np.ndarray, exact_group: np.ndarray | None = None
+) -> np.ndarray:
     """Group id per image (-1: alone): connected components of the kNN edges at ``threshold``.
 
     Args:
         sims: float (N, k) neighbour similarities; ids: int (N, k) neighbour rows (-1: none).
-        threshold: cosine similarity an edge needs.
+        threshold: cosine similarity an edge needs, or the bool (N, k) edges of :func:`edges`.
         exact_group: exact-duplicate group per image (joined as edges too), or None.
 
     Returns:
         int64 array (N,).
     """
     n = len(sims)
-    rows, cols = np.nonzero((sims >= threshold) & (ids >= 0))
+    accept = threshold if isinstance(threshold, np.ndarray) else (sims >= threshold) & (ids >= 0)
+    rows, cols = np.nonzero(accept)
     a, b = rows, ids[rows, cols]
     if exact_group is not None and (exact_group >= 0).any():
         idx = np.flatnonzero(exact_group >= 0)
@@ -139,7 +183,9 @@ def group_table(group: np.ndarray, features: np.ndarray | None, area: np.ndarray
     return table.drop(columns=["old", "_size", "_first"]).reset_index(drop=True)
 
 
-def leak_table(sims: np.ndarray, ids: np.ndarray, threshold: float, split: np.ndarray, exact_group: np.ndarray) -> pd.DataFrame:
+def leak_table(
+    sims: np.ndarray, ids: np.ndarray, threshold: float | np.ndarray, split: np.ndarray, exact_group: np.ndarray
+) -> pd.DataFrame:
     """Test or validation images with a near- or exact duplicate in the training split.
 
     A leak is a direct neighbour (not a chain through a group): the most similar training image
@@ -147,7 +193,7 @@ def leak_table(sims: np.ndarray, ids: np.ndarray, threshold: float, split: np.nd
 
     Args:
         sims, ids: the kNN result of :func:`knn`.
-        threshold: cosine similarity a near-duplicate needs.
+        threshold: cosine similarity a near-duplicate needs, or the bool (N, k) edges of :func:`edges`.
         split: ``"train"``/``"val"``/``"test"``/``""`` per image.
         exact_group: exact-duplicate group per image (-1: none).
 
@@ -158,7 +204,8 @@ def leak_table(sims: np.ndarray, ids: np.ndarray, threshold: float, split: np.nd
     held_out = np.isin(split, ["test", "val"])
     rows = np.flatnonzero(held_out)
     neighbour_split = split[np.clip(ids[rows], 0, None)]
-    ok = (ids[rows] >= 0) & (neighbour_split == "train") & (sims[rows] >= threshold)
+    accept = threshold if isinstance(threshold, np.ndarray) else (sims >= threshold) & (ids >= 0)
+    ok = accept[rows] & (neighbour_split == "train")
     found = ok.any(axis=1)
     best = np.argmax(ok, axis=1)  # neighbours come most similar first
     leaks = {int(r): (int(ids[r, c]), float(sims[r, c]), False) for r, c in zip(rows[found], best[found])}

@@ -109,7 +109,7 @@ def check_features(features: np.ndarray, *, min_rows: int, what: str) -> np.ndar
 
 
 def knn_distance(x: np.ndarray, k: int) -> np.ndarray:
-    """Mean cosine distance of each row to its ``k`` nearest other rows (exact, FAISS, in blocks).
+    """Mean cosine distance of each row to its ``k`` nearest other rows.
 
     Args:
         x: float32 array (N, D), rows L2-normalised, N >= 2.
@@ -118,21 +118,36 @@ def knn_distance(x: np.ndarray, k: int) -> np.ndarray:
     Returns:
         float32 array (N,), values in [0, 2].
     """
-    import faiss  # deferred: only this check needs it
+    sims, _ = knn_search(x, k)
+    return np.clip(1.0 - sims.mean(axis=1), 0.0, 2.0)
+
+
+def knn_search(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest other rows of every row (exact inner product, FAISS, queried in blocks).
+
+    Args:
+        x: float32 array (N, D), rows L2-normalised, N >= 2.
+        k: neighbours wanted; capped at N - 1.
+
+    Returns:
+        ``(sims, ids)``: float32 and int64 arrays (N, k), nearest first; a row never lists itself.
+    """
+    import faiss  # deferred: only the neighbour checks need it
 
     k = min(k, len(x) - 1)
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
-    out = np.empty(len(x), dtype=np.float32)
+    sims = np.empty((len(x), k), dtype=np.float32)
+    ids = np.empty((len(x), k), dtype=np.int64)
     for start in range(0, len(x), SEARCH_BLOCK):
         block = x[start : start + SEARCH_BLOCK]
-        sims, ids = index.search(block, k + 1)
+        s, i = index.search(block, k + 1)
         # Drop each row's own hit; where an exact duplicate took its place, drop the last one.
-        own = ids == np.arange(start, start + len(block))[:, None]
+        own = i == np.arange(start, start + len(block))[:, None]
         own[~own.any(axis=1), -1] = True
-        sims = sims[~own].reshape(len(block), k)
-        out[start : start + len(block)] = 1.0 - sims.mean(axis=1)
-    return np.clip(out, 0.0, 2.0)
+        sims[start : start + len(block)] = s[~own].reshape(len(block), k)
+        ids[start : start + len(block)] = i[~own].reshape(len(block), k)
+    return sims, ids
 
 
 def _threshold(score: np.ndarray, threshold: float | None) -> float:

@@ -12,7 +12,9 @@ import numpy as np
 import pandas as pd
 
 from .._io import atomic_path, write_text_atomic
-from ..clustering._report import _CSS, ImageReader, _data_uri, contact_sheet, csv_text
+from PIL import Image, ImageDraw
+
+from ..clustering._report import _CSS, ImageReader, _data_uri, _font, contact_sheet, csv_text
 
 SHOWN = 24  # findings (or duplicate groups) per check in report.html and on each contact sheet
 _TITLES = {
@@ -70,7 +72,13 @@ def _section(name: str, table: pd.DataFrame, result, reader: ImageReader) -> str
     title = _TITLES.get(name, name)
     if name in ("exact_duplicates", "near_duplicates"):
         count = f"{table['group'].nunique() if len(table) else 0} groups, {len(table)} images"
-        body, shown = _groups_html(table, reader)
+        body, _ = _groups_html(table, reader)
+        if len(table):
+            _group_sheet(reader, table, f"{name}: {count} (one group a row, the kept image first)", sheet)
+        shown = []
+    elif name == "leakage":
+        count = f"{len(table)} test/val images with a copy in train"
+        body, shown = _pairs_html(table, reader)
     elif name == "unreadable":
         count = f"{len(table)} files"
         rows = "".join(f"<tr><td>{html.escape(str(p))}</td><td>{html.escape(str(r))}</td></tr>" for p, r in table.head(200).itertuples(index=False))
@@ -82,7 +90,8 @@ def _section(name: str, table: pd.DataFrame, result, reader: ImageReader) -> str
         body = "".join(_figure(reader, int(r["index"]), _caption(name, r)) for _, r in shown.iterrows())
         shown = shown["index"].astype(int).tolist()
     if len(shown):
-        contact_sheet(reader, shown[:SHOWN], f"{name}: {count} (most certain first)", sheet)
+        columns = 8 if name == "leakage" else 5  # leaks: four (test, train) pairs a row
+        contact_sheet(reader, shown[: 2 * SHOWN if name == "leakage" else SHOWN], f"{name}: {count} (most certain first)", sheet, columns)
     none = "<p class='summary'>Nothing found.</p>" if not body else ""
     return f"<section id='{name}'><h2>{html.escape(title)} <small>{html.escape(count)}</small></h2>{none}{body}</section>"
 
@@ -119,6 +128,36 @@ def _groups_html(table: pd.DataFrame, reader: ImageReader) -> tuple[str, list[in
         more = f"<small>+{len(members) - 8} more</small>" if len(members) > 8 else ""
         parts.append(f"<div class='group'><b>#{gid}</b>{figures}{more}</div>")
         shown += members["index"].astype(int).tolist()[:5]
+    return "".join(parts), shown
+
+
+def _group_sheet(reader: ImageReader, table: pd.DataFrame, title: str, path: Path, width: int = 6) -> None:
+    """A PNG with one duplicate group per row (the kept member first), the largest groups first."""
+    size, gap, top = reader.size, 4, 26
+    groups = list(table.groupby("group", sort=True))[:SHOWN]
+    sheet = Image.new("RGB", (max(width * (size + gap) + gap, 320), top + len(groups) * (size + gap) + gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((gap, 5), title, fill="black", font=_font(14))
+    for row, (_, members) in enumerate(groups):
+        for col, i in enumerate(members["index"].astype(int).tolist()[:width]):
+            x, y = gap + col * (size + gap), top + row * (size + gap)
+            thumb = reader.thumbnail(i)
+            if thumb is None:
+                draw.rectangle([x, y, x + size - 1, y + size - 1], fill=(225, 225, 225))
+            else:
+                sheet.paste(thumb, (x, y))
+    with atomic_path(path, suffix=".png") as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+def _pairs_html(table: pd.DataFrame, reader: ImageReader) -> tuple[str, list[int]]:
+    """Each leak as a pair: the test/val image, then its training copy."""
+    parts, shown = [], []
+    for _, r in table.head(2 * SHOWN).iterrows():
+        test = _figure(reader, int(r["index"]), f"{r['path']}\n{r['split']}; similarity {r['similarity']:.3f}")
+        train = _figure(reader, int(r["train_index"]), f"{r['train_path']}\ntrain", "keep")
+        parts.append(f"<div class='group'>{test}{train}</div>")
+        shown += [int(r["index"]), int(r["train_index"])]
     return "".join(parts), shown
 
 

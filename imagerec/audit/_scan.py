@@ -16,6 +16,10 @@ mean the same for a 4,000-pixel photo and a 150-pixel one (and cost little):
 * ``colourfulness``: mean absolute difference between the colour channels, in grey levels
   (0 for a grey image; JPEG noise keeps grey photos under about 2);
 * ``width``, ``height``: of the decoded image, in pixels.
+
+It also keeps a ``THUMB_SIDE`` x ``THUMB_SIDE`` colour thumbnail of each image (squashed to a
+square, zero mean, unit norm): near-duplicate candidates are verified on it (see
+:mod:`._duplicates`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .._decode import DecodeError, Skipped, load_rgb
 from ..data import ImageSource
 
 WORK_SIDE = 256  # px: quality figures are computed on the image reduced to at most this a side
+THUMB_SIDE = 16  # px: the colour thumbnail that verifies near-duplicate candidates
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _CHUNK = 256
 COLUMNS = ["pixel_hash", "width", "height", "sharpness", "brightness", "entropy", "colourfulness"]
@@ -46,7 +51,7 @@ def image_figures(pixels: np.ndarray) -> tuple:
         pixels: uint8 array (H, W, 3).
 
     Returns:
-        A tuple in the order of ``COLUMNS``.
+        (a tuple in the order of ``COLUMNS``, the thumbnail of :func:`thumbnail`).
     """
     height, width = pixels.shape[:2]
     digest = hashlib.blake2b(np.ascontiguousarray(pixels).tobytes(), digest_size=16)
@@ -66,10 +71,22 @@ def image_figures(pixels: np.ndarray) -> tuple:
     p = counts[counts > 0] / counts.sum()
     entropy = float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0: no -0.0
     colour = (np.abs(rgb[..., 0] - rgb[..., 1]) + np.abs(rgb[..., 1] - rgb[..., 2]) + np.abs(rgb[..., 0] - rgb[..., 2])) / 3
-    return digest.hexdigest(), width, height, sharpness, float(grey.mean() / 255), entropy, float(colour.mean())
+    figures = (digest.hexdigest(), width, height, sharpness, float(grey.mean() / 255), entropy, float(colour.mean()))
+    return figures, thumbnail(pixels)
 
 
-def scan_images(source: ImageSource, *, progress: bool = True, workers: int | None = None) -> tuple[pd.DataFrame, list[Skipped]]:
+def thumbnail(pixels: np.ndarray) -> np.ndarray:
+    """float32 (THUMB_SIDE * THUMB_SIDE * 3,): the colour image squashed to a small square
+    (box filter), zero mean, unit norm, so that a copy's brightness or contrast does not count."""
+    small = Image.fromarray(np.ascontiguousarray(pixels)).resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)
+    small = np.asarray(small, dtype=np.float32).ravel()
+    small = small - small.mean()
+    return (small / max(float(np.linalg.norm(small)), 1e-6)).astype(np.float32)
+
+
+def scan_images(
+    source: ImageSource, *, progress: bool = True, workers: int | None = None
+) -> tuple[pd.DataFrame, list[Skipped], np.ndarray]:
     """Decode every image of ``source`` once and compute its hash and quality figures.
 
     Args:
@@ -78,8 +95,9 @@ def scan_images(source: ImageSource, *, progress: bool = True, workers: int | No
         workers: decoding processes for file-backed sources (default: the number of CPUs).
 
     Returns:
-        (figures, skipped): a DataFrame with one row per image of ``source`` in its order and the
-        columns ``COLUMNS`` (NaN / empty hash for an unreadable image), and the unreadable images.
+        (figures, skipped, thumbnails): a DataFrame with one row per image of ``source`` in its
+        order and the columns ``COLUMNS`` (NaN / empty hash for an unreadable image), the
+        unreadable images, and float32 (N, 3 * THUMB_SIDE**2) thumbnails (zeros where unreadable).
     """
     n = len(source)
     rows: list = [None] * n
@@ -106,9 +124,11 @@ def scan_images(source: ImageSource, *, progress: bool = True, workers: int | No
             if pool is not None:
                 pool.shutdown()
     bar.close()
-    blank = ("", 0, 0, np.nan, np.nan, np.nan, np.nan)
-    frame = pd.DataFrame([r if r is not None else blank for r in rows], columns=COLUMNS)
-    return frame, skipped
+    blank = (("", 0, 0, np.nan, np.nan, np.nan, np.nan), np.zeros(3 * THUMB_SIDE**2, np.float32))
+    rows = [r if r is not None else blank for r in rows]
+    frame = pd.DataFrame([r[0] for r in rows], columns=COLUMNS)
+    thumbs = np.stack([r[1] for r in rows]) if rows else np.zeros((0, 3 * THUMB_SIDE**2), np.float32)
+    return frame, skipped, thumbs
 
 
 def _scan_chunk(paths: list[str], max_pixels: int) -> tuple[list, list[Skipped]]:

@@ -13,10 +13,10 @@ from torch import nn
 from .._io import write_text_atomic
 from .._lock import run_lock
 from .._version import __version__
-from ..data import DEFAULT_MAX_PIXELS
+from ..data import DEFAULT_MAX_PIXELS, ImageSource, load_images
 from ..embedding import Embeddings
 from ..errors import ImagerecError
-from ..features import FeaturePipeline, compute_features
+from ..features import FeaturePipeline, compute_features, is_embeddings_file
 from . import _report as report
 from ._auto_k import DEFAULT_K_RANGE, KSelection, check_k_range, select_n_clusters
 from ._base import BaseClustering, cluster_means
@@ -200,6 +200,8 @@ def cluster_images(
     plan = _Plan(method, k, params, k_range, pca_dim, random_state, silhouette_sample, export_manifest)
 
     # 2. features: the shared stage (backbone, adaptation, embed or reuse, preparation)
+    if not isinstance(data, (Embeddings, ImageSource, np.ndarray)) and not is_embeddings_file(data):
+        data = load_images(data, split, max_pixels=max_pixels)  # a bad path fails before the run folder exists
     if run_dir is None:
         return _cluster(data, plan, features, view, None)
     with run_lock(run_dir, "cluster run"):
