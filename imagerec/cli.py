@@ -346,6 +346,8 @@ def _run_index(args) -> None:
 
 
 def _run_search(args) -> None:
+    import json  # noqa: PLC0415
+
     from ._io import write_text_atomic  # noqa: PLC0415
     from .index import load_index, write_sheets  # noqa: PLC0415
 
@@ -354,7 +356,7 @@ def _run_search(args) -> None:
     text = {
         "table": lambda: table.to_string(index=False, float_format=lambda v: f"{v:.4f}") + "\n",
         "csv": lambda: table.to_csv(index=False),
-        "json": lambda: table.to_json(orient="records", indent=1) + "\n",
+        "json": lambda: json.dumps(table.to_dict("records"), indent=1) + "\n",  # pandas' to_json writes "\/"
     }[args.format]()
     if args.out:
         write_text_atomic(args.out, text)

@@ -70,6 +70,9 @@ def test_search_finds_the_planted_near_copy_first(collection, tmp_path):
     index = build_index(folder, tmp_path / "idx", progress=False, **BACKBONE)
     assert len(index) == 13 and index.kind == "flat" and "exact inner-product" in index.describe()
     results = load_index(tmp_path / "idx").search(query, top_k=5)
+    from_memory = load_index(tmp_path / "idx").search(Image.open(query), top_k=5)  # an upload, never saved
+    assert from_memory["path"].tolist() == results["path"].tolist() and from_memory["query"][0] == "<image 0>"
+    assert np.allclose(from_memory["score"], results["score"], atol=1e-5)
     assert list(results.columns) == ["query", "rank", "path", "score"]
     assert results["rank"].tolist() == [1, 2, 3, 4, 5]
     assert Path(results["path"][0]).name == "planted.jpg"
@@ -266,6 +269,7 @@ def test_cli_index_add_and_search(capsys, collection, tmp_path):
     code, out, err = run_cli(capsys, "search", tmp_path / "idx", query, "--top-k", "3", "--format", "json", "--sheet", tmp_path / "sheets")
     assert code == 0, err
     rows = json.loads(out)
+    assert "\\/" not in out  # plain paths, not pandas' escaped slashes
     assert [r["rank"] for r in rows] == [1, 2, 3] and rows[0]["path"].endswith("planted.jpg")
     assert "searched with exact" in err and "wrote 1 contact sheet" in err
     sheet = Image.open(next((tmp_path / "sheets").glob("*.png")))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from ..backbones import create_backbone
 from ..data import (
@@ -91,8 +93,8 @@ class SearchIndex:
         """The ``top_k`` most similar indexed images of each query.
 
         Args:
-            queries: an image file, a folder of images, an embeddings ``.npz`` or
-                :class:`~imagerec.Embeddings` made with the index's model, or a list of these.
+            queries: an image file, a folder of images, a PIL image (an upload), an embeddings
+                ``.npz`` or :class:`~imagerec.Embeddings` made with the index's model, or a list of these.
             top_k: neighbours per query.
             nprobe: IVF lists visited per query (default: the index's); ignored by an exact index.
             batch_size: query images per forward pass.
@@ -140,7 +142,8 @@ class SearchIndex:
             if nprobe < 1:
                 raise ImagerecError(f"nprobe={nprobe} must be at least 1; the index's default is {self.meta.get('nprobe')}")
             self.faiss_index.nprobe = nprobe
-        scores, ids = self.faiss_index.search(_store.l2_normalize(features), min(top_k, len(self)))
+        with _faiss_threads(1 if len(features) <= FEW_QUERIES else None):
+            scores, ids = self.faiss_index.search(_store.l2_normalize(features), min(top_k, len(self)))
         rows = [
             (name, rank + 1, self.items.paths[i], float(score), i)
             for name, row_ids, row_scores in zip(names, ids, scores)
@@ -153,12 +156,17 @@ class SearchIndex:
 
     def embed_queries(self, queries, **embed_args) -> tuple[list[str], np.ndarray]:
         """(names, features (Q, D)) of the queries, embedded with the index's model (see :meth:`search`)."""
-        items = [queries] if isinstance(queries, (str, os.PathLike, Embeddings)) else list(queries)
+        items = [queries] if isinstance(queries, (str, os.PathLike, Embeddings, Image.Image)) else list(queries)
         if not items:
             raise ImagerecError("no query given; give an image file, a folder of images or an embeddings .npz")
         names, blocks, files = [], [], []
         for q in items:
-            if isinstance(q, Embeddings) or str(q).lower().endswith(".npz"):
+            if isinstance(q, Image.Image):  # an image already in memory (an upload): embedded on its own
+                pixels = np.asarray(q.convert("RGB"))[None]
+                found, features = self._embed_source(ImageSource([f"<image {len(names)}>"], None, None, "query", pixels=pixels), **embed_args)
+                names += found
+                blocks.append(features)
+            elif isinstance(q, Embeddings) or str(q).lower().endswith(".npz"):
                 given = q if isinstance(q, Embeddings) else Embeddings.load(q)
                 self.check_compatible(given.backbone, given.preprocessing, "query" if isinstance(q, Embeddings) else str(q))
                 names += given.paths
@@ -166,16 +174,15 @@ class SearchIndex:
             else:
                 files += _image_files(q)
         if files:
-            found, features = self._embed_files(files, **embed_args)
+            found, features = self._embed_source(_query_source(files, embed_args.get("max_pixels", DEFAULT_MAX_PIXELS)), **embed_args)
             names += found
             blocks.append(features)
         return names, np.concatenate(blocks).astype(np.float32, copy=False)
 
-    def _embed_files(
-        self, files: list[str], *, max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 64, device: str = "cpu", engine: str = "auto"
+    def _embed_source(
+        self, source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 64, device: str = "cpu", engine: str = "auto"
     ) -> tuple[list[str], np.ndarray]:
         pp = self.preprocessing
-        source = _query_source(files, max_pixels)
         if engine not in ("auto", "onnx", "torch"):
             raise ImagerecError(f"engine {engine!r} is not one of auto, torch, onnx")
         if engine != "torch" and device == "cpu" and importlib.util.find_spec("onnxruntime"):
@@ -194,9 +201,28 @@ class SearchIndex:
                 paths, features, skipped = result.paths, result.features, []
         if not paths:
             report_skipped(skipped, None)
-            raise ImagerecError(f"none of the {len(files)} query image(s) could be read (e.g. {skipped[0].path}: {skipped[0].reason})")
+            raise ImagerecError(f"none of the {len(source) + len(source.skipped)} query image(s) could be read (e.g. {skipped[0].path}: {skipped[0].reason})")
         report_skipped(skipped, None)
         return paths, features
+
+
+FEW_QUERIES = 8  # up to this many queries FAISS searches on one thread (see _faiss_threads)
+
+
+@contextlib.contextmanager
+def _faiss_threads(threads: int | None):
+    """FAISS's OpenMP threads for one search. A few queries are scanned faster on one thread: on the
+    shared 2-core VM one query against 60,000 vectors took 26 ms on one thread and 84 ms on two
+    (docs/BENCHMARKS.md, "Index and search"), the threads' barriers waiting on busy cores."""
+    import faiss  # noqa: PLC0415
+
+    before = faiss.omp_get_max_threads()
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def load_index(index_dir: str | os.PathLike) -> SearchIndex:
