@@ -142,6 +142,24 @@ async def overload(url: str, images, clients: int, requests: int) -> dict:
     return result
 
 
+def markdown(report: dict) -> str:
+    """The report as the tables of docs/BENCHMARKS.md."""
+    lines = ["| server | images | clients | requests | errors | req/s | p50 ms | p95 ms | p99 ms |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c in report["cells"]:
+        errors = c["requests"] - c["ok"]
+        lines.append(
+            f"| {c['server']} | {c['images']} | {c['clients']} | {c['requests']} | {errors} | {c['throughput']:.1f} | "
+            f"{c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['p99_ms']:.1f} |"
+        )
+    peer = {(c["images"], c["clients"]): c for c in report["cells"] if c["server"].startswith("naive")}
+    lines += ["", "| server | images | clients | throughput / peer's | p50 / peer's |", "| --- | --- | ---: | ---: | ---: |"]
+    for c in report["cells"]:
+        p = peer.get((c["images"], c["clients"]))
+        if p and c is not p:
+            lines.append(f"| {c['server']} | {c['images']} | {c['clients']} | {c['throughput'] / p['throughput']:.2f}x | {c['p50_ms'] / p['p50_ms']:.2f}x |")
+    return "\n".join(lines)
+
+
 def imagerec_argv(model: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "imagerec", "serve", model, "--log-level", "warning", *extra]
 
@@ -158,7 +176,11 @@ def main() -> None:
     parser.add_argument("--overload-clients", type=int, default=128)
     parser.add_argument("--out", default="benchmarks/results/serve_load.json")
     parser.add_argument("--only", nargs="+", default=["cells", "memory", "overload"])
+    parser.add_argument("--render", action="store_true", help="only print --out's results as markdown tables")
     args = parser.parse_args()
+    if args.render:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     sets = {name: load_images(root, args.images) for name, root in SETS.items()}
     servers = {
         "imagerec fp32 (onnx)": (imagerec_argv(args.fp32), "/ready"),
@@ -199,6 +221,7 @@ def main() -> None:
             server.close()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
+    print(markdown(report))
     print(f"wrote {args.out}")
 
 

@@ -169,8 +169,21 @@ def test_torch_engine_predictions_equal_imagerec_predict(models, capsys):
         wait_ready(url)
         served = httpx.post(f"{url}/predict?top_k=3", files=files_of(paths), timeout=30).json()["predictions"]
         info = httpx.get(f"{url}/model").json()
+        embedded = httpx.post(f"{url}/embed", files=files_of(paths), timeout=30).json()
     assert info["engine"] == "torch"
     assert_same(served, cli_predictions(capsys, models["run"], paths), atol=1e-6)
+    got = np.asarray([e["vector"] for e in embedded["embeddings"]], dtype=np.float32)
+    np.testing.assert_allclose(got, pre_logits(models["run"], paths), atol=1e-5)
+
+
+def pre_logits(run, paths) -> np.ndarray:
+    """The embedding ``forward_head(pre_logits=True)`` of each image, computed here in PyTorch."""
+    from imagerec.data import eval_transform
+
+    model = model_from_checkpoint(load_checkpoint(run))
+    batch = torch.stack([eval_transform(model.preprocessing)(Image.open(p).convert("RGB")) for p in paths])
+    with torch.inference_mode():
+        return model.forward_head(model.forward_features(batch), pre_logits=True).numpy()
 
 
 def test_embed_gives_the_backbones_pre_logits(main_server, models):
@@ -179,12 +192,7 @@ def test_embed_gives_the_backbones_pre_logits(main_server, models):
     assert r.status_code == 200, r.text
     body = r.json()
     got = np.asarray([e["vector"] for e in body["embeddings"]], dtype=np.float32)
-    model = model_from_checkpoint(load_checkpoint(models["run"]))
-    from imagerec.data import eval_transform
-
-    batch = torch.stack([eval_transform(model.preprocessing)(Image.open(p).convert("RGB")) for p in paths])
-    with torch.inference_mode():
-        want = model.forward_head(model.forward_features(batch), pre_logits=True).numpy()
+    want = pre_logits(models["run"], paths)
     assert body["dim"] == want.shape[1] == got.shape[1]
     np.testing.assert_allclose(got, want, atol=1e-4)
 
@@ -434,3 +442,17 @@ def test_a_lone_request_does_not_wait_for_company(models):
         r = httpx.post(f"{url}/predict", content=png_bytes(), timeout=30)
         elapsed = time.perf_counter() - start
     assert r.status_code == 200 and elapsed < 1.5, elapsed
+
+
+def test_blas_is_single_threaded_while_the_app_runs_and_restored_after(models):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():  # numpy's own BLAS, the one imagerec.runtime.preprocess runs on
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and "numpy" in i["filepath"]]
+
+    before = blas_threads()
+    with running(create_app(models["onnx"])) as url:
+        wait_ready(url, seconds=10)
+        during = blas_threads()
+    assert during and set(during) == {1}
+    assert blas_threads() == before
