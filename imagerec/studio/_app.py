@@ -55,6 +55,7 @@ def create_app(project_dir: str | os.PathLike, data: str | os.PathLike | None = 
         ImagerecError: a new project without ``data``, or data that cannot be read.
     """
     project = Project(project_dir)
+    project.recover()
     if not project.imported:
         if data is None:
             raise ImagerecError(f"{project_dir}: is a new project; give the photos to start it with (imagerec studio DATA)")
@@ -62,6 +63,7 @@ def create_app(project_dir: str | os.PathLike, data: str | os.PathLike | None = 
     app = FastAPI(title="imagerec studio", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.project = project
     app.state.trainer = Trainer(project)
+    app.state.embed_backbone, app.state.embed_image_size = backbone, image_size  # audit and search embed alike
     app.state.cookie = "imagerec_studio_" + hashlib.sha256(project.secret.encode()).hexdigest()[:10]
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
     app.middleware("http")(_guard)
@@ -87,7 +89,7 @@ async def _guard(request: Request, call_next):
     response = await call_next(request)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("X-Frame-Options", "DENY")
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("Referrer-Policy", "same-origin")  # "no-referrer" makes form POSTs send Origin: null
     return response
 
 
@@ -474,7 +476,7 @@ def _run_body(project: Project, run_id: int) -> str:
                       [[r["class"], f'{r["precision"]:.2f}', f'{r["recall"]:.2f}', f'{r["f1"]:.2f}', r["support"]] for r in ev["per_class"]])
     matrix = []
     for t, row in zip(classes, ev["confusion"]):
-        cells = [Raw(f'<a class="{"diag" if t == p else "off" if n else "zero"}" href="/train/{run_id}/cell?true={esc(url_arg(t))}'
+        cells = [Raw(f'<a class="{"zero" if not n else "diag" if t == p else "off"}" href="/train/{run_id}/cell?true={esc(url_arg(t))}'
                      f'&amp;predicted={esc(url_arg(p))}">{n}</a>') for p, n in zip(classes, row)]
         matrix.append([t, *cells])
     confusion = table(["true \\ predicted", *classes], matrix, "confusion")

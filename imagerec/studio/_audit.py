@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import multiprocessing
 import tempfile
 import threading
 import time
 import traceback
 from pathlib import Path
 
+from .._io import write_text_atomic
 from ..errors import ImagerecError
 from ._db import DUPLICATE, JUNK, Project
 from ._jobs import manifest_text
@@ -69,34 +72,114 @@ def summary(project: Project) -> str:
     """One line for the overview."""
     if not available("audit"):
         return "the audit is not available in this imagerec yet"
-    decided = project.decided()
-    return f"{len(decided)} finding(s) decided so far; open the page to run it" if decided else "not run yet"
+    saved = project.folder / "audit" / "findings.json"
+    if not saved.is_file():
+        return "not run yet"
+    findings = json.loads(saved.read_text(encoding="utf-8"))
+    total = sum(len(findings[k]) for k in ("duplicates", "labels", "outliers", "quality"))
+    return (f'{len(findings["duplicates"])} duplicate group(s), {len(findings["labels"])} likely wrong label(s), '
+            f'{len(findings["outliers"])} outlier(s), {len(findings["quality"])} quality issue(s); '
+            f"{len(project.decided())} of {total} decided")
 
 
 # -- audit ----------------------------------------------------------------------------------------
 
 
 def start(project: Project, state) -> None:
-    """Run the audit on the images in use, with their current labels, in the background."""
+    """Run the audit on the images in use, with their current labels, in the background.
+
+    The findings are saved as ``audit/findings.json`` (image ids, not paths), so that they outlive
+    a restart; the run folder ``audit/run`` keeps the embeddings for the next audit.
+    """
     if not available("audit"):
         raise ImagerecError("the audit is not available in this imagerec yet (no imagerec.audit layer)")
     rows = project.labels()
     if len(rows) < 4:
         raise ImagerecError(f"{len(rows)} image(s) in use are too few to audit; the audit needs at least 4")
     folder = project.folder / "audit"
-    folder.mkdir(exist_ok=True)
     manifest = folder / "input.csv"
-    from .._io import write_text_atomic  # noqa: PLC0415
-
     write_text_atomic(manifest, manifest_text(rows))
     backbone = getattr(state, "embed_backbone", "auto")
-    audit = importlib.import_module("imagerec.audit").audit
+    image_size = getattr(state, "embed_image_size", None)
+    _job(state, "audit").run("audit", lambda: _in_child(project.folder, backbone, image_size))
 
-    def work():
-        out = folder / f"run-{int(time.time() * 1000)}"
-        return audit(str(manifest), out=out, backbone=backbone)
 
-    _job(state, "audit").run("audit", work)
+def _in_child(folder: Path, backbone, image_size) -> dict:
+    """Run the audit in a fresh (spawned) process and read its findings back.
+
+    Not in a thread of the server: cleanlab forks a process pool, and a fork taken while the
+    server's other threads hold locks can hang for good (seen: the pool's join never returned).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=_audit_child, args=(str(folder), backbone, image_size), name="studio-audit")
+    child.start()
+    child.join()
+    error = folder / "audit" / "error.txt"
+    if child.exitcode != 0:
+        message = error.read_text(encoding="utf-8").strip() if error.is_file() else f"the audit process ended with status {child.exitcode}"
+        raise ImagerecError(message)
+    return json.loads((folder / "audit" / "findings.json").read_text(encoding="utf-8"))
+
+
+def _audit_child(folder: str, backbone, image_size) -> None:
+    """The audit process: audit ``audit/input.csv``, write ``audit/findings.json`` (or ``error.txt``)."""
+    # a spawned child inherits "spawn" as its start method; cleanlab's pool needs "fork" (its workers
+    # read globals set before the fork), as in a plain 'imagerec audit' process
+    multiprocessing.set_start_method("fork", force=True)
+    project = Project(folder)
+    audit_dir = project.folder / "audit"
+    (audit_dir / "error.txt").unlink(missing_ok=True)
+    try:
+        audit = importlib.import_module("imagerec.audit").audit
+        result = audit(str(audit_dir / "input.csv"), out=audit_dir / "run", backbone=backbone, image_size=image_size, progress=False)
+        write_text_atomic(audit_dir / "findings.json", json.dumps(_findings(project, result)))
+    except ImagerecError as e:
+        write_text_atomic(audit_dir / "error.txt", str(e))
+        raise SystemExit(2) from None
+    except Exception as e:
+        traceback.print_exc()
+        write_text_atomic(audit_dir / "error.txt", f"{type(e).__name__}: {e}")
+        raise SystemExit(1) from None
+
+
+def _findings(project: Project, result) -> dict:
+    """The tables as lists of findings keyed by image id, most certain first, ``SHOWN`` per kind."""
+    tables = result.tables
+    paths = set()
+    for t in tables.values():
+        if "path" in t:
+            paths.update(str(Path(p).resolve()) for p in t["path"])
+    ids = project.ids_of_paths(sorted(paths))
+
+    def id_of(path):
+        return ids.get(str(Path(path).resolve()))
+
+    out = {"duplicates": [], "labels": [], "outliers": [], "quality": [], "summary": {k: v for k, v in result.summary.items() if k == "counts"}}
+    for check in ("exact_duplicates", "near_duplicates"):
+        t = tables.get(check)
+        if t is None or not len(t):
+            continue
+        for group, members in t.groupby("group", sort=True):
+            found = [(id_of(r.path), bool(r.keep)) for r in members.itertuples() if id_of(r.path) is not None]
+            if len(found) > 1 and len(out["duplicates"]) < SHOWN:
+                out["duplicates"].append({"key": f"{check}:{min(i for i, _ in found)}", "check": check, "members": found})
+    t = tables.get("label_issues")
+    if t is not None and len(t):
+        for r in t[t["is_issue"]].head(SHOWN).itertuples():
+            if id_of(r.path) is not None:
+                out["labels"].append({"key": f"label:{id_of(r.path)}", "id": id_of(r.path), "given": str(r.given_label),
+                                      "suggested": str(r.suggested_label), "confidence": float(r.confidence)})
+    t = tables.get("outliers")
+    if t is not None and len(t):
+        for r in t[t["is_outlier"]].head(SHOWN).itertuples():
+            if id_of(r.path) is not None:
+                out["outliers"].append({"key": f"outlier:{id_of(r.path)}", "id": id_of(r.path), "why": f"outlier score {r.score:.2f}"})
+    t = tables.get("quality")
+    if t is not None and len(t):
+        for r in t.head(SHOWN).itertuples():
+            if id_of(r.path) is not None:
+                out["quality"].append({"key": f"quality:{id_of(r.path)}:{r.issue}", "id": id_of(r.path), "why": f"{r.issue} ({r.value:.3g})"})
+    return out
 
 
 def decide(project: Project, body: dict) -> None:
@@ -122,72 +205,40 @@ def page(project: Project, state) -> str:
         return ('<p class="error">The audit is not available yet: this imagerec has no <code>imagerec.audit</code> layer. '
                 "Duplicates, wrong labels and junk can still be handled by hand on the Groups pages.</p>")
     job = _job(state, "audit")
+    saved = project.folder / "audit" / "findings.json"
+    label = {"idle": "not run in this session" if not saved.is_file() else "findings of the last audit", "running": "running",
+             "done": "done", "failed": "failed"}[job.state]
     head = (f'<div class="toolbar"><button id="auditrun">Run the audit on the current labels</button>'
-            f'<span id="auditstate" data-state="{esc(job.state)}">{esc(job.state)}: {esc(job.message)}</span></div>')
-    if job.result is None:
-        return head + "<p>The audit looks for duplicate groups, likely wrong labels, outliers and bad-quality images.</p>"
-    return head + findings_html(project, job.result)
+            f'<span id="auditstate" data-state="{esc(job.state)}">{esc(label)}{": " + esc(job.message) if job.message else ""}</span></div>')
+    if job.state == "running" or not saved.is_file():
+        return head + ("<p>The audit looks for duplicate groups, likely wrong labels (given the current groups), "
+                       "outliers and bad-quality images. It embeds every image once; later audits reuse that.</p>")
+    return head + findings_html(project, json.loads(saved.read_text(encoding="utf-8")))
 
 
-def _frame(result, *names):
-    for name in names:
-        value = getattr(result, name, None)
-        if value is None and isinstance(getattr(result, "frames", None), dict):
-            value = result.frames.get(name)
-        if value is not None:
-            return value
-    return None
-
-
-def findings_html(project: Project, result) -> str:
+def findings_html(project: Project, findings: dict) -> str:
     """Duplicate groups side by side, label issues with their suggestion, outliers and quality."""
-    paths = list(getattr(result, "paths", []) or [])
-    ids = project.ids_of_paths([str(Path(p).resolve()) for p in paths]) if paths else {}
-
-    def image_id(index):
-        return ids.get(str(Path(paths[int(index)]).resolve())) if 0 <= int(index) < len(paths) else None
-
     decided = project.decided()
     parts = []
-    dups = _frame(result, "duplicates")
-    if dups is not None and len(dups):
-        rows = []
-        for group, members in list(dups.groupby("group", sort=True))[:SHOWN]:
-            key = f"duplicates:{group}"
-            member_ids = [(image_id(r["index"]), bool(r["keep"])) for _, r in members.iterrows()]
-            member_ids = [(i, k) for i, k in member_ids if i is not None]
-            drop = [i for i, k in member_ids if not k]
-            pics = "".join(thumb(i, "keep" if k else "drop", selectable=False) for i, k in member_ids)
-            rows.append([Raw(f'<div class="strip">{pics}</div>'), Raw(_buttons(key, decided, [("drop", "Keep one, drop the rest", drop, "")]))])
-        parts.append("<h2>Duplicate groups</h2>" + table(["images", "decision"], rows, "findings"))
-    labels = _frame(result, "label_issues", "labels")
-    if labels is not None and len(labels):
-        issues = labels[labels["is_issue"]] if "is_issue" in labels else labels
-        rows = []
-        for _, r in issues.head(SHOWN).iterrows():
-            i = image_id(r["index"])
-            if i is None:
-                continue
-            key = f"label:{i}"
-            rows.append([Raw(thumb(i, selectable=False)), r["given_label"], f'{r["suggested_label"]} ({r["confidence"]:.0%})',
-                         Raw(_buttons(key, decided, [("accept", "Accept", [i], str(r["suggested_label"])), ("keep", "Keep", [i], "")]))])
-        parts.append("<h2>Likely wrong labels</h2>" + table(["image", "label", "suggested", "decision"], rows, "findings"))
-    for name, title in (("outliers", "Outliers"), ("quality", "Bad quality")):
-        frame = _frame(result, name)
-        if frame is None or not len(frame):
-            continue
-        if "is_outlier" in frame:
-            frame = frame[frame["is_outlier"]]
-        rows = []
-        for _, r in frame.head(SHOWN).iterrows():
-            i = image_id(r["index"])
-            if i is None:
-                continue
-            key = f"{name}:{i}"
-            what = r["issue"] if "issue" in frame else f'score {r["score"]:.2f}'
-            rows.append([Raw(thumb(i, selectable=False)), what,
-                         Raw(_buttons(key, decided, [("junk", "Junk", [i], ""), ("keep", "Keep", [i], "")]))])
-        parts.append(f"<h2>{title}</h2>" + table(["image", "why", "decision"], rows, "findings"))
+    rows = []
+    for f in findings["duplicates"]:
+        drop = [i for i, keep in f["members"] if not keep]
+        pics = "".join(thumb(i, "keep" if keep else "drop", selectable=False) for i, keep in f["members"])
+        rows.append([Raw(f'<div class="strip">{pics}</div>'), f["check"].replace("_", " "),
+                     Raw(_buttons(f["key"], decided, [("drop", "Keep one, drop the rest", drop, ""), ("keep", "Keep all", drop, "")]))])
+    if rows:
+        parts.append("<h2>Duplicate groups</h2>" + table(["images", "kind", "decision"], rows, "findings"))
+    rows = [[Raw(thumb(f["id"], selectable=False)), f["given"], f'{f["suggested"]} ({f["confidence"]:.0%})',
+             Raw(_buttons(f["key"], decided, [("accept", "Accept", [f["id"]], f["suggested"]), ("keep", "Keep", [f["id"]], "")]))]
+            for f in findings["labels"]]
+    if rows:
+        parts.append("<h2>Likely wrong labels</h2>" + table(["image", "group", "suggested", "decision"], rows, "findings"))
+    for kind, title in (("outliers", "Outliers"), ("quality", "Bad quality")):
+        rows = [[Raw(thumb(f["id"], selectable=False)), f["why"],
+                 Raw(_buttons(f["key"], decided, [("junk", "Junk", [f["id"]], ""), ("keep", "Keep", [f["id"]], "")]))]
+                for f in findings[kind]]
+        if rows:
+            parts.append(f"<h2>{title}</h2>" + table(["image", "why", "decision"], rows, "findings"))
     return "".join(parts) or "<p>The audit found nothing to decide.</p>"
 
 
@@ -219,7 +270,8 @@ def search(project: Project, state, upload) -> str:
 
             source = ImageSource(paths, None, None, str(project.folder))
             backbone = getattr(state, "embed_backbone", "auto")
-            job.run("index build", lambda: index_mod.build_index(source, folder, backbone=backbone, progress=False))
+            size = getattr(state, "embed_image_size", None)
+            job.run("index build", lambda: index_mod.build_index(source, folder, backbone=backbone, image_size=size, progress=False))
         return f'<p id="indexstate">Building the search index of the collection ({esc(job.message)}); search again in a moment.</p>'
     if job.state == "failed":
         raise ImagerecError(f"the search index could not be built: {job.message}")

@@ -139,8 +139,12 @@ class Project:
         with self.connection() as con:
             con.executescript(_SCHEMA)
             con.execute("INSERT OR IGNORE INTO meta VALUES ('secret', ?)", (secrets.token_urlsafe(32),))
-            # a run the server was running when it died is not running any more
-            con.execute("UPDATE runs SET status='interrupted', finished_at=? WHERE status='running'", (time.time(),))
+
+    def recover(self) -> None:
+        """At server start: a run the last server was running when it died is not running any more."""
+        with self.tx() as con:
+            con.execute("UPDATE runs SET status='interrupted', finished_at=?, message='the server stopped during the run'"
+                        " WHERE status='running'", (time.time(),))
 
     # -- connections and transactions ------------------------------------------------------------
 

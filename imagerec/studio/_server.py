@@ -46,7 +46,6 @@ def serve(data: str | None, project: str | None = None, *, port: int = 8765, ope
         sock.close()
         raise ImagerecError(f"port {port} on {HOST} is not free ({e.strerror}); pick another with --port, or 0 for any") from None
     app = create_app(folder, data, k=k, backbone=backbone, image_size=image_size)
-    app.state.embed_backbone = backbone
     url = f"http://{HOST}:{sock.getsockname()[1]}/"
     print(f"imagerec studio: project {folder}\nopen {url}  (Ctrl+C stops it)", flush=True)
     if open_browser:
