@@ -45,7 +45,8 @@ class Checkpoint:
     Attributes:
         model: the model's state dict.
         meta: JSON-able facts: ``backbone``, ``classes``, ``preprocessing``, ``config``,
-            ``epoch``, ``step``, ``metrics``... (see ``imagerec.training``).
+            ``epoch``, ``step``, ``metrics``, ``temperature`` (calibration; absent: 1)... (see
+            ``imagerec.training``).
         optimizer: the optimizer's state dict, or None (a checkpoint for inference only).
     """
 
@@ -144,6 +145,7 @@ META_TYPES = {  # field: (accepted types, what the message calls them)
     "plan": (dict, "an object"),
     "history": (list, "a list"),
     "step": (int, "an integer"),
+    "temperature": ((int, float), "a number > 0"),
     "optimizer": ((dict, type(None)), "an object or null"),
 }
 
@@ -159,6 +161,8 @@ def _parse_meta(path: Path, text: str) -> dict:
     for key, (types, words) in META_TYPES.items():
         value = meta.get(key)
         bad = key in meta and (not isinstance(value, types) or isinstance(value, bool))
+        if key == "temperature" and key in meta and not bad:
+            bad = not 0 < value < float("inf")
         if key == "classes" and not bad:
             bad = not value or not all(isinstance(c, str) for c in value) or len(set(value)) != len(value)
             words = "a non-empty list of distinct strings"
@@ -192,6 +196,15 @@ def _digest(tensors: dict[str, torch.Tensor], *texts: str) -> str:
         encoded = text.encode("utf-8", "surrogatepass")
         digest.update(f"|{len(encoded)}|".encode() + encoded)
     return digest.hexdigest()
+
+
+def checkpoint_temperature(ckpt: Checkpoint) -> float:
+    """The calibration temperature T of a checkpoint: probabilities are softmax(logits / T).
+
+    Checkpoints written before calibration existed, or trained with ``calibrate=False`` or with
+    no held-out images, have none: T = 1, the plain softmax.
+    """
+    return float(ckpt.meta.get("temperature", 1.0))
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:

@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 
 from ._lock import run_lock
-from .checkpoint import BEST, load_checkpoint, model_from_checkpoint
+from .checkpoint import BEST, checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from .data import DEFAULT_MAX_PIXELS, ImageSource, eval_transform, is_image_file, load_images, report_skipped, to_rgb
 from .errors import ImagerecError, SkippedImagesWarning
 from .evaluation import EvaluationReport, build_report, write_report
-from .inference import Predictions, autocast, forward_logits, predict_source, resolve_device
+from .inference import Predictions, autocast, calibrated_softmax, forward_logits, predict_source, resolve_device
 from .training import TrainResult, load_config, train
 from .training._config import outside_kwargs
 
@@ -45,6 +45,8 @@ class Classifier:
         runtime_: the :class:`imagerec.runtime.OnnxClassifier` of an ONNX model, else None.
         classes_: class names, in label order.
         preprocessing_: how images are prepared for ``model_``.
+        temperature_: the calibration temperature T fitted after training (1: none); every
+            probability is softmax(logits / T).
         meta_: everything the checkpoint records (configuration, metrics, plan).
         history_: metrics per epoch (after ``fit``).
     """
@@ -88,6 +90,7 @@ class Classifier:
         self.runtime_ = None
         self.classes_ = list(ckpt.meta["classes"])
         self.preprocessing_ = model.preprocessing
+        self.temperature_ = checkpoint_temperature(ckpt)
         self.meta_ = ckpt.meta
         self.path_ = ckpt.path
 
@@ -101,13 +104,17 @@ class Classifier:
         self.device_ = torch.device("cpu")
         self.classes_ = list(self.runtime_.classes)
         self.preprocessing_ = self.runtime_.preprocessing
+        self.temperature_ = self.runtime_.temperature
         self.meta_ = {"backbone": self.runtime_.backbone, "classes": self.classes_, "compression": self.runtime_.compression}
         self.path_ = self.runtime_.path
 
     def _predictions(self, source: ImageSource, *, tta: bool, batch_size: int, progress: bool = False, desc: str = "predict") -> Predictions:
         """Probabilities of ``source``'s readable images, by PyTorch or (an .onnx model) ONNX Runtime."""
         if self.runtime_ is None:
-            return predict_source(self.model_, source, self.preprocessing_, batch_size=batch_size, tta=tta, device=self.device_, progress=progress, desc=desc)
+            return predict_source(
+                self.model_, source, self.preprocessing_, batch_size=batch_size, tta=tta, device=self.device_,
+                progress=progress, desc=desc, temperature=self.temperature_,
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SkippedImagesWarning)  # reported by the caller
             proba = self.runtime_.predict_proba(source.paths, tta=tta, batch_size=batch_size)
@@ -115,7 +122,9 @@ class Classifier:
         loss_sum = 0.0
         if source.labels is not None and len(rows):
             loss_sum = float(-np.log(np.clip(proba[rows, np.asarray(source.labels)[rows]], 1e-12, None)).sum())
-        return Predictions(proba=proba[rows], indices=rows, loss_sum=loss_sum, skipped=list(self.runtime_.last_skipped))
+        proba = proba[rows]
+        raw = _uncalibrated(proba, self.temperature_)
+        return Predictions(proba, rows, loss_sum, list(self.runtime_.last_skipped), raw_proba=raw)
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -153,7 +162,7 @@ class Classifier:
         batch = torch.stack([transform(to_rgb(img)) for img in images]).to(self.device_)
         with torch.inference_mode(), autocast(self.device_, False):
             logits = forward_logits(self.model_, batch.contiguous(memory_format=torch.channels_last), tta)
-        return logits.float().softmax(1).cpu().numpy()
+        return calibrated_softmax(logits, self.temperature_).cpu().numpy()
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -210,6 +219,8 @@ class Classifier:
             self.classes_,
             loss_sum=out_pred.loss_sum,
             skipped=len(skipped),
+            raw_proba=out_pred.raw_proba,
+            temperature=self.temperature_,
         )
         report.summary.update(checkpoint=str(self.path_), data=str(source.root), tta=tta)
         if out is not None:
@@ -242,6 +253,19 @@ def _load_eval_split(data, split: str | None, max_pixels: int, outside: dict) ->
         if "no test" not in str(e):
             raise
         return load_images(data, None, max_pixels=max_pixels, **outside)
+
+
+def _uncalibrated(proba: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits) from softmax(logits / T): log(proba) * T is the logits up to a per-row constant.
+
+    Probabilities that underflowed to 0 stay (about) 0.
+    """
+    if temperature == 1.0:
+        return proba
+    scaled = np.log(np.clip(proba.astype(np.float64), 1e-300, None)) * temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _is_pil_list(images) -> bool:

@@ -1,7 +1,8 @@
 """``imagerec export``: a trained classifier as ONNX (for ``imagerec.runtime``) or TorchScript.
 
 The ONNX file has a dynamic batch axis, input ``images`` (N, 3, S, S) float32 and output
-``logits`` (N, C), and carries the class names and preprocessing in its metadata (see
+``logits`` (N, C) (raw: before temperature scaling), and carries the class names, preprocessing
+and calibration temperature in its metadata (see
 ``imagerec._metadata``), so ``imagerec.runtime`` can run it with no PyTorch and prepare images
 exactly as training did. Every export is checked before it takes the file's name: the model is
 written to a temporary file beside ``out``, run on a random batch, and renamed over ``out`` only
@@ -23,7 +24,7 @@ from torch import nn
 from ._io import atomic_path
 from ._metadata import OUTPUT_NAME, onnx_metadata
 from ._onnx import export_onnx, onnx_session
-from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from .errors import ImagerecError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -63,7 +64,8 @@ def export_model(
     if out.suffix != FORMATS[format]:
         raise ImagerecError(f"{out}: a {format} file should end in {FORMATS[format]}; e.g. --out model{FORMATS[format]}")
     compression = ckpt.meta.get("compression", {})
-    metadata = onnx_metadata(ckpt.meta["backbone"], ckpt.meta["classes"], pp.to_dict(), compression)
+    temperature = checkpoint_temperature(ckpt)
+    metadata = onnx_metadata(ckpt.meta["backbone"], ckpt.meta["classes"], pp.to_dict(), compression, temperature)
     example = torch.randn(4, 3, pp.input_size, pp.input_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = model(example).numpy()

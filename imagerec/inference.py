@@ -51,14 +51,25 @@ class Predictions:
     Attributes:
         proba: float32 array (N, C) of class probabilities.
         indices: int64 array (N,): position of each row's image in the source.
-        loss_sum: summed cross-entropy against the labels (0 when unlabelled).
+        loss_sum: summed cross-entropy of the probabilities against the labels (0 when unlabelled).
         skipped: images that could not be read.
+        raw_proba: float32 array (N, C): the probabilities before temperature scaling (the
+            plain softmax of the logits); the same as ``proba`` when the temperature is 1.
     """
 
     proba: np.ndarray
     indices: np.ndarray
     loss_sum: float
     skipped: list[Skipped]
+    raw_proba: np.ndarray | None = None
+
+
+def calibrated_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Probabilities (N, C) of ``logits`` (N, C) divided by ``temperature`` (temperature scaling).
+
+    A temperature above 1 softens over-confident probabilities; it never changes the argmax.
+    """
+    return (logits.float() / temperature).softmax(1)
 
 
 def predict_source(
@@ -74,8 +85,13 @@ def predict_source(
     workers: int | None = None,
     progress: bool = False,
     desc: str = "predict",
+    temperature: float = 1.0,
 ) -> Predictions:
     """Run ``model`` over ``source`` (or the images at ``indices``) in eval mode.
+
+    Args:
+        temperature: the logits are divided by it before the softmax (see
+            :func:`calibrated_softmax`); ``loss_sum`` is the loss of those probabilities.
 
     Returns:
         :class:`Predictions` in the order of ``indices`` (minus unreadable images).
@@ -83,7 +99,7 @@ def predict_source(
     device = device or torch.device("cpu")
     was_training = model.training
     model.eval()
-    probas, positions, skipped, loss_sum = [], [], [], 0.0
+    probas, raws, positions, skipped, loss_sum = [], [], [], [], 0.0
     total = len(source) if indices is None else len(indices)
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
     with torch.inference_mode():
@@ -94,8 +110,10 @@ def predict_source(
                     logits = forward_logits(model, batch.images.to(device, non_blocking=True), tta)
                 logits = logits.float()
                 if batch.labels is not None:
-                    loss_sum += float(nn.functional.cross_entropy(logits, batch.labels.to(device), reduction="sum"))
-                probas.append(logits.softmax(1).cpu().numpy())
+                    labels = batch.labels.to(device)
+                    loss_sum += float(nn.functional.cross_entropy(logits / temperature, labels, reduction="sum"))
+                probas.append(calibrated_softmax(logits, temperature).cpu().numpy())
+                raws.append(logits.softmax(1).cpu().numpy())
                 positions.append(batch.indices.numpy())
             bar.update(len(batch.indices) + len(batch.skipped))
     bar.close()
@@ -106,4 +124,5 @@ def predict_source(
         indices=np.concatenate(positions) if positions else np.zeros(0, np.int64),
         loss_sum=loss_sum,
         skipped=skipped,
+        raw_proba=np.concatenate(raws) if raws else np.zeros((0, classes), np.float32),
     )

@@ -22,10 +22,13 @@ class EvaluationReport:
     """Metrics of a classifier on a labelled data set.
 
     Attributes:
-        summary: accuracy, top-k accuracy, ECE, mean loss, image counts (JSON-able).
+        summary: accuracy, top-k accuracy, ECE (of the calibrated probabilities, and
+            ``ece_uncalibrated`` of the plain softmax), ``temperature``, mean loss, image counts
+            (JSON-able).
         per_class: rows of class, precision, recall, f1, accuracy, support.
         confusion: int64 array (C, C), rows = true class.
-        reliability: per-bin confidence, accuracy and count.
+        reliability: per-bin confidence, accuracy and count; under ``uncalibrated`` the same
+            bins of the plain softmax.
         wrong: the most confidently wrong images: path, true, predicted, confidence.
     """
 
@@ -36,11 +39,23 @@ class EvaluationReport:
     wrong: list[dict]
 
 
-def build_report(proba: np.ndarray, labels: np.ndarray, paths: list[str], classes: list[str], *, loss_sum: float = 0.0, top_k: int = 5, shown_wrong: int = 25, skipped: int = 0) -> EvaluationReport:
+def build_report(
+    proba: np.ndarray,
+    labels: np.ndarray,
+    paths: list[str],
+    classes: list[str],
+    *,
+    loss_sum: float = 0.0,
+    top_k: int = 5,
+    shown_wrong: int = 25,
+    skipped: int = 0,
+    raw_proba: np.ndarray | None = None,
+    temperature: float = 1.0,
+) -> EvaluationReport:
     """Compute every metric from class probabilities.
 
     Args:
-        proba: float array (N, C).
+        proba: float array (N, C), calibrated (softmax of logits / ``temperature``).
         labels: int array (N,) of true classes.
         paths: the image of each row.
         classes: class names (C).
@@ -48,10 +63,14 @@ def build_report(proba: np.ndarray, labels: np.ndarray, paths: list[str], classe
         top_k: the k of top-k accuracy.
         shown_wrong: how many confidently wrong images to keep.
         skipped: images that could not be read (reported, not scored).
+        raw_proba: float array (N, C), the plain softmax before temperature scaling, for the
+            ECE before calibration; None: the same as ``proba``.
+        temperature: the calibration temperature that made ``proba``.
     """
     pred = proba.argmax(1)
     num_classes = len(classes)
     ece, bins = calibration(proba, labels)
+    ece_raw, bins_raw = calibration(proba if raw_proba is None else raw_proba, labels)
     stats = per_class_metrics(labels, pred, num_classes)
     per_class = [
         {"class": name, **{key: float(stats[key][i]) for key in ("precision", "recall", "f1", "accuracy")}, "support": int(stats["support"][i])}
@@ -67,11 +86,15 @@ def build_report(proba: np.ndarray, labels: np.ndarray, paths: list[str], classe
         "accuracy": accuracy(labels, pred),
         f"top{min(top_k, num_classes)}_accuracy": top_k_accuracy(labels, proba, top_k),
         "ece": ece,
+        "ece_uncalibrated": ece_raw,
+        "temperature": float(temperature),
         "loss": loss_sum / max(len(labels), 1),
         "macro_f1": float(np.mean(stats["f1"])),
         "classes": classes,
     }
-    return EvaluationReport(summary, per_class, confusion_matrix(labels, pred, num_classes), {k: v.tolist() for k, v in bins.items()}, wrong)
+    reliability = {k: v.tolist() for k, v in bins.items()}
+    reliability["uncalibrated"] = {k: v.tolist() for k, v in bins_raw.items()}
+    return EvaluationReport(summary, per_class, confusion_matrix(labels, pred, num_classes), reliability, wrong)
 
 
 def write_report(report: EvaluationReport, out: str | Path, source: ImageSource | None = None) -> Path:
@@ -86,7 +109,7 @@ def write_report(report: EvaluationReport, out: str | Path, source: ImageSource 
     write_text_atomic(out / "confusion.csv", _csv(confusion_rows))
     write_text_atomic(out / "confidently_wrong.csv", _csv(report.wrong) if report.wrong else "path,true,predicted,confidence\n")
     _plot_confusion(report.confusion, classes, out / "confusion.png")
-    _plot_reliability(report.reliability, report.summary["ece"], out / "reliability.png")
+    _plot_reliability(report.reliability, report.summary, out / "reliability.png")
     if report.wrong and source is not None:
         _plot_wrong(report.wrong, source, out / "confidently_wrong.png")
     return out
@@ -118,18 +141,26 @@ def _plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
     _save(fig, path)
 
 
-def _plot_reliability(bins: dict, ece: float, path: Path) -> None:
+def _plot_reliability(bins: dict, summary: dict, path: Path) -> None:
+    """Accuracy against mean confidence per bin: before (plain softmax) and after temperature scaling."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    centres = (np.asarray(bins["lower"]) + np.asarray(bins["upper"])) / 2
-    width = np.asarray(bins["upper"]) - np.asarray(bins["lower"])
-    filled = np.asarray(bins["count"]) > 0
-    ax.bar(centres[filled], np.asarray(bins["accuracy"])[filled], width=width[filled] * 0.9, label="accuracy")
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability (ECE {ece:.3f})")
-    ax.legend(loc="upper left")
+    before = summary.get("ece_uncalibrated", summary["ece"])
+    curves = [
+        (bins.get("uncalibrated", bins), f"before calibration (ECE {before:.3f})", "o--"),
+        (bins, f"after, T={summary.get('temperature', 1.0):.2f} (ECE {summary['ece']:.3f})", "s-"),
+    ]
+    for curve, label, style in curves:
+        filled = np.asarray(curve["count"]) > 0
+        confidence, accuracy = np.asarray(curve["confidence"])[filled], np.asarray(curve["accuracy"])[filled]
+        ax.plot(confidence, accuracy, style, ms=4, label=label)
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean confidence in bin")
+    ax.set_ylabel("accuracy in bin")
+    ax.set_title("reliability")
+    ax.legend(loc="upper left", fontsize=7)
     _save(fig, path)
 
 

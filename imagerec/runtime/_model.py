@@ -24,9 +24,11 @@ from .._metadata import (
     KEY_COMPRESSION,
     KEY_FORMAT,
     KEY_PREPROCESSING,
+    KEY_TEMPERATURE,
     KEY_VERSION,
     ONNX_FORMAT,
     OUTPUT_NAME,
+    check_temperature,
 )
 from ..errors import ImagerecError, SkippedImagesWarning
 from ._preprocess import Preprocessing, _preprocess, as_rgb_array
@@ -42,6 +44,8 @@ class OnnxClassifier:
         preprocessing: how images are prepared (input size, mean, std, interpolation, crop).
         backbone: registry name of the backbone the model was trained on.
         compression: how the model was compressed (``{}`` when it was not).
+        temperature: the calibration temperature T fitted after training: ``predict_proba`` gives
+            softmax(logits / T); ``logits`` stay raw. 1 for models exported before calibration.
         version: the imagerec version that exported the model.
         path: the ONNX file.
         last_skipped: the unreadable images of the last ``predict_proba`` call.
@@ -55,6 +59,7 @@ class OnnxClassifier:
         self.backbone: str = metadata.get(KEY_BACKBONE, "")
         self.version: str = metadata.get(KEY_VERSION, "")
         self.compression: dict = _json(path, metadata, KEY_COMPRESSION, dict) if KEY_COMPRESSION in metadata else {}
+        self.temperature = _temperature(path, metadata)
         self.last_skipped: list[Skipped] = []
         self._check_graph()
 
@@ -115,6 +120,8 @@ class OnnxClassifier:
     ) -> np.ndarray:
         """Class probabilities, float32 array (N, C); a row of NaN for an unreadable image.
 
+        The probabilities are softmax(logits / ``temperature``), calibrated as training fitted.
+
         Args:
             images: a file path, folder or glob, a PIL image, a uint8 array of shape (H, W, 3)
                 (or (N, H, W, 3) for N images), or a list of any of these. A folder means every
@@ -162,7 +169,7 @@ class OnnxClassifier:
                 rows.append(row)
                 prepared.append(_preprocess(pixels, self.preprocessing))
             if rows:
-                proba[rows] = _softmax(self._logits_tta(np.stack(prepared), tta))
+                proba[rows] = _softmax(self._logits_tta(np.stack(prepared), tta) / self.temperature)
         self.last_skipped = skipped
         if skipped:
             first = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:3])
@@ -276,6 +283,18 @@ def _json(path: Path, metadata: dict[str, str], key: str, kind: type):
             f"{path}: metadata {key!r} is a {type(value).__name__}, not a {kind.__name__}; re-export the model"
         )
     return value
+
+
+def _temperature(path: Path, metadata: dict[str, str]) -> float:
+    """The calibration temperature in the metadata (absent: 1, a model exported before it existed)."""
+    if KEY_TEMPERATURE not in metadata:
+        return 1.0
+    try:
+        return check_temperature(json.loads(metadata[KEY_TEMPERATURE]), str(path))
+    except (json.JSONDecodeError, ValueError) as e:
+        raise ImagerecError(
+            f"{path}: metadata {KEY_TEMPERATURE!r} is broken ({e}); re-export the model with imagerec export"
+        ) from None
 
 
 def _preprocessing(path: Path, data: dict) -> Preprocessing:

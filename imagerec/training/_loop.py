@@ -58,7 +58,8 @@ from ..data import (
     report_skipped,
 )
 from ..errors import ImagerecError
-from ..inference import autocast, predict_source
+from ..inference import Predictions, autocast, predict_source
+from ._calibrate import calibration_meta
 from ._config import TrainConfig, outside_kwargs
 from ._distributed import World, setup, teardown
 
@@ -207,7 +208,7 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
     bar = tqdm(total=total * images_per_step, initial=step * images_per_step, unit="img", disable=not progress, smoothing=0.05)
     writer = _tensorboard(run_dir) if world.main else None
     best = max([row["val_acc"] for row in history if row.get("val_acc") is not None], default=-1.0)
-    stale = 0
+    stale, calibrated = 0, meta
     while step < total:
         epoch, first_batch = divmod(step, steps_per_epoch)
         seen = loss_sum = correct = running = 0.0
@@ -267,7 +268,7 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
         seen, loss_sum, correct = world.sum(seen, loss_sum, correct)
         if stage is None:
             raise ImagerecError(f"{train_src.root}: no training image of this epoch could be read; see {run_dir / 'skipped.csv'}")
-        val_loss, val_acc = _validate(model, val_src, pp, cfg, world, bf16, skipped)
+        val_loss, val_acc, val_out = _validate(model, val_src, pp, cfg, world, bf16, skipped)
         stage.apply_mode()
         row = {
             "epoch": epoch + 1,
@@ -287,7 +288,8 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
         if world.main:
             skipped.report()
             if improved:
-                save_checkpoint(run_dir / BEST, _checkpoint(model, None, meta, step, history))
+                calibrated = _calibrated(meta, cfg, val_src, val_out)  # from this model's own validation pass
+                save_checkpoint(run_dir / BEST, _checkpoint(model, None, calibrated, step, history))
             save_checkpoint(run_dir / LAST, _checkpoint(model, stage, meta, step, history))
             _write_metrics(run_dir, history)
             _log_row(writer, row)
@@ -300,6 +302,8 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
     bar.close()
     if writer:
         writer.close()
+    if world.main and cfg.calibrate:
+        _say(_calibration_text(calibrated))
     return TrainResult(run_dir, classes, history, plan)
 
 
@@ -642,15 +646,37 @@ class _Stage:
         return n, float(loss.detach()) * n, int((logits.argmax(1) == labels).sum())
 
 
-def _validate(model, val_src, pp, cfg, world: World, bf16: bool, skipped: _SkipLog) -> tuple[float | None, float | None]:
+def _validate(
+    model, val_src, pp, cfg, world: World, bf16: bool, skipped: _SkipLog
+) -> tuple[float | None, float | None, Predictions | None]:
     if val_src is None:
-        return None, None
+        return None, None, None
     shard = np.arange(len(val_src))[world.rank :: world.size]
     out = predict_source(model, val_src, pp, batch_size=128, tta=cfg.tta, device=world.device, bf16=bf16, indices=shard, workers=cfg.workers)
     skipped.add((None, item) for item in out.skipped)
     correct = float((out.proba.argmax(1) == val_src.labels[out.indices]).sum())
     loss_sum, correct, n = world.sum(out.loss_sum, correct, float(len(out.indices)))
-    return loss_sum / max(n, 1), correct / max(n, 1)
+    return loss_sum / max(n, 1), correct / max(n, 1), out
+
+
+def _calibrated(meta: dict, cfg: TrainConfig, val_src: ImageSource | None, val_out: Predictions | None) -> dict:
+    """``meta`` with the temperature fitted on the validation predictions (this process's shard).
+
+    No validation split, no readable validation image, or ``calibrate=False``: T is left out (1).
+    """
+    if not cfg.calibrate or val_out is None or not len(val_out.indices):
+        return meta
+    return dict(meta, **calibration_meta(val_out.raw_proba, val_src.labels[val_out.indices]))
+
+
+def _calibration_text(meta: dict) -> str:
+    facts = meta.get("calibration")
+    if facts is None:
+        return "calibration: no held-out images (val_fraction=0, no val folder): probabilities stay uncalibrated (T=1)"
+    return (
+        f"calibration: temperature {meta['temperature']:.3f} fitted on {facts['images']} validation images "
+        f"(NLL {facts['nll_before']:.4f} -> {facts['nll_after']:.4f})"
+    )
 
 
 def _checkpoint(model, stage, meta, step, history) -> Checkpoint:
