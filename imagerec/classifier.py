@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -19,14 +18,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ._decode import expand_paths
 from ._lock import run_lock
 from .checkpoint import BEST, checkpoint_temperature, load_checkpoint, model_from_checkpoint
-from .data import DEFAULT_MAX_PIXELS, ImageSource, eval_transform, is_image_file, load_images, report_skipped, to_rgb
+from .data import DEFAULT_MAX_PIXELS, ImageSource, eval_transform, load_images, report_skipped, to_rgb
 from .errors import ImagerecError, SkippedImagesWarning
 from .evaluation import EvaluationReport, build_report, write_report
 from .inference import Predictions, autocast, calibrated_softmax, forward_logits, predict_source, resolve_device
 from .training import TrainResult, load_config, train
-from .training._config import outside_kwargs
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -201,7 +200,7 @@ class Classifier:
         if isinstance(data, ImageSource):
             source = data
         else:
-            source = _load_eval_split(data, split, max_pixels or DEFAULT_MAX_PIXELS, outside_kwargs(load_images, allow_outside))
+            source = _load_eval_split(data, split, max_pixels or DEFAULT_MAX_PIXELS, allow_outside)
         if not source.labelled:
             raise ImagerecError(f"{source.root}: evaluation needs labels: DIR/<class>/* folders or a CSV manifest path,label")
         labels = self._map_labels(source)
@@ -244,15 +243,15 @@ class Classifier:
             raise ImagerecError("this Classifier is not trained yet; call fit(...) or Classifier.load(path) first")
 
 
-def _load_eval_split(data, split: str | None, max_pixels: int, outside: dict) -> ImageSource:
+def _load_eval_split(data, split: str | None, max_pixels: int, allow_outside: bool) -> ImageSource:
     if split != "auto":
-        return load_images(data, split, max_pixels=max_pixels, **outside)
+        return load_images(data, split, max_pixels=max_pixels, allow_outside=allow_outside)
     try:
-        return load_images(data, "test", max_pixels=max_pixels, **outside)
+        return load_images(data, "test", max_pixels=max_pixels, allow_outside=allow_outside)
     except ImagerecError as e:
         if "no test" not in str(e):
             raise
-        return load_images(data, None, max_pixels=max_pixels, **outside)
+        return load_images(data, None, max_pixels=max_pixels, allow_outside=allow_outside)
 
 
 def _uncalibrated(proba: np.ndarray, temperature: float) -> np.ndarray:
@@ -281,20 +280,7 @@ def as_source(images) -> ImageSource:
     if isinstance(images, ImageSource):
         return images
     items: Iterable = [images] if isinstance(images, (str, os.PathLike)) else images
-    paths: list[str] = []
-    for item in items:
-        text = os.fspath(item)
-        if glob.has_magic(text):
-            found = sorted(p for p in glob.glob(text, recursive=True) if os.path.isfile(p) and is_image_file(p))
-            if not found:
-                raise ImagerecError(f"{text}: the pattern matches no image files")
-            paths += found
-        elif os.path.isdir(text):
-            paths += load_images(text, labelled=False).paths
-        elif os.path.isfile(text):
-            paths.append(text)
-        else:
-            raise ImagerecError(f"{text}: no such file or folder")
+    paths = expand_paths(items)  # a name that exists is a file before it is a glob
     if not paths:
         raise ImagerecError("no images given; pass files, folders or glob patterns")
     return ImageSource(paths, None, None, root=Path(paths[0]).parent.as_posix())

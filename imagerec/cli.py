@@ -415,7 +415,8 @@ def _run_evaluate(args) -> None:
         allow_outside=args.allow_outside, progress=True,
     )
     s = report.summary
-    print(f"accuracy {s['accuracy']:.4f}  macro F1 {s['macro_f1']:.4f}  ECE {s['ece']:.4f}  on {s['images']:,} images  -> {args.out}")
+    calibration = f" (before calibration {s['ece_uncalibrated']:.4f}, T={s['temperature']:.2f})" if "ece_uncalibrated" in s else ""
+    print(f"accuracy {s['accuracy']:.4f}  macro F1 {s['macro_f1']:.4f}  ECE {s['ece']:.4f}{calibration}  on {s['images']:,} images  -> {args.out}")
 
 
 def _run_predict(args) -> None:

@@ -210,11 +210,11 @@ def embed(
             f"workers={workers} must be 0 or more (0 decodes in this process); leave it out to use every CPU"
         )
     out = _check_out(out)
-    with output_lock(out, "embed run") if out else contextlib.nullcontext():  # before any work: a second run stops at once
-        source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels, allow_outside=allow_outside)
-        model = create_backbone(backbone, num_classes=0) if isinstance(backbone, str) else backbone
-        name = getattr(model, "backbone_name", type(model).__name__)
-        pp = model.preprocessing.resolve(image_size, crop_pct)  # validated before any decoding
+    source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels, allow_outside=allow_outside)
+    model = create_backbone(backbone, num_classes=0) if isinstance(backbone, str) else backbone
+    name = getattr(model, "backbone_name", type(model).__name__)
+    pp = model.preprocessing.resolve(image_size, crop_pct)  # validated before any decoding
+    with output_lock(out, "embed run") if out else contextlib.nullcontext():  # before any decoding: a second run stops at once
         source = decode_small_images(source, progress=progress) or source
         if crop_pct is None and source.pixels is not None and max(source.pixels.shape[1:3]) < pp.input_size:
             pp = pp.resolve(crop_pct=1.0)  # small images are upsampled whole, not cropped

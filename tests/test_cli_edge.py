@@ -425,17 +425,3 @@ def test_allow_outside_is_a_flag_of_every_command_that_reads_data(command):
     required = {"evaluate": ["--out", "o"], "embed": ["--out", "o.npz"], "cluster": ["--out", "o"]}.get(command, [])
     args = build_parser().parse_args([command, *positional, *required, "--allow-outside"])
     assert args.allow_outside is True
-
-
-def test_outside_kwargs_passes_the_flag_only_where_it_is_taken():
-    from imagerec.training._config import outside_kwargs
-
-    def takes(data, allow_outside=False): ...
-
-    def does_not(data): ...
-
-    assert outside_kwargs(takes, True) == {"allow_outside": True}
-    assert outside_kwargs(takes, False) == {"allow_outside": False}
-    assert outside_kwargs(does_not, False) == {}
-    with pytest.raises(ImagerecError, match="--allow-outside: does_not of this imagerec build has no such option"):
-        outside_kwargs(does_not, True)

@@ -179,7 +179,8 @@ def _rank(y: np.ndarray, probs: np.ndarray, threshold: float | None, filter_by: 
     quality = get_label_quality_scores(y, probs, method="self_confidence")
     if threshold is not None:
         return quality, quality < threshold
-    return quality, cleanlab_issues(y, probs, filter_by=filter_by)
+    # n_jobs=1: cleanlab's process pool never joins when called from a thread of a server (the studio)
+    return quality, cleanlab_issues(y, probs, filter_by=filter_by, n_jobs=1)
 
 
 def _check_labels(labels: np.ndarray, classes: list[str], n: int, cv_folds: int) -> tuple[np.ndarray, int]:

@@ -27,7 +27,6 @@ from ..checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint, sav
 from ..data import decode_small_images, iter_batches, load_images
 from ..errors import ImagerecError
 from ..inference import resolve_device
-from ..training._config import outside_kwargs
 
 LR_BATCH = 64  # lr is the peak learning rate for this many images per step; scaled linearly
 _META_KEPT = ("backbone", "classes", "preprocessing", "config", "data")
@@ -144,7 +143,7 @@ def _import_torch_pruning():
 
 def _labelled_source(data, classes: list[str], progress: bool, allow_outside: bool = False):
     """The ``train`` split of ``data``, labelled in the checkpoint's class order."""
-    source = load_images(data, "train", **outside_kwargs(load_images, allow_outside))
+    source = load_images(data, "train", allow_outside=allow_outside)
     if not source.labelled:
         raise ImagerecError(f"{source.root}: fine-tuning needs labels: arrange images as DIR/<class>/*, or give a CSV manifest path,label")
     if sorted(source.classes) != sorted(classes):

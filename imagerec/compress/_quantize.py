@@ -32,7 +32,6 @@ from .._onnx import onnx_session
 from ..data import Preprocessing, iter_batches, load_images
 from ..errors import ImagerecError, SkippedImagesWarning
 from ..export import export_model
-from ..training._config import outside_kwargs
 
 MODES = ("int8", "dynamic")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -93,7 +92,7 @@ def quantize(
     out = Path(out)
     if out.suffix != ".onnx":
         raise ImagerecError(f"{out}: the quantized model is an ONNX file and should end in .onnx; e.g. model.int8.onnx")
-    source = load_images(calib, split, **outside_kwargs(load_images, allow_outside)) if mode == "int8" else None  # a bad path fails here, before any export
+    source = load_images(calib, split, allow_outside=allow_outside) if mode == "int8" else None  # a bad path fails here, before any export
 
     from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415 - heavy import
 

@@ -267,7 +267,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     ):
         async with server.admitted():
             names, logits = await server.run(request, ("logits", tta))
-        return {"predictions": [_top(name, row, engine.classes, top_k) for name, row in zip(names, _softmax(logits))]}
+        return {"predictions": [_top(name, row, engine.classes, top_k) for name, row in zip(names, _softmax(logits / engine.temperature))]}
 
     @app.post("/embed", summary="Feature vectors of one or more images (the backbone's embedding)")
     async def embed(request: Request):

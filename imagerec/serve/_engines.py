@@ -49,6 +49,7 @@ class Engine:
     name = "?"
     embed_dim: int | None = None
     device = "cpu"
+    temperature = 1.0  # calibration: probabilities are softmax(logits / temperature)
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         """One RGB image as the model's input: float32 (3, S, S). Thread-safe."""
@@ -101,6 +102,7 @@ class OnnxEngine(Engine):
         self.preprocessing = self._pp.to_dict()
         self.backbone = self._model.backbone
         self.version = self._model.version
+        self.temperature = self._model.temperature
         self._features = None
         if features_path is not None:
             self._features = runtime._model._session(features_path, threads)
@@ -146,6 +148,7 @@ class TorchEngine(Engine):
         self.preprocessing = clf.preprocessing_.to_dict()
         self.backbone = clf.meta_["backbone"]
         self.version = clf.meta_.get("imagerec_version", "")
+        self.temperature = clf.temperature_
         self.embed_dim = int(getattr(self._net, "num_features", 0)) or None
         self._transform = eval_transform(clf.preprocessing_)
 

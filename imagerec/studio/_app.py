@@ -23,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
 from .._io import write_text_atomic
+from ..data import write_manifest
 from ..errors import ImagerecError
 from . import _audit
 from ._db import DUPLICATE, EXCLUSIONS, JUNK, Project
@@ -441,7 +442,7 @@ def _export(project: Project, kind) -> dict:
     rows = project.labels()
     out = project.folder / "export"
     if kind == "manifest":
-        write_text_atomic(out / "labels.csv", manifest_text(rows))
+        write_manifest(out / "labels.csv", rows)  # reads back without --allow-outside
         return {"ok": True, "path": str(out / "labels.csv"), "rows": len(rows)}
     final = out / "classes"
     tmp = out / ".classes.tmp"

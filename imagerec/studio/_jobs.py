@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import write_text_atomic
-from ..data import stratified_split
+from ..data import stratified_split, write_manifest
 from ..errors import ImagerecError
 from ._db import Project
 
@@ -82,8 +82,8 @@ class Trainer:
         runs.mkdir(exist_ok=True)
         run_dir = runs / f"run-{int(time.time() * 1000)}"
         run_id = self.project.start_run(budget_min, backbone, str(run_dir), len(rows))
-        write_text_atomic(run_dir / "train.csv", manifest_text([rows[i] for i in train_idx]))
-        write_text_atomic(run_dir / "test.csv", manifest_text([rows[i] for i in test_idx]))
+        write_manifest(run_dir / "train.csv", [rows[i] for i in train_idx])  # trusted: it names the collection's folders
+        write_manifest(run_dir / "test.csv", [rows[i] for i in test_idx])
         with self._lock:
             self._state = {"run_id": run_id, "phase": "training", "started": time.time(), "budget_min": budget_min, "progress": 0.0}
         threading.Thread(target=self._run, args=(run_id, run_dir, budget_min, backbone), daemon=True, name=f"studio-train-{run_id}").start()

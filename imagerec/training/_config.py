@@ -182,22 +182,3 @@ def _read_config_file(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ImagerecError(f"{path}: a configuration file holds key = value pairs")
     return data
-
-
-def outside_kwargs(function, allow_outside: bool) -> dict:
-    """``{"allow_outside": allow_outside}`` where ``function`` takes that keyword, else ``{}``.
-
-    A shim while manifest containment (``load_images(..., allow_outside=False)``) lands on
-    another branch: once every reader takes the keyword, callers can pass it directly.
-
-    Raises:
-        ImagerecError: ``allow_outside`` is asked of a reader that does not know it.
-    """
-    import inspect  # noqa: PLC0415
-
-    if "allow_outside" in inspect.signature(function).parameters:
-        return {"allow_outside": allow_outside}
-    if allow_outside:
-        raise ImagerecError(f"--allow-outside: {function.__name__} of this imagerec build has no such option; drop the flag")
-    return {}
-

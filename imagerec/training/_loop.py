@@ -60,7 +60,7 @@ from ..data import (
 from ..errors import ImagerecError
 from ..inference import Predictions, autocast, predict_source
 from ._calibrate import calibration_meta
-from ._config import TrainConfig, outside_kwargs
+from ._config import TrainConfig
 from ._distributed import World, setup, teardown
 
 SMALL_IMAGE_TRAIN_SIZE = 96  # px: small images are upsampled to this by default (see docs/MODELS.md)
@@ -319,11 +319,10 @@ def _load_splits(data, cfg: TrainConfig, progress: bool, expect: dict | None = N
     if isinstance(data, ImageSource):
         train_src, val_src = data, None
     else:
-        outside = outside_kwargs(load_images, cfg.allow_outside)
-        train_src = load_images(data, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels, **outside)
+        train_src = load_images(data, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels, allow_outside=cfg.allow_outside)
         val_src = None
         if cfg.val_fraction > 0 or _has_val_folder(data):
-            val_src = load_images(data, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels, **outside)
+            val_src = load_images(data, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels, allow_outside=cfg.allow_outside)
     if not train_src.labelled:
         raise ImagerecError(f"{train_src.root}: training needs labels: arrange images as DIR/<class>/*, or give a CSV manifest path,label")
     if len(train_src.classes) < 2:
