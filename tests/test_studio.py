@@ -3,7 +3,6 @@ origin and path-traversal refusals, escaping, paging, export and the first impor
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import signal

@@ -22,7 +22,6 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
-from .._io import write_text_atomic
 from ..data import write_manifest
 from ..errors import ImagerecError
 from . import _audit
