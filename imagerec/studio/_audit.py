@@ -18,9 +18,9 @@ import traceback
 from pathlib import Path
 
 from .._io import write_text_atomic
+from ..data import write_manifest
 from ..errors import ImagerecError
 from ._db import DUPLICATE, JUNK, Project
-from ._jobs import manifest_text
 from ._pages import Raw, esc, table, thumb
 
 SHOWN = 50  # findings shown per check
@@ -98,7 +98,7 @@ def start(project: Project, state) -> None:
         raise ImagerecError(f"{len(rows)} image(s) in use are too few to audit; the audit needs at least 4")
     folder = project.folder / "audit"
     manifest = folder / "input.csv"
-    write_text_atomic(manifest, manifest_text(rows))
+    write_manifest(manifest, rows)  # trusted: it names the collection's own folders
     backbone = getattr(state, "embed_backbone", "auto")
     image_size = getattr(state, "embed_image_size", None)
     _job(state, "audit").run("audit", lambda: _in_child(project.folder, backbone, image_size))
