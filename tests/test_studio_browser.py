@@ -2,7 +2,7 @@
 
 One session over generated photos: open the project, rename a cluster, move three images, undo
 one move, mark a duplicate, export, check the manifest, kill -9 the server and restart it (state
-intact), train for a short budget and open the evaluation. Screenshots go to docs/studio/.
+intact), train for a short budget and open the evaluation, predict, and search by example. Screenshots go to docs/studio/.
 
 Skipped where no Chromium is found, except under CI (env var CI set), where that is a failure.
 """
@@ -242,6 +242,23 @@ def _session(page, url, project, tmp_path, copy, servers, port):
     page.click("form.upload button")
     page.wait_for_selector("table.predictions")
     assert "%" in page.locator("table.predictions td").nth(2).inner_text()
+
+    # 10. search by example: a photo of the collection finds itself first (the first search builds the index)
+    query = copy.with_name("p100.png")
+    deadline = time.time() + 120
+    while True:
+        page.goto(url + "/search")
+        page.set_input_files("input[type=file]", str(query))
+        page.click("form.upload button")
+        page.wait_for_selector("#results, #indexstate, p.error")
+        assert page.locator("p.error").count() == 0, page.inner_text("p.error")
+        if page.locator("#results").count() or time.time() > deadline:
+            break
+        time.sleep(1)
+    first = page.locator("#results figure img").first
+    assert first.get_attribute("src") == f"/thumb/{_image_id(project, query)}"
+    assert float(page.locator("#results figcaption").first.inner_text()) > 0.99
+    shot(page, "search")
 
 
 def _image_id(project: Path, path: Path) -> int:
