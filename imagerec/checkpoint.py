@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
 from safetensors.torch import save_file
 from torch import nn
 
@@ -106,9 +107,7 @@ def load_checkpoint(path: str | os.PathLike, name: str = BEST) -> Checkpoint:
     """
     path = resolve_checkpoint(path, name)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        header, tensors = _read(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ImagerecError(f"{path}: not a readable checkpoint, truncated or corrupt ({e}); use another checkpoint, e.g. the run's {LAST}") from None
     if header.get("format") != FORMAT:
@@ -135,6 +134,23 @@ def load_checkpoint(path: str | os.PathLike, name: str = BEST) -> Checkpoint:
         raise ImagerecError(f"{path}: broken optimizer metadata ({type(e).__name__}: {e}); use another checkpoint, e.g. the run's {BEST}") from None
     model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     return Checkpoint(model=model, meta=meta, optimizer=optimizer, path=path)
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The header metadata and the tensors of a safetensors file, from one read of its bytes.
+
+    One read, so that both come from the same file while a training run replaces it (a reader that
+    opens the path twice, as ``safe_open`` does, can pair one file's header with the next one's
+    tensors and report a damaged checkpoint).
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise ValueError(f"{len(data)} bytes, shorter than a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return (meta if isinstance(meta, dict) else {}), load_tensors(data)
 
 
 META_TYPES = {  # field: (accepted types, what the message calls them)
