@@ -13,7 +13,6 @@ shapes, so it loads, predicts and exports like any other, with no pickle.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._optim import decay_groups, set_lr, warmup_cosine
 from ..checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..data import decode_small_images, iter_batches, load_images
 from ..errors import ImagerecError
@@ -169,21 +169,8 @@ def _fine_tune(model, source, pp, total: int, peak_lr: float, batch_size: int, s
     """
     if total == 0:
         return None
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]  # norm weights and biases
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": 5e-5}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=peak_lr,
-        momentum=0.9,
-        nesterov=True,
-    )
+    optimizer = torch.optim.SGD(decay_groups(model.parameters(), 5e-5, peak_lr), lr=peak_lr, momentum=0.9, nesterov=True)
     warmup = max(1, round(0.1 * total))  # steps
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     model.train()
     losses: list[float] = []
@@ -196,8 +183,7 @@ def _fine_tune(model, source, pp, total: int, peak_lr: float, batch_size: int, s
                 if batch.labels is None or not len(batch.labels):
                     continue  # every image of this batch was unreadable
                 # One step: the learning rate of this step, forward, backward, update.
-                for group in optimizer.param_groups:
-                    group["lr"] = peak_lr * lr_factor(step)
+                set_lr(optimizer, warmup_cosine(step, total, warmup))
                 torch.manual_seed(seed * 1_000_003 + step)  # dropout
                 logits = model(batch.images.to(device))
                 loss = criterion(logits, batch.labels.to(device))

@@ -12,7 +12,6 @@ resolution are enough, which keeps it affordable on a CPU.
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -23,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._decode import load_rgb
+from .._optim import decay_groups, set_lr, warmup_cosine
 from ..backbones import create_backbone
 from ..data import BatchAugment, ImageSource, decode_small_images
 from ..errors import ImagerecError
@@ -119,13 +119,8 @@ def adapt_backbone(
     projector.train().to(torch_device)
     augment = BatchAugment(pp, "contrastive", scale=crop_scale, degrees=0.0)
     params = [p for m in (model, projector) for p in m.parameters()]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
     peak = lr * batch_size / 256
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=peak, momentum=0.9, nesterov=True,
-    )  # fmt: skip
+    optimizer = torch.optim.SGD(decay_groups(params, weight_decay, peak), lr=peak, momentum=0.9, nesterov=True)
     steps_per_epoch = len(pixels) // batch_size
     total = max(1, round(epochs * steps_per_epoch))
     warmup = max(1, total // 20)
@@ -139,9 +134,7 @@ def adapt_backbone(
         for start in range(0, steps_per_epoch * batch_size, batch_size):
             if step == total:
                 break
-            scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-            for group in optimizer.param_groups:
-                group["lr"] = peak * scale
+            set_lr(optimizer, warmup_cosine(step, total, warmup))
             images = torch.from_numpy(pixels[order[start : start + batch_size].numpy()]).permute(0, 3, 1, 2)
             views = torch.cat([augment(images, generator), augment(images, generator)])
             views = views.to(torch_device, memory_format=torch.channels_last)

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from .._io import write_text_atomic
 from .._lock import run_lock
+from .._optim import decay_groups, set_lr, warmup_cosine
 from ..backbones import create_backbone, early_parameters, list_backbones
 from ..checkpoint import BEST, LAST, Checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..data import (
@@ -580,11 +581,7 @@ class _Stage:
             groups = []
             for is_head, share in ((False, cfg.backbone_lr_scale), (True, 1.0)):
                 params = [p for p in model.parameters() if (id(p) in head_ids) == is_head and p.requires_grad]
-                decay = [p for p in params if p.ndim > 1]
-                no_decay = [p for p in params if p.ndim <= 1]  # norm weights and biases
-                groups.append({"params": decay, "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr * share * scale})
-                groups.append({"params": no_decay, "weight_decay": 0.0, "peak_lr": cfg.lr * share * scale})
-            groups = [g for g in groups if g["params"]]
+                groups += decay_groups(params, cfg.weight_decay, cfg.lr * share * scale)
             self.start, self.steps, self.schedule = head_steps, total_steps - head_steps, cfg.schedule
             self.warmup = round(cfg.warmup * self.steps) if cfg.schedule == "onecycle" else 0
             self.net = model
@@ -614,14 +611,7 @@ class _Stage:
     def set_lr(self, step: int) -> None:
         """Set every group's learning rate for global ``step``: warm-up, then cosine to 0."""
         i, n = step - self.start, max(self.steps, 1)
-        if self.schedule == "constant":
-            factor = 1.0
-        elif i < self.warmup:
-            factor = (i + 1) / self.warmup
-        else:
-            factor = 0.5 * (1 + math.cos(math.pi * (i - self.warmup) / max(n - self.warmup, 1)))
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * factor
+        set_lr(self.optimizer, 1.0 if self.schedule == "constant" else warmup_cosine(i, n, self.warmup))
 
     def step(self, batch, criterion, bf16: bool) -> tuple[int, float, int]:
         """One optimizer step; returns (images, summed loss, correct predictions)."""
