@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto, for embedding and the deep head (default: cpu)")
     p.add_argument("--tta", action="store_true", help="embed each image as the mean of it and its mirror image")
-    p.add_argument("--pca-dim", default="auto", help="principal components kept: a number, 'auto' (32 for dbscan/hdbscan, 128 otherwise) or 'none'")
+    p.add_argument("--pca-dim", default="auto", help="principal components kept: a number, 'auto' (32 for dbscan/hdbscan; otherwise 32 below 5,000 images, 128 from 5,000) or 'none'")
     p.add_argument("--whiten", action="store_true", help="PCA whitening")
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the features")
     p.add_argument("--eps", help="dbscan: neighbourhood radius, or 'auto' from the k-distance curve (default)")

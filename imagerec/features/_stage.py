@@ -21,7 +21,7 @@ from ..errors import ImagerecError
 from ._adapt import ADAPT_METHODS, adapt_backbone
 from ._backbone import auto_backbone
 from ._cache import is_embeddings_file, resolve_embeddings
-from ._prepare import FeaturePipeline, check_positive
+from ._prepare import FeaturePipeline, check_pca_dim
 
 
 @dataclass
@@ -62,7 +62,7 @@ def compute_features(
     tta: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     normalize: bool = True,
-    pca_dim: int | None = None,
+    pca_dim: int | str | None = None,
     whiten: bool = False,
     random_state: int | None = 0,
     progress: bool = True,
@@ -85,7 +85,8 @@ def compute_features(
         tta: embed each image as the mean of it and its mirror image.
         max_pixels: decompression-bomb limit per image (embedding and adapting alike).
         normalize: L2-normalise the features (before and after PCA).
-        pca_dim: principal components kept, or None for no PCA.
+        pca_dim: principal components kept; ``"auto"``: by the number of images (32 below
+            5,000, else 128: see :class:`FeaturePipeline`); None: no PCA.
         whiten: PCA whitening.
         random_state: seed of the adaptation and the PCA.
         progress: show progress bars.
@@ -98,8 +99,7 @@ def compute_features(
             image, or NaN or infinite features (naming the first such image).
     """
     # 1. validate before the costly steps
-    if pca_dim is not None:
-        check_positive(pca_dim, "pca_dim", integer=True, minimum=1, inclusive=True, hint="; try 128, or None for no PCA")
+    check_pca_dim(pca_dim)
     if adapt is not None and adapt not in ADAPT_METHODS:
         raise ImagerecError(f"adapt={adapt!r} is not one of {ADAPT_METHODS}; use 'simclr' or leave it out")
     given = isinstance(data, (Embeddings, np.ndarray)) or is_embeddings_file(data)
