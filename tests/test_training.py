@@ -38,7 +38,7 @@ def test_run_folder_contents(colour_folder, tmp_path):
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert json.loads((run / "config.json").read_text())["config"]["backbone"] == "seed_cnn"
     last = load_checkpoint(run / "last.safetensors")
-    assert last.optimizer is not None and last.meta["step"] == result.plan["total_steps"]
+    assert last.optimizer is not None and last.meta["step"] == result.plan.total_steps
     assert last.meta["classes"] == ["blue", "green", "red"]
     best = load_checkpoint(run)  # the run folder means its best checkpoint
     assert best.optimizer is None
@@ -56,7 +56,7 @@ def test_transfer_recipe_learns(tmp_path):
     data = make_colour_dataset(tmp_path / "d", per_class=40)
     config = TrainConfig(epochs=2, head_epochs=1, image_size=64, batch_size=16, val_fraction=0.2, save_every=0, device="cpu")
     result = train(data, tmp_path / "run", config, progress=False)
-    assert result.plan["head_steps"] > 0
+    assert result.plan.head_steps > 0
     assert [r["stage"] for r in result.history] == [1, 2, 2]
     assert result.best_val_accuracy >= 0.9
 
@@ -65,7 +65,7 @@ def test_stage_two_keeps_the_early_layer_groups_frozen(tmp_path):
     data = make_colour_dataset(tmp_path / "d", per_class=16)
     config = TrainConfig(epochs=1, head_epochs=0, image_size=64, batch_size=16, val_fraction=0, save_every=0, device="cpu", freeze_groups=2)
     result = train(data, tmp_path / "run", config, progress=False)
-    assert result.plan["freeze_groups"] == 2
+    assert result.plan.freeze_groups == 2
     before = create_backbone("efficientnet_lite0", num_classes=3).state_dict()
     after = load_checkpoint(tmp_path / "run" / "last.safetensors").model
     # groups 0 and 1 (the stem and the first stage) keep their pretrained weights...
@@ -90,7 +90,7 @@ def test_seed_recipe_is_the_origin_documents(colour_folder, tmp_path, capsys):
     assert (config.backbone, config.batch_size, config.lr, config.momentum, config.epochs) == ("seed_cnn", 4, 0.001, 0.9, 2.0)
     assert (config.augment, config.val_fraction, config.nesterov, config.label_smoothing) == ("none", 0.0, False, 0.0)
     result = train(colour_folder, tmp_path / "run", config, progress=False)
-    assert result.plan["steps_per_epoch"] == 12 and result.plan["total_steps"] == 24
+    assert result.plan.steps_per_epoch == 12 and result.plan.total_steps == 24
     printed = capsys.readouterr()
     assert "[1,     3] loss:" in printed.out + printed.err
 
@@ -99,9 +99,9 @@ def test_time_budget_plans_the_steps(colour_folder, tmp_path):
     started = time.perf_counter()
     result = train(colour_folder, tmp_path / "run", TrainConfig(time_budget=0.25, val_fraction=0.25, **FAST), progress=False)
     elapsed = time.perf_counter() - started
-    assert result.plan["timing"]["step_s"] > 0
-    assert result.plan["total_steps"] > result.plan["steps_per_epoch"]  # a 15 s budget buys many tiny steps
-    assert result.history[-1]["step"] == result.plan["total_steps"]  # never cut off half way
+    assert result.plan.timing["step_s"] > 0
+    assert result.plan.total_steps > result.plan.steps_per_epoch  # a 15 s budget buys many tiny steps
+    assert result.history[-1]["step"] == result.plan.total_steps  # never cut off half way
     assert elapsed < 0.25 * 60 * 1.5
 
 
@@ -109,17 +109,17 @@ def test_time_budget_replans_from_the_real_steps(tmp_path, monkeypatch, capsys):
     """The first plan times steps on a copy of the model; here that timing is made 100x too
     optimistic, and the re-plan after 30 real steps must measure the real pace and still end
     inside the budget with the schedule complete."""
-    import imagerec.training._loop as loop
+    import imagerec.training._plan as planning
 
     data = make_colour_dataset(tmp_path / "data", per_class=100)
-    monkeypatch.setattr(loop, "_time_steps", lambda *args, **kwargs: 1e-5)
+    monkeypatch.setattr(planning, "_time_steps", lambda *args, **kwargs: 1e-5)
     started = time.perf_counter()
     result = train(data, tmp_path / "run", TrainConfig(time_budget=0.25, val_fraction=0.25, **FAST), progress=False)
     elapsed = time.perf_counter() - started
     plan = json.loads((tmp_path / "run" / "config.json").read_text())["plan"]
     assert plan["timing"]["measured_step_s"] > 100 * plan["timing"]["step_s"]  # the real pace was measured
-    assert plan["replan_at"] is None and plan["total_steps"] == result.plan["total_steps"]
-    assert result.history[-1]["step"] == result.plan["total_steps"]  # the schedule still completes
+    assert plan["replan_at"] is None and plan["total_steps"] == result.plan.total_steps
+    assert result.history[-1]["step"] == result.plan.total_steps  # the schedule still completes
     assert elapsed < 0.25 * 60 * 1.5
     assert "re-plan:" in capsys.readouterr().err
 
@@ -271,7 +271,7 @@ def test_resume_of_unchanged_data_still_works(tmp_path):
     _seed_run(data, run, epochs=2)
     _rewind(run, steps=1)
     result = train(None, None, resume=run, progress=False)
-    assert result.history[-1]["step"] == result.plan["total_steps"]
+    assert result.history[-1]["step"] == result.plan.total_steps
 
 
 @pytest.mark.slow
@@ -323,7 +323,7 @@ def test_a_batch_of_unreadable_images_is_skipped_and_reported(tmp_path, capsys):
     (data / "blue" / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
     run = tmp_path / "run"
     result = train(data, run, TrainConfig(epochs=1, val_fraction=0, workers=0, augment="none", **dict(FAST, batch_size=1)), progress=False)
-    assert result.plan["total_steps"] == 14 and result.history[-1]["step"] == 14
+    assert result.plan.total_steps == 14 and result.history[-1]["step"] == 14
     rows = list(csv.DictReader(open(run / "skipped.csv")))
     assert sorted(Path(r["path"]).name for r in rows) == ["broken.jpg", "broken.png"]
     assert "skipped 2 unreadable image(s)" in capsys.readouterr().err

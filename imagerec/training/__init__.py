@@ -2,5 +2,6 @@
 
 from ._config import TrainConfig, load_config
 from ._loop import TrainResult, train
+from ._plan import Plan
 
-__all__ = ["TrainConfig", "TrainResult", "load_config", "train"]
+__all__ = ["Plan", "TrainConfig", "TrainResult", "load_config", "train"]

@@ -4,11 +4,12 @@
 
 1. load the training and validation splits (small images decoded once, into the cache);
 2. build the backbone with a new head for the data set's classes;
-3. plan the run: steps per epoch, the head-only stage, the total steps, bf16 or fp32. With a
-   time budget a few steps are timed on a copy of the model and the number of steps fixed so
-   that the run finishes inside it; after the first 30 real steps of stage 2 it is fixed again
-   from their measured pace (once, before the schedule has gone far), so the learning-rate
-   schedule still completes;
+3. plan the run (:class:`~imagerec.training._plan.Plan`): steps per epoch, the head-only stage,
+   the total steps, bf16 or fp32. With a time budget (:class:`~imagerec.training._plan.Budget`) a
+   few steps are timed on a copy of the model and the number of steps fixed so that the run
+   finishes inside it; after the first 30 real steps of stage 2 it is fixed again from their
+   measured pace (once, before the schedule has gone far), so the learning-rate schedule still
+   completes;
 4. train: stage 1 the head alone on the frozen backbone, stage 2 everything (DDP under
    torchrun); validate and save checkpoints at every epoch end, ``last`` every
    ``save_every`` steps too, ``best`` on a better validation accuracy; stop early after
@@ -27,11 +28,9 @@ resume at the right batch with fresh augmentation draws).
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import io
 import json
-import math
 import os
 import sys
 import time
@@ -41,14 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from .._io import write_text_atomic
 from .._lock import run_lock
-from .._optim import decay_groups, set_lr, warmup_cosine
-from ..backbones import create_backbone, early_parameters, list_backbones
+from ..backbones import create_backbone, list_backbones
 from ..checkpoint import BEST, LAST, Checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..data import (
     DEFAULT_MAX_PIXELS,
@@ -59,10 +56,12 @@ from ..data import (
     report_skipped,
 )
 from ..errors import ImagerecError
-from ..inference import Predictions, autocast, predict_source
+from ..inference import Predictions, predict_source
 from ._calibrate import calibration_meta
 from ._config import TrainConfig
 from ._distributed import World, setup, teardown
+from ._plan import REPLAN_AFTER, REPLAN_SKIP, Budget, Plan, make_plan
+from ._stage import Stage
 
 SMALL_IMAGE_TRAIN_SIZE = 96  # px: small images are upsampled to this by default (see docs/MODELS.md)
 
@@ -75,13 +74,13 @@ class TrainResult:
         run_dir: the run folder (checkpoints, metrics.csv, config.json).
         classes: class names, in label order.
         history: one dict per epoch: the rows of metrics.csv.
-        plan: steps per epoch, head steps, total steps, precision, timing measurements.
+        plan: the run's :class:`Plan` (steps per epoch, head steps, total steps, precision, timing).
     """
 
     run_dir: Path
     classes: list[str]
     history: list[dict] = field(default_factory=list)
-    plan: dict = field(default_factory=dict)
+    plan: Plan | None = None
 
     @property
     def best_val_accuracy(self) -> float | None:
@@ -177,21 +176,24 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
     model = model.to(world.device, memory_format=torch.channels_last)
 
     # 3. Plan: fixed once, saved in every checkpoint, reused on resume.
+    budget = Budget(cfg, world, started) if cfg.time_budget else None
+    val_images = len(val_src) if val_src else 0
     if state is None:
-        plan = _plan(cfg, model, pretrained, train_src, val_src, pp, world, started)
+        plan = make_plan(cfg, model, pretrained, len(train_src), val_images, pp.input_size, world, budget,
+                         lambda: next(iter(_epoch_batches(train_src, pp, cfg, world, 0, 0))))
         step, history = 0, []
     else:
         model.load_state_dict(state.model)
-        plan, step, history = state.meta["plan"], state.meta["step"], state.meta["history"]
-        if step >= plan["total_steps"]:
-            _say(f"{run_dir}: this run already finished ({step} of {plan['total_steps']} steps)")
+        plan, step, history = Plan.from_dict(state.meta["plan"], str(state.path)), state.meta["step"], state.meta["history"]
+        plan.replan_at = None  # a resumed run keeps the plan it saved
+        if step >= plan.total_steps:
+            _say(f"{run_dir}: this run already finished ({step} of {plan.total_steps} steps)")
             return TrainResult(run_dir, classes, history, plan)
-    bf16, steps_per_epoch, head_steps, total = plan["bf16"], plan["steps_per_epoch"], plan["head_steps"], plan["total_steps"]
-    freeze = plan.get("freeze_groups", 0)  # plans from before freezing existed trained every layer
+    bf16, steps_per_epoch, head_steps, total, freeze = plan.bf16, plan.steps_per_epoch, plan.head_steps, plan.total_steps, plan.freeze_groups
     if world.main:
         _write_config(run_dir, cfg, plan, data)
         _say(
-            f"plan: {total} steps of {cfg.batch_size * world.size} images ({total / steps_per_epoch:.2f} epochs, "
+            f"plan: {total} steps of {cfg.batch_size * world.size} images ({plan.epochs:.2f} epochs, "
             f"{head_steps} head-only), {pp.input_size} px, {'bf16' if bf16 else 'fp32'}, {world.size} process(es)"
             + (f", first {freeze} layer groups frozen" if freeze else "")
         )
@@ -200,7 +202,7 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     stage = None
     meta = {
-        "backbone": cfg.backbone, "classes": classes, "preprocessing": pp.to_dict(), "config": cfg.to_dict(), "plan": plan,
+        "backbone": cfg.backbone, "classes": classes, "preprocessing": pp.to_dict(), "config": cfg.to_dict(),
         "data": str(data), "train_images": listed,
     }
     skipped = _SkipLog(train_src.skipped + (val_src.skipped if val_src else []), run_dir if world.main else None)
@@ -227,7 +229,7 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
             # 4a. The stage: head only (frozen backbone) until head_steps, then all but the first groups.
             wanted = 1 if step < head_steps else 2
             if stage is None or stage.number != wanted:
-                stage = _Stage(wanted, model, cfg, world, head_steps, total, freeze)
+                stage = Stage(wanted, model, cfg, world, head_steps, total, freeze)
                 if state is not None and state.meta.get("stage") == wanted:
                     stage.optimizer.load_state_dict(state.optimizer)
             # 4b. One optimizer step.
@@ -238,14 +240,14 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
             step += 1
             bar.update(images_per_step)
             # 4c. With a time budget, fix the number of steps again from the pace of the real steps.
-            replan_at = plan.get("replan_at") if state is None else None
-            if replan_at and step == replan_at - REPLAN_AFTER + REPLAN_SKIP:
+            if plan.replan_at and step == plan.replan_at - REPLAN_AFTER + REPLAN_SKIP:
                 pace_start = time.perf_counter()
-            elif replan_at and step == replan_at:
+            elif plan.replan_at and step == plan.replan_at:
                 measured = (time.perf_counter() - pace_start) / (REPLAN_AFTER - REPLAN_SKIP)
                 measured = world.sum(measured)[0] / world.size  # every process must agree on the total
-                total = _replan(cfg, plan, step, measured, val_src, world, started)
-                plan.update(total_steps=total, replan_at=None, timing={**plan["timing"], "measured_step_s": measured})
+                total = budget.refit(plan, step, measured, val_images)
+                plan.total_steps, plan.replan_at = total, None
+                plan.timing["measured_step_s"] = measured
                 stage.resize(total)
                 bar.total = total * images_per_step
                 if world.main:
@@ -262,7 +264,7 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
             if step >= total:
                 break
             if cfg.save_every and step % cfg.save_every == 0 and step % steps_per_epoch and world.main:
-                save_checkpoint(run_dir / LAST, _checkpoint(model, stage, meta, step, history))
+                save_checkpoint(run_dir / LAST, _checkpoint(model, stage, meta, plan, step, history))
 
         # 4d. Epoch end (or plan end): validate, record, save.
         train_seconds = time.perf_counter() - epoch_start
@@ -290,8 +292,8 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
             skipped.report()
             if improved:
                 calibrated = _calibrated(meta, cfg, val_src, val_out)  # from this model's own validation pass
-                save_checkpoint(run_dir / BEST, _checkpoint(model, None, calibrated, step, history))
-            save_checkpoint(run_dir / LAST, _checkpoint(model, stage, meta, step, history))
+                save_checkpoint(run_dir / BEST, _checkpoint(model, None, calibrated, plan, step, history))
+            save_checkpoint(run_dir / LAST, _checkpoint(model, stage, meta, plan, step, history))
             _write_metrics(run_dir, history)
             _log_row(writer, row)
             val_text = f"val_loss {val_loss:.4f} val_acc {val_acc:.4f}" if val_acc is not None else "no validation split"
@@ -386,9 +388,9 @@ def _default_size(model: nn.Module, source: ImageSource) -> int:
     return SMALL_IMAGE_TRAIN_SIZE
 
 
-def _write_config(run_dir: Path, cfg: TrainConfig, plan: dict, data) -> None:
+def _write_config(run_dir: Path, cfg: TrainConfig, plan: Plan, data) -> None:
     """The resolved configuration and the plan, beside the run's outputs."""
-    write_text_atomic(run_dir / "config.json", json.dumps({"config": cfg.to_dict(), "plan": plan, "data": str(data)}, indent=2))
+    write_text_atomic(run_dir / "config.json", json.dumps({"config": cfg.to_dict(), "plan": plan.to_dict(), "data": str(data)}, indent=2))
 
 
 def _seed(*parts: int) -> int:
@@ -415,224 +417,7 @@ def _epoch_batches(source: ImageSource, pp, cfg: TrainConfig, world: World, epoc
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Plan
-
-
-REPLAN_SKIP, REPLAN_AFTER = 5, 30  # stage-2 steps: warm-up steps not timed, steps before the re-plan
-
-
-def _plan(cfg, model, pretrained, train_src, val_src, pp, world: World, started: float) -> dict:
-    freeze = cfg.freeze_groups if pretrained else 0  # frozen random weights would never learn
-    steps_per_epoch = (len(train_src) // world.size) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ImagerecError(
-            f"batch_size={cfg.batch_size} x {world.size} process(es) is more than the {len(train_src)} training images; lower --batch-size"
-        )
-    head_steps = round(cfg.head_epochs * steps_per_epoch) if pretrained else 0
-    timing = {}
-    bf16 = cfg.precision == "bf16"
-    if cfg.precision == "auto" or cfg.time_budget:
-        batch = next(iter(_epoch_batches(train_src, pp, cfg, world, 0, 0)))
-        timing["fp32_step_s"] = _time_steps(model, batch, cfg, freeze, head=False, bf16=False)
-        if cfg.precision == "auto" and _bf16_possible(world.device):
-            timing["bf16_step_s"] = _time_steps(model, batch, cfg, freeze, head=False, bf16=True)
-            bf16 = timing["bf16_step_s"] < 0.9 * timing["fp32_step_s"]
-    if cfg.time_budget is None:
-        full_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    else:
-        timing["step_s"] = timing["bf16_step_s" if bf16 else "fp32_step_s"]
-        timing["head_step_s"] = _time_steps(model, batch, cfg, freeze, head=True, bf16=bf16) if head_steps else 0.0
-        timing["eval_image_s"] = _time_eval(model, batch, cfg, bf16)
-        head_steps, full_steps = _fit_budget(cfg, timing, steps_per_epoch, head_steps, val_src, world, started)
-    replan_at = head_steps + REPLAN_AFTER if cfg.time_budget and full_steps >= 2 * REPLAN_AFTER else None
-    return {
-        "replan_at": replan_at,
-        "steps_per_epoch": steps_per_epoch,
-        "head_steps": head_steps,
-        "total_steps": head_steps + full_steps,
-        "freeze_groups": freeze,
-        "bf16": bf16,
-        "image_size": pp.input_size,
-        "world_size": world.size,
-        "timing": timing,
-    }
-
-
-def _bf16_possible(device: torch.device) -> bool:
-    """Whether ``precision="auto"`` times bf16 at all: on a GPU that supports it. Not on a CPU:
-    training there measured slower in bf16 (docs/BENCHMARKS.md), and a choice made by timing would
-    make the same CPU run's numbers depend on how busy the machine was (``--precision bf16``
-    still forces it)."""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
-def _time_steps(model, batch, cfg, freeze: int, head: bool, bf16: bool, reps: int = 5) -> float:
-    """Seconds per training step, measured on a copy of the model (the real one is untouched):
-    the median of ``reps`` steps, so that one step slowed by another process does not count."""
-    clone = copy.deepcopy(model)
-    stage = _Stage(1 if head else 2, clone, cfg, World(0, 1, next(model.parameters()).device), 1, 1, freeze)
-    criterion = nn.CrossEntropyLoss()
-    stage.step(batch, criterion, bf16)  # warm-up: allocations, kernel selection
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        stage.step(batch, criterion, bf16)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def _time_eval(model, batch, cfg, bf16: bool) -> float:
-    device = next(model.parameters()).device
-    images = batch.images.to(device)
-    model.eval()
-    with torch.inference_mode(), autocast(device, bf16):
-        model(images)
-        start = time.perf_counter()
-        for _ in range(2 if cfg.tta else 1):
-            model(images)
-        seconds = time.perf_counter() - start
-    return seconds / len(images)
-
-
-def _fit_budget(cfg, timing, steps_per_epoch, head_steps, val_src, world, started) -> tuple[int, int]:
-    """The most stage-2 steps whose measured cost fits the time budget (with a safety margin)."""
-    budget = cfg.time_budget * 60 * 0.95 - (time.perf_counter() - started) - 5.0
-    val_cost = (len(val_src) / world.size if val_src else 0) * timing["eval_image_s"] * 1.2
-    save_cost = 1.0  # seconds per checkpoint written (generous for a 20-50 MB file)
-
-    def cost(steps: int) -> float:
-        total = head_steps + steps
-        epochs = math.ceil(total / steps_per_epoch)
-        saves = epochs * 2 + (total // cfg.save_every if cfg.save_every else 0)
-        return head_steps * timing["head_step_s"] + steps * timing["step_s"] + epochs * val_cost + saves * save_cost
-
-    if cost(1) > budget and head_steps:
-        head_steps = 0  # no time for a separate head stage
-    if cost(1) > budget:
-        raise ImagerecError(
-            f"--time-budget {cfg.time_budget} min is too short: one step takes {timing['step_s']:.2f} s and one "
-            f"validation pass {val_cost:.0f} s after {time.perf_counter() - started:.0f} s of setup; raise the budget"
-        )
-    return head_steps, _most_steps_within(budget, cost)
-
-
-def _most_steps_within(budget: float, cost) -> int:
-    """The largest n >= 1 with cost(n) <= budget (1 if none), for a cost increasing in n."""
-    low, high = 1, 1
-    while cost(high * 2) <= budget:
-        high *= 2
-    high *= 2
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if cost(middle) <= budget else (low, middle)
-    return low
-
-
-def _replan(cfg, plan: dict, step: int, step_s: float, val_src, world, started: float) -> int:
-    """The total steps that fit what is left of the time budget, at the measured ``step_s``.
-
-    The plan's first estimate times steps on a copy of the model; the real loop (data
-    preparation, a warm optimizer, a busier memory) is often slower, so after the first
-    ``REPLAN_AFTER`` steps of stage 2 the number of steps is fixed again from their own pace.
-    """
-    spe, timing = plan["steps_per_epoch"], plan["timing"]
-    budget = cfg.time_budget * 60 * 0.95 - (time.perf_counter() - started) - 5.0
-    val_cost = (len(val_src) / world.size if val_src else 0) * timing["eval_image_s"] * 1.2
-
-    def cost(more: int) -> float:
-        epochs = math.ceil((step + more) / spe) - step // spe
-        saves = epochs * 2 + ((step + more) // cfg.save_every - step // cfg.save_every if cfg.save_every else 0)
-        return more * step_s + epochs * val_cost + saves * 1.0
-
-    return step + _most_steps_within(budget, cost)
-
-
-# ---------------------------------------------------------------------------------------------
 # 4. Train
-
-
-class _Stage:
-    """One stage of the recipe: what trains, its optimizer and its learning-rate schedule.
-
-    Stage 1 trains the head alone: the backbone is frozen and kept in eval mode (batch-norm
-    statistics stay those of the pretrained weights). Stage 2 trains everything but the first
-    ``freeze`` layer groups (whose batch-norm statistics still adapt, in train mode), the
-    backbone at ``lr * backbone_lr_scale``; under torchrun it runs through
-    DistributedDataParallel. Frozen early layers save most of the backward pass where the
-    feature maps are largest: with 4 groups, steps 1.6x faster at 96 px and 2.1x at 128 px on a
-    CPU (docs/BENCHMARKS.md).
-    """
-
-    def __init__(self, number: int, model: nn.Module, cfg: TrainConfig, world: World, head_steps: int, total_steps: int, freeze: int = 0):
-        self.number, self.model, self.cfg, self.world = number, model, cfg, world
-        head = list(model.get_classifier().parameters())
-        head_ids = {id(p) for p in head}
-        scale = cfg.batch_size * world.size / cfg.lr_batch  # the linear scaling rule
-        if number == 1:
-            for p in model.parameters():
-                p.requires_grad_(id(p) in head_ids)
-            groups = [{"params": head, "weight_decay": 0.0, "peak_lr": cfg.head_lr * scale}]
-            self.start, self.steps, self.schedule, self.warmup = 0, head_steps, "cosine", 0
-            self.net = model
-        else:
-            frozen = {id(p) for p in early_parameters(model, freeze)}
-            for p in model.parameters():
-                p.requires_grad_(id(p) not in frozen)
-            groups = []
-            for is_head, share in ((False, cfg.backbone_lr_scale), (True, 1.0)):
-                params = [p for p in model.parameters() if (id(p) in head_ids) == is_head and p.requires_grad]
-                groups += decay_groups(params, cfg.weight_decay, cfg.lr * share * scale)
-            self.start, self.steps, self.schedule = head_steps, total_steps - head_steps, cfg.schedule
-            self.warmup = round(cfg.warmup * self.steps) if cfg.schedule == "onecycle" else 0
-            self.net = model
-            if world.size > 1:
-                device_ids = [world.device] if world.device.type == "cuda" else None
-                self.net = DistributedDataParallel(model, device_ids=device_ids)
-        self.apply_mode()
-        if cfg.optimizer == "sgd":
-            nesterov = cfg.nesterov and cfg.momentum > 0
-            self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=nesterov)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=0.0)
-
-    def resize(self, total_steps: int) -> None:
-        """Stretch or shrink the schedule of stage 2 to end at ``total_steps``."""
-        self.steps = total_steps - self.start
-        self.warmup = round(self.cfg.warmup * self.steps) if self.schedule == "onecycle" else 0
-
-    def apply_mode(self) -> None:
-        """Train mode for what trains: the head alone in stage 1 (batch norm frozen), all in stage 2."""
-        if self.number == 1:
-            self.model.eval()
-            self.model.get_classifier().train()
-        else:
-            self.model.train()
-
-    def set_lr(self, step: int) -> None:
-        """Set every group's learning rate for global ``step``: warm-up, then cosine to 0."""
-        i, n = step - self.start, max(self.steps, 1)
-        set_lr(self.optimizer, 1.0 if self.schedule == "constant" else warmup_cosine(i, n, self.warmup))
-
-    def step(self, batch, criterion, bf16: bool) -> tuple[int, float, int]:
-        """One optimizer step; returns (images, summed loss, correct predictions)."""
-        device = self.world.device
-        images = batch.images.to(device, non_blocking=True)
-        labels = batch.labels.to(device, non_blocking=True)
-        with autocast(device, bf16):
-            if self.number == 1:
-                with torch.no_grad():
-                    features = self.model.forward_features(images)
-                logits = self.model.forward_head(features)
-            else:
-                logits = self.net(images)
-        loss = criterion(logits.float(), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.number == 1:
-            self.world.average_gradients(self.model.get_classifier().parameters())
-        self.optimizer.step()
-        n = len(labels)
-        return n, float(loss.detach()) * n, int((logits.argmax(1) == labels).sum())
 
 
 def _validate(
@@ -668,10 +453,10 @@ def _calibration_text(meta: dict) -> str:
     )
 
 
-def _checkpoint(model, stage, meta, step, history) -> Checkpoint:
+def _checkpoint(model, stage, meta, plan: Plan, step, history) -> Checkpoint:
     return Checkpoint(
         model=model.state_dict(),
-        meta=dict(meta, step=step, history=history, stage=stage.number if stage else None),
+        meta=dict(meta, plan=plan.to_dict(), step=step, history=history, stage=stage.number if stage else None),
         optimizer=stage.optimizer.state_dict() if stage else None,
     )
 
