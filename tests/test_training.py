@@ -327,3 +327,32 @@ def test_a_batch_of_unreadable_images_is_skipped_and_reported(tmp_path, capsys):
     rows = list(csv.DictReader(open(run / "skipped.csv")))
     assert sorted(Path(r["path"]).name for r in rows) == ["broken.jpg", "broken.png"]
     assert "skipped 2 unreadable image(s)" in capsys.readouterr().err
+
+
+def test_the_input_size_for_prediction_is_chosen_on_the_validation_split(tmp_path, monkeypatch, capsys):
+    """FixRes: the best checkpoint is evaluated at 1, 7/6 and 4/3 x the training size on the
+    validation split. Here a larger size is made to win (the margin it needs set below zero): the
+    best checkpoint then carries that size, a temperature refitted at it and the scores; the last
+    checkpoint keeps the training size, so the run still resumes; the classifier predicts at it."""
+    import imagerec.training._loop as loop
+    from imagerec import Classifier
+
+    data = make_colour_dataset(tmp_path / "d", per_class=12)
+    config = TrainConfig(epochs=1, head_epochs=0, image_size=48, batch_size=8, val_fraction=0.25, save_every=0, device="cpu")
+    monkeypatch.setattr(loop, "TEST_SIZE_MARGIN", -1.0)
+    train(data, tmp_path / "run", config, progress=False)
+    best = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    last = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    scores = {int(size): acc for size, acc in best.meta["test_size"]["val_acc"].items()}
+    assert set(scores) == {48, 56, 64} and best.meta["test_size"]["trained_at"] == 48
+    chosen = max((56, 64), key=lambda size: (scores[size], -size))  # the best larger size; a tie: the smaller
+    assert best.meta["preprocessing"]["input_size"] == chosen and last.meta["preprocessing"]["input_size"] == 48
+    assert best.meta["calibration"]["images"] == 9 and best.meta["temperature"] > 0
+    assert f"input size for prediction: {chosen} px, trained at 48 px" in capsys.readouterr().err
+    clf = Classifier.load(tmp_path / "run")
+    assert clf.preprocessing_.input_size == chosen and len(clf.predict(str(data / "red"))) == 12
+
+    monkeypatch.setattr(loop, "TEST_SIZE_MARGIN", 0.005)
+    off = train(data, tmp_path / "off", TrainConfig(**{**config.to_dict(), "test_size": False}), progress=False)
+    assert "test_size" not in load_checkpoint(off.run_dir).meta
+    assert load_checkpoint(off.run_dir).meta["preprocessing"]["input_size"] == 48

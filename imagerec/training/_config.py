@@ -70,6 +70,9 @@ class TrainConfig:
     log_every: int = _field(0, 'print the running loss every N steps (0: progress bar only)')
     tta: bool = _field(True, 'evaluate with the horizontal flip averaged in')
     calibrate: bool = _field(True, 'fit a temperature on the validation split: honest probabilities (no split: T=1)')
+    test_size: bool = _field(
+        True, "after training, choose the input size for prediction (1, 7/6 or 4/3 x the training size) on the validation split (FixRes)"
+    )
     precision: str = _field("auto", 'auto (bf16 autocast on a GPU where it measures faster; fp32 on a CPU), bf16 or fp32')
     seed: int = _field(0, "seed of the split, the order, the augmentation and the head's initialisation")
     device: str = _field("auto", "cpu, cuda, cuda:N or auto")

@@ -34,7 +34,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,8 @@ from ._plan import REPLAN_AFTER, REPLAN_SKIP, Budget, Plan, make_plan
 from ._stage import Stage
 
 SMALL_IMAGE_TRAIN_SIZE = 96  # px: small images are upsampled to this by default (see docs/MODELS.md)
+TEST_SIZE_SCALES = (7 / 6, 4 / 3)  # larger inputs tried at prediction time (96 px: 112, 128)
+TEST_SIZE_MARGIN = 0.005  # a larger size must beat the training size by this much validation accuracy
 
 
 @dataclass
@@ -176,7 +178,8 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
     model = model.to(world.device, memory_format=torch.channels_last)
 
     # 3. Plan: fixed once, saved in every checkpoint, reused on resume.
-    budget = Budget(cfg, world, started) if cfg.time_budget else None
+    search_passes = 1 + sum(k * k for k in TEST_SIZE_SCALES) if _searches_test_size(cfg, pretrained, model, val_src) else 0.0
+    budget = Budget(cfg, world, started, final_passes=search_passes) if cfg.time_budget else None
     val_images = len(val_src) if val_src else 0
     if state is None:
         plan = make_plan(cfg, model, pretrained, len(train_src), val_images, pp.input_size, world, budget,
@@ -305,9 +308,47 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
     bar.close()
     if writer:
         writer.close()
+
+    # 5. The input size for prediction, chosen on the validation split (the best checkpoint, rewritten).
+    if world.main and _searches_test_size(cfg, pretrained, model, val_src):
+        calibrated = _choose_test_size(run_dir, model, val_src, pp, cfg, world, bf16) or calibrated
     if world.main and cfg.calibrate:
         _say(_calibration_text(calibrated))
     return TrainResult(run_dir, classes, history, plan)
+
+
+def _searches_test_size(cfg: TrainConfig, pretrained: bool, model: nn.Module, val_src) -> bool:
+    return cfg.test_size and pretrained and val_src is not None and not model.preprocessing.fixed_input_size
+
+
+def _choose_test_size(run_dir: Path, model, val_src, pp, cfg: TrainConfig, world: World, bf16: bool) -> dict | None:
+    """Evaluate the best checkpoint at the training size and larger ones on the validation split;
+    keep a larger size only where it scores ``TEST_SIZE_MARGIN`` better (FixRes, Touvron et al.
+    2019: random-resized-crop training sees objects larger than a centre-cropped test image at the
+    same size). The best checkpoint is rewritten with that input size and a temperature refitted
+    at it. Returns its new metadata, or None when the training size stays.
+    """
+    best = load_checkpoint(run_dir / BEST)
+    model.load_state_dict(best.model)
+    model.eval()
+    labels = val_src.labels
+    scores, outs = {}, {}
+    for size in [pp.input_size] + [8 * round(pp.input_size * k / 8) for k in TEST_SIZE_SCALES]:
+        out = predict_source(model, val_src, replace(pp, input_size=size), batch_size=128, tta=cfg.tta, device=world.device, bf16=bf16)
+        scores[size] = float((out.proba.argmax(1) == labels[out.indices]).mean()) if len(out.indices) else 0.0
+        outs[size] = out
+    chosen = max(scores, key=lambda size: (scores[size] - (0 if size == pp.input_size else TEST_SIZE_MARGIN), -size))
+    tried = ", ".join(f"{size} px {acc:.4f}" for size, acc in scores.items())
+    if chosen == pp.input_size:
+        _say(f"input size for prediction: {chosen} px, the training size (validation accuracy: {tried})")
+        return None
+    meta = dict(best.meta, preprocessing=replace(pp, input_size=chosen).to_dict(), test_size={"trained_at": pp.input_size, "val_acc": scores})
+    if cfg.calibrate:
+        meta.update(calibration_meta(outs[chosen].raw_proba, labels[outs[chosen].indices]))
+    meta = {k: v for k, v in meta.items() if k not in ("step", "history", "stage")}
+    save_checkpoint(run_dir / BEST, _checkpoint(model, None, meta, Plan.from_dict(best.meta["plan"], str(best.path)), best.meta["step"], best.meta["history"]))
+    _say(f"input size for prediction: {chosen} px, trained at {pp.input_size} px (validation accuracy: {tried})")
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------

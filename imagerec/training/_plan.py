@@ -114,12 +114,14 @@ def make_plan(cfg: TrainConfig, model: nn.Module, pretrained: bool, train_images
 class Budget:
     """A run's time budget: the most steps whose measured cost fits what is left of it.
 
-    The cost of n steps counts the steps, a validation pass per epoch and the checkpoints
-    written; 5% of the budget and 5 s are kept as a margin.
+    The cost of n steps counts the steps, a validation pass per epoch, the checkpoints written
+    and ``final_passes`` validation passes after training (the search for the input size to
+    predict at, in validation passes at the training size); 5% of the budget and 5 s are kept
+    as a margin.
     """
 
-    def __init__(self, cfg: TrainConfig, world: World, started: float):
-        self.cfg, self.world, self.started = cfg, world, started
+    def __init__(self, cfg: TrainConfig, world: World, started: float, final_passes: float = 0.0):
+        self.cfg, self.world, self.started, self.final_passes = cfg, world, started, final_passes
 
     def left(self) -> float:
         """Seconds left to plan with."""
@@ -137,7 +139,8 @@ class Budget:
             total = head_steps + steps
             epochs = math.ceil(total / steps_per_epoch)
             saves = epochs * 2 + (total // every if every else 0)
-            return head_steps * timing["head_step_s"] + steps * timing["step_s"] + epochs * val_cost + saves * SAVE_S
+            passes = epochs + self.final_passes
+            return head_steps * timing["head_step_s"] + steps * timing["step_s"] + passes * val_cost + saves * SAVE_S
 
         if cost(1) > budget and head_steps:
             head_steps = 0  # no time for a separate head stage
@@ -155,7 +158,7 @@ class Budget:
         def cost(more: int) -> float:
             epochs = math.ceil((step + more) / spe) - step // spe
             saves = epochs * 2 + ((step + more) // every - step // every if every else 0)
-            return more * step_s + epochs * val_cost + saves * SAVE_S
+            return more * step_s + (epochs + self.final_passes) * val_cost + saves * SAVE_S
 
         return step + _most_steps_within(budget, cost)
 
