@@ -1,7 +1,8 @@
 """``imagerec quickstart``: the main job, end to end, inside a time budget.
 
 Downloads CIFAR-10 (or reads a local copy), fine-tunes EfficientNet-Lite0 with the default
-transfer recipe on all training images, evaluates on the test split and prints where
+transfer recipe on 96% of the training images (4% held out to calibrate the probabilities
+and choose the input size for prediction), evaluates on the test split and prints where
 everything is.
 """
 
@@ -17,6 +18,7 @@ from .errors import ImagerecError
 from .training import TrainConfig, train
 
 EVAL_SHARE = 0.1  # of the budget, kept for the final evaluation on the test split
+VAL_FRACTION = 0.04  # held out to fit the temperature and choose the input size for prediction
 
 
 def quickstart(data: str | os.PathLike = "cifar10", out: str | os.PathLike = "runs/quickstart", *, time_budget: float = 20.0, progress: bool = True) -> dict:
@@ -32,9 +34,9 @@ def quickstart(data: str | os.PathLike = "cifar10", out: str | os.PathLike = "ru
         raise ImagerecError(f"time_budget={time_budget!r} must be a positive number of minutes, e.g. --time-budget 20")
     started = time.perf_counter()
     out = Path(out)
-    # All training images train: with the schedule fixed by the budget there is nothing for a
-    # validation carve-out to choose, and the test split is evaluated at the end.
-    config = TrainConfig(time_budget=time_budget * (1 - EVAL_SHARE), val_fraction=0.0)
+    # A small validation carve-out (VAL_FRACTION: 2,000 of CIFAR-10's 50,000) is what the
+    # temperature and the input size for prediction are fitted on; everything else trains.
+    config = TrainConfig(time_budget=time_budget * (1 - EVAL_SHARE), val_fraction=VAL_FRACTION)
     result = train(data, out, config, resume=out if (out / "last.safetensors").exists() else None, progress=progress)
     clf = Classifier.load(result.run_dir, device=config.device)
     report = clf.evaluate(data, split="test", out=out / "evaluation", tta=True, progress=progress)
