@@ -4,7 +4,7 @@ from ._cache import SMALL_IMAGE_MAX_SIDE, decode_small_images
 from ._cifar10 import load_cifar10
 from .._decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodeError, Skipped, is_image_file, load_rgb, to_rgb
 from ._loader import Batch, iter_batches
-from ._manifest import write_manifest
+from ._manifest import manifest_csv, write_manifest
 from ._sources import SPLITS, ImageSource, load_images, report_skipped, stratified_split
 from .transforms import AUGMENTS, BatchAugment, Preprocessing, eval_transform, train_transform
 
@@ -31,5 +31,6 @@ __all__ = [
     "stratified_split",
     "to_rgb",
     "train_transform",
+    "manifest_csv",
     "write_manifest",
 ]

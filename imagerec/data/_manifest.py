@@ -38,6 +38,26 @@ def write_manifest(path: str | os.PathLike, rows: Iterable[tuple[str, str | None
         The number of rows written. Images whose names are not UTF-8 cannot be written into a
         UTF-8 CSV: they are left out and named on stderr.
     """
+    text, folders, written, unwritable = _csv(rows, labelled)
+    write_text_atomic(path, text)
+    _record(Path(path), folders)
+    if unwritable:
+        print(
+            f"imagerec: {path}: left out {len(unwritable)} image(s) whose names are not UTF-8 (a CSV manifest "
+            f"cannot hold them; rename them): {', '.join(unwritable[:5])}",
+            file=sys.stderr,
+        )
+    return written
+
+
+def manifest_csv(rows: Iterable[tuple[str, str | None]], *, labelled: bool = True) -> str:
+    """The text :func:`write_manifest` writes (absolute paths; names that are not UTF-8 left out),
+    for a manifest sent rather than saved (a download)."""
+    return _csv(rows, labelled)[0]
+
+
+def _csv(rows, labelled: bool) -> tuple[str, set[str], int, list[str]]:
+    """(CSV text, folders named, rows written, display names of the rows left out)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["path", "label"] if labelled else ["path"])
@@ -52,15 +72,7 @@ def write_manifest(path: str | os.PathLike, rows: Iterable[tuple[str, str | None
         writer.writerow([image, label] if labelled else [image])
         folders.add(os.path.dirname(image))
         written += 1
-    write_text_atomic(path, buf.getvalue())
-    _record(Path(path), folders)
-    if unwritable:
-        print(
-            f"imagerec: {path}: left out {len(unwritable)} image(s) whose names are not UTF-8 (a CSV manifest "
-            f"cannot hold them; rename them): {', '.join(unwritable[:5])}",
-            file=sys.stderr,
-        )
-    return written
+    return buf.getvalue(), folders, written, unwritable
 
 
 def trusted_folders(path: str | os.PathLike) -> frozenset[str]:

@@ -22,11 +22,11 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
-from ..data import write_manifest
+from ..data import manifest_csv, write_manifest
 from ..errors import ImagerecError
 from . import _audit
 from ._db import DUPLICATE, EXCLUSIONS, JUNK, Project
-from ._jobs import BACKBONES, Trainer, manifest_text
+from ._jobs import BACKBONES, Trainer
 from ._pages import Raw, esc, layout, pager, selection_toolbar, table, thumb, url_arg, when
 from ._setup import import_data
 from ._thumbs import small_jpeg, thumbnail
@@ -293,7 +293,7 @@ def _routes(app: FastAPI, project: Project) -> None:  # noqa: C901 - one flat li
 
     @app.get("/export/labels.csv")
     def labels_csv():
-        return Response(manifest_text(project.labels()), media_type="text/csv",
+        return Response(manifest_csv(project.labels()), media_type="text/csv",
                         headers={"Content-Disposition": 'attachment; filename="labels.csv"'})
 
     @app.post("/api/export")

@@ -8,8 +8,6 @@ and the next start marks it ``interrupted``.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import threading
 import time
@@ -25,15 +23,6 @@ from ._db import Project
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "seed_cnn", "cifar_resnet18")
 TEST_FRACTION = 0.2
-
-
-def manifest_text(rows) -> str:
-    """``path,label`` CSV text (absolute paths, so it can live anywhere)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "label"])
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 def check_trainable(rows) -> None:
