@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._engine import Callback, Loop, StepOutput, WarmupCosine
+from .._optim import decay_groups
 from ..errors import ImagerecError
 from ..inference import resolve_device
 from ._base import BaseClustering, cluster_means
@@ -48,7 +50,7 @@ class DeepClustering(BaseClustering):
         batch_size: images per step (at most N / 8, so that a small collection still gets
             several steps per epoch).
         lr: Adam learning rate (per batch of ``batch_size``).
-        weight_decay: Adam weight decay.
+        weight_decay: Adam weight decay (on weights, not on norm weights and biases).
         entropy_weight: weight of the entropy of the mean prediction (SCAN: 5).
         self_label_epochs: passes of self-labelling after the SCAN step (0: none).
         confidence: prediction above which an image becomes a pseudo-label (SCAN: 0.99).
@@ -161,26 +163,26 @@ class DeepClustering(BaseClustering):
         self.cluster_centers_ = _centres(X, self.labels_, self.n_clusters)
 
     def _train_scan(self, heads: _Heads, x: torch.Tensor, neighbors: torch.Tensor, generator: torch.Generator) -> None:
-        optimizer = torch.optim.Adam(heads.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = torch.optim.Adam(decay_groups(heads.parameters(), self.weight_decay, self.lr))
         k_nn = neighbors.shape[1]
-        for epoch in range(self.epochs):
-            heads.train()
-            total, steps = 0.0, 0
-            for batch in self._batches(len(x), generator):
-                pick = torch.randint(k_nn, (len(batch),), generator=generator, device=self._device)
-                pair = torch.cat([x[batch], x[neighbors[batch, pick]]])
-                proba = F.softmax(heads(self._augment(pair, generator)), dim=-1)  # (H, 2B, K)
-                anchor, neighbour = proba[:, : len(batch)], proba[:, len(batch) :]
-                loss = _scan_loss(anchor, neighbour, self.entropy_weight).sum()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total, steps = total + float(loss.detach()) / len(heads.heads), steps + 1
-            self._log("scan", epoch, total / max(steps, 1))
+
+        def step(batch: torch.Tensor) -> StepOutput:
+            pick = torch.randint(k_nn, (len(batch),), generator=generator, device=self._device)
+            pair = torch.cat([x[batch], x[neighbors[batch, pick]]])
+            proba = F.softmax(heads(self._augment(pair, generator)), dim=-1)  # (H, 2B, K)
+            anchor, neighbour = proba[:, : len(batch)], proba[:, len(batch) :]
+            loss = _scan_loss(anchor, neighbour, self.entropy_weight).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return StepOutput(len(batch), float(loss.detach()) / len(heads.heads) * len(batch))
+
+        heads.train()
+        self._run(step, len(x), generator, self.epochs, optimizer, "scan")
 
     def _train_self_label(self, x: torch.Tensor, generator: torch.Generator) -> None:
         head = self._head
-        optimizer = torch.optim.Adam(head.parameters(), lr=self.lr / 10, weight_decay=self.weight_decay)
+        optimizer = torch.optim.Adam(decay_groups(head.parameters(), self.weight_decay, self.lr / 10))
         self.n_confident_ = int((self._predict_proba_tensor(x).max(1).values > self.confidence).sum())
         if self.n_confident_ == 0:
             warn(
@@ -188,34 +190,42 @@ class DeepClustering(BaseClustering):
                 6,
             )
             return
-        for epoch in range(self.self_label_epochs):
-            total, steps = 0.0, 0
-            for batch in self._batches(len(x), generator):
-                head.eval()
-                with torch.no_grad():
-                    confidence, target = F.softmax(head(x[batch]), dim=-1).max(1)
-                mask = confidence > self.confidence
-                if int(mask.sum()) == 0:
-                    continue
-                # class-balanced cross-entropy: rare pseudo-classes weigh more (as in SCAN)
-                counts = torch.bincount(target[mask], minlength=self.n_clusters).float()
-                weight = torch.where(counts > 0, mask.sum() / counts.clamp_min(1), torch.ones_like(counts))
-                head.train()
-                logits = head(self._augment(x[batch], generator))
-                loss = F.cross_entropy(logits[mask], target[mask], weight=weight)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total, steps = total + float(loss.detach()), steps + 1
-            self._log("self-label", epoch, total / max(steps, 1))
 
-    def _batches(self, n: int, generator: torch.Generator):
+        def step(batch: torch.Tensor) -> StepOutput | None:
+            head.eval()
+            with torch.no_grad():
+                confidence, target = F.softmax(head(x[batch]), dim=-1).max(1)
+            mask = confidence > self.confidence
+            if int(mask.sum()) == 0:
+                return None
+            # class-balanced cross-entropy: rare pseudo-classes weigh more (as in SCAN)
+            counts = torch.bincount(target[mask], minlength=self.n_clusters).float()
+            weight = torch.where(counts > 0, mask.sum() / counts.clamp_min(1), torch.ones_like(counts))
+            head.train()
+            logits = head(self._augment(x[batch], generator))
+            loss = F.cross_entropy(logits[mask], target[mask], weight=weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return StepOutput(len(batch), float(loss.detach()) * len(batch))
+
+        self._run(step, len(x), generator, self.self_label_epochs, optimizer, "self-label")
+
+    def _run(self, step, n: int, generator: torch.Generator, epochs: int, optimizer, phase: str) -> None:
+        """``epochs`` passes of ``step`` over the ``n`` images, in shuffled batches, at Adam's
+        constant rate; one line of history an epoch."""
         # at least 8 steps per epoch, so that small collections are trained too
         size = max(2, min(self.batch_size, -(-n // 8)))
-        order = torch.randperm(n, generator=generator, device=self._device)
-        for batch in order.split(size):
-            if len(batch) >= 2:  # batch normalisation needs two images
-                yield batch
+        per_epoch = -(-n // size) - (n % size == 1)  # a last batch of one image is left out
+
+        def batches(epoch: int, first: int):
+            order = torch.randperm(n, generator=generator, device=self._device)
+            for batch in order.split(size):
+                if len(batch) >= 2:  # batch normalisation needs two images
+                    yield batch
+
+        callbacks = [WarmupCosine(optimizer, constant=True), _EpochLog(self, phase)]
+        Loop(step, batches, total=epochs * per_epoch, steps_per_epoch=per_epoch, callbacks=callbacks).run()
 
     def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.dropout:
@@ -224,11 +234,6 @@ class DeepClustering(BaseClustering):
         if self.noise:
             x = x + self.noise * torch.randn(x.shape, generator=generator, device=x.device)
         return x
-
-    def _log(self, phase: str, epoch: int, loss: float) -> None:
-        self.history_.append({"phase": phase, "epoch": epoch, "loss": loss})
-        if self.verbose:
-            print(f"deep clustering {phase} epoch {epoch + 1}: loss {loss:.4f}", file=sys.stderr)
 
     def _to_tensor(self, X: np.ndarray) -> torch.Tensor:
         return torch.as_tensor((X.astype(np.float32) - self._mean) / self._scale, device=self._device)
@@ -280,6 +285,19 @@ def _one_cpu_thread(device: torch.device):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class _EpochLog(Callback):
+    """One line of ``history_`` an epoch (on stderr too when ``verbose``)."""
+
+    def __init__(self, estimator: DeepClustering, phase: str):
+        self.estimator, self.phase = estimator, phase
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        loss = loop.loss / max(loop.images, 1)
+        self.estimator.history_.append({"phase": self.phase, "epoch": loop.epoch, "loss": loss})
+        if self.estimator.verbose:
+            print(f"deep clustering {self.phase} epoch {loop.epoch + 1}: loss {loss:.4f}", file=sys.stderr)
 
 
 class _Heads(nn.Module):

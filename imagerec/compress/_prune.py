@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .._optim import decay_groups, set_lr, warmup_cosine
+from .._engine import Loop, Progress, StepOutput, WarmupCosine
+from .._optim import decay_groups
 from ..checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..data import decode_small_images, iter_batches, load_images
 from ..errors import ImagerecError
@@ -165,42 +165,38 @@ def _fine_tune(model, source, pp, total: int, peak_lr: float, batch_size: int, s
     """SGD with Nesterov momentum, linear warm-up then cosine decay, label smoothing 0.1.
 
     Returns:
-        The mean training loss of the last (up to 20) steps, or None when ``total`` is 0.
+        The mean training loss of the last epoch, or None when ``total`` is 0.
+
+    Raises:
+        ImagerecError: no image of the data set could be read.
     """
     if total == 0:
         return None
     optimizer = torch.optim.SGD(decay_groups(model.parameters(), 5e-5, peak_lr), lr=peak_lr, momentum=0.9, nesterov=True)
-    warmup = max(1, round(0.1 * total))  # steps
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def batches(epoch: int, first: int):
+        return iter_batches(source, pp, batch_size=batch_size, augment="default", shuffle=True, seed=seed + epoch, drop_last=True)
+
+    def step(batch) -> StepOutput | None:
+        if batch.labels is None or not len(batch.labels):
+            return None  # every image of this batch was unreadable
+        torch.manual_seed(seed * 1_000_003 + loop.step)  # dropout
+        logits = model(batch.images.to(device))
+        loss = criterion(logits, batch.labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return StepOutput(len(batch.labels), float(loss.detach()) * len(batch.labels))
+
     model.train()
-    losses: list[float] = []
-    step, epoch = 0, 0
-    with tqdm(total=total, unit="step", disable=not progress, desc="fine-tune") as bar:
-        while step < total:
-            epoch_start = step
-            batches = iter_batches(source, pp, batch_size=batch_size, augment="default", shuffle=True, seed=seed + epoch, drop_last=True)
-            for batch in batches:
-                if batch.labels is None or not len(batch.labels):
-                    continue  # every image of this batch was unreadable
-                # One step: the learning rate of this step, forward, backward, update.
-                set_lr(optimizer, warmup_cosine(step, total, warmup))
-                torch.manual_seed(seed * 1_000_003 + step)  # dropout
-                logits = model(batch.images.to(device))
-                loss = criterion(logits, batch.labels.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)
-                if step >= total:
-                    break
-            if step == epoch_start:
-                raise ImagerecError(f"{source.root}: no image could be read for fine-tuning; check the data set")
-            epoch += 1
+    callbacks = [WarmupCosine(optimizer, warmup=0.1), Progress("fine-tune", progress, every=10)]
+    loop = Loop(step, batches, total=total, steps_per_epoch=max(1, len(source) // batch_size), callbacks=callbacks)
+    loop.run()
     model.eval()
-    return float(np.mean(losses[-20:]))
+    if not loop.images:
+        raise ImagerecError(f"{source.root}: no image could be read for fine-tuning; check the data set")
+    return loop.loss / loop.images
 
 
 def _say(text: str) -> None:

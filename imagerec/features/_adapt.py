@@ -22,7 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._decode import load_rgb
-from .._optim import decay_groups, set_lr, warmup_cosine
+from .._engine import Loop, Progress, StepOutput, WarmupCosine
+from .._optim import decay_groups
 from ..backbones import create_backbone
 from ..data import BatchAugment, ImageSource, decode_small_images
 from ..errors import ImagerecError
@@ -123,30 +124,27 @@ def adapt_backbone(
     optimizer = torch.optim.SGD(decay_groups(params, weight_decay, peak), lr=peak, momentum=0.9, nesterov=True)
     steps_per_epoch = len(pixels) // batch_size
     total = max(1, round(epochs * steps_per_epoch))
-    warmup = max(1, total // 20)
     generator = torch.Generator().manual_seed(seed)
 
     # 2. the loop: two views of each image, pulled together, pushed from the rest of the batch
-    bar = tqdm(total=total, desc=f"adapt ({method})", unit="step", disable=not progress)
-    started, step = time.perf_counter(), 0
-    while step < total:
+    def batches(epoch: int, first: int):
         order = torch.randperm(len(pixels), generator=generator)
         for start in range(0, steps_per_epoch * batch_size, batch_size):
-            if step == total:
-                break
-            set_lr(optimizer, warmup_cosine(step, total, warmup))
-            images = torch.from_numpy(pixels[order[start : start + batch_size].numpy()]).permute(0, 3, 1, 2)
-            views = torch.cat([augment(images, generator), augment(images, generator)])
-            views = views.to(torch_device, memory_format=torch.channels_last)
-            z = projector(model.forward_head(model.forward_features(views), pre_logits=True))
-            loss = nt_xent(z, temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
+            yield torch.from_numpy(pixels[order[start : start + batch_size].numpy()]).permute(0, 3, 1, 2)
+
+    def step(images: torch.Tensor) -> StepOutput:
+        views = torch.cat([augment(images, generator), augment(images, generator)])
+        views = views.to(torch_device, memory_format=torch.channels_last)
+        z = projector(model.forward_head(model.forward_features(views), pre_logits=True))
+        loss = nt_xent(z, temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return StepOutput(len(images), float(loss.detach()) * len(images))
+
+    started = time.perf_counter()
+    callbacks = [WarmupCosine(optimizer, warmup=0.05), Progress(f"adapt ({method})", progress)]
+    Loop(step, batches, total=total, steps_per_epoch=steps_per_epoch, callbacks=callbacks).run()
     model.adapt_info = {"method": method, "steps": total, "seconds": round(time.perf_counter() - started, 1)}
     model.preprocessing = pp
     return model.eval().cpu().to(memory_format=torch.contiguous_format)

@@ -63,6 +63,9 @@ class TrainConfig:
     label_smoothing: float = _field(0.1, "share of the target spread over all classes")
     warmup: float = _field(0.1, 'share of stage-2 steps with a linear warm-up')
     schedule: str = _field("onecycle", 'onecycle: warm-up then cosine to 0; cosine: no warm-up; constant')
+    ema: float = _field(
+        0.0, "decay per step of a moving average of the weights, validated and saved as best (timm ModelEmaV3, with warm-up; 0: off; e.g. 0.999)"
+    )
     augment: str = _field("default", 'none | default (scale, crop, rotation, flip) | strong (+TrivialAugment, erasing)')
     val_fraction: float = _field(0.1, 'share of the training split held out for validation')
     patience: int | None = _field(None, 'stop after this many epochs without a better val accuracy')
@@ -107,6 +110,7 @@ class TrainConfig:
             (self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0"),
             (0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing} must be in [0, 1)"),
             (0 <= self.warmup < 1, f"warmup={self.warmup} must be in [0, 1)"),
+            (0 <= self.ema < 1, f"ema={self.ema} must be in [0, 1): the decay per step, e.g. 0.999 (0: off)"),
             (0 <= self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in [0, 1)"),
             (self.patience is None or self.patience >= 1, f"patience={self.patience} must be >= 1"),
             (self.save_every >= 0 and self.log_every >= 0, "save_every and log_every must be >= 0"),

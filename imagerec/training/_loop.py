@@ -28,8 +28,6 @@ resume at the right batch with fresh augmentation draws).
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import os
 import sys
@@ -41,27 +39,20 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
-from tqdm.auto import tqdm
 
-from .._io import write_text_atomic
+from .._engine import EMA, Loop, Progress
 from .._lock import run_lock
 from ..backbones import create_backbone, list_backbones
-from ..checkpoint import BEST, LAST, Checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
-from ..data import (
-    DEFAULT_MAX_PIXELS,
-    ImageSource,
-    decode_small_images,
-    iter_batches,
-    load_images,
-    report_skipped,
-)
+from ..checkpoint import BEST, LAST, load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..data import DEFAULT_MAX_PIXELS, ImageSource, decode_small_images, iter_batches, load_images
 from ..errors import ImagerecError
-from ..inference import Predictions, predict_source
+from ..inference import predict_source
 from ._calibrate import calibration_meta
+from ._callbacks import EpochEnd, Replan, RunningLoss, SkipLog, make_checkpoint, write_config
 from ._config import TrainConfig
 from ._distributed import World, setup, teardown
-from ._plan import REPLAN_AFTER, REPLAN_SKIP, Budget, Plan, make_plan
-from ._stage import Stage
+from ._plan import Budget, Plan, make_plan
+from ._stage import Stages, step_seed
 
 SMALL_IMAGE_TRAIN_SIZE = 96  # px: small images are upsampled to this by default (see docs/MODELS.md)
 TEST_SIZE_SCALES = (7 / 6, 4 / 3)  # larger inputs tried at prediction time (96 px: 112, 128)
@@ -97,6 +88,7 @@ def train(
     *,
     resume: str | os.PathLike | None = None,
     progress: bool = True,
+    predict_after: int = 0,
 ) -> TrainResult:
     """Fine-tune (or train from scratch) a registry backbone on a labelled data set.
 
@@ -107,6 +99,9 @@ def train(
         config: hyperparameters (defaults: the transfer recipe).
         resume: a run folder (or its ``last.safetensors``) to continue.
         progress: show a progress bar.
+        predict_after: images the caller will predict right after training, inside the same
+            time budget (quickstart's test split): the budget keeps time for them, at the
+            largest input size the run may choose for prediction.
 
     Returns:
         A :class:`TrainResult`.
@@ -136,7 +131,7 @@ def train(
             raise ImagerecError(f"{run_dir}: already holds a run; continue it with --resume {run_dir}, or pick another --out")
         world = setup(cfg.device)
         try:
-            return _train(data, run_dir, cfg, state, world, started, progress and world.main)
+            return _train(data, run_dir, cfg, state, world, started, progress and world.main, predict_after)
         finally:
             teardown(world)
 
@@ -158,7 +153,7 @@ def _resumed_config(state) -> TrainConfig:
         raise ImagerecError(f"{state.path}: broken metadata: no usable training configuration ({e}); start a new run with --out") from None
 
 
-def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: float, progress: bool) -> TrainResult:
+def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: float, progress: bool, predict_after: int) -> TrainResult:
     # 1. Data: the training split and a validation split (its own folder, or a stratified carve-out).
     #    A resumed run must see the data it started with (checked before any image is decoded).
     train_src, val_src, listed = _load_splits(data, cfg, progress, expect=None if state is None else state.meta)
@@ -178,9 +173,12 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
     model = model.to(world.device, memory_format=torch.channels_last)
 
     # 3. Plan: fixed once, saved in every checkpoint, reused on resume.
-    search_passes = 1 + sum(k * k for k in TEST_SIZE_SCALES) if _searches_test_size(cfg, pretrained, model, val_src) else 0.0
-    budget = Budget(cfg, world, started, final_passes=search_passes) if cfg.time_budget else None
+    #    The budget keeps time for what follows training: the input-size search (the validation
+    #    split at each size tried), then the caller's ``predict_after`` images at the largest size.
     val_images = len(val_src) if val_src else 0
+    scales = [1.0, *TEST_SIZE_SCALES] if _searches_test_size(cfg, pretrained, model, val_src) else []
+    final_images = val_images * sum(k * k for k in scales) + predict_after * max(scales, default=1.0) ** 2
+    budget = Budget(cfg, world, started, final_images) if cfg.time_budget else None
     if state is None:
         plan = make_plan(cfg, model, pretrained, len(train_src), val_images, pp.input_size, world, budget,
                          lambda: next(iter(_epoch_batches(train_src, pp, cfg, world, 0, 0))))
@@ -192,128 +190,49 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
         if step >= plan.total_steps:
             _say(f"{run_dir}: this run already finished ({step} of {plan.total_steps} steps)")
             return TrainResult(run_dir, classes, history, plan)
-    bf16, steps_per_epoch, head_steps, total, freeze = plan.bf16, plan.steps_per_epoch, plan.head_steps, plan.total_steps, plan.freeze_groups
     if world.main:
-        _write_config(run_dir, cfg, plan, data)
+        write_config(run_dir, cfg, plan, data)
         _say(
-            f"plan: {total} steps of {cfg.batch_size * world.size} images ({plan.epochs:.2f} epochs, "
-            f"{head_steps} head-only), {pp.input_size} px, {'bf16' if bf16 else 'fp32'}, {world.size} process(es)"
-            + (f", first {freeze} layer groups frozen" if freeze else "")
+            f"plan: {plan.total_steps} steps of {cfg.batch_size * world.size} images ({plan.epochs:.2f} epochs, "
+            f"{plan.head_steps} head-only), {pp.input_size} px, {'bf16' if plan.bf16 else 'fp32'}, {world.size} process(es)"
+            + (f", first {plan.freeze_groups} layer groups frozen" if plan.freeze_groups else "")
         )
 
-    # 4. Train.
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    stage = None
+    # 4. Train: the engine's step loop. The stages (which layers train, the learning rate), the
+    #    moving average, the progress bar, the re-plan against the budget and the epoch end
+    #    (validate, save, stop early) are its callbacks, called in this order.
     meta = {
         "backbone": cfg.backbone, "classes": classes, "preprocessing": pp.to_dict(), "config": cfg.to_dict(),
         "data": str(data), "train_images": listed,
     }
-    skipped = _SkipLog(train_src.skipped + (val_src.skipped if val_src else []), run_dir if world.main else None)
+    skipped = SkipLog(train_src.skipped + (val_src.skipped if val_src else []), run_dir if world.main else None)
     skipped.report()
-    images_per_step = cfg.batch_size * world.size
-    bar = tqdm(total=total * images_per_step, initial=step * images_per_step, unit="img", disable=not progress, smoothing=0.05)
-    writer = _tensorboard(run_dir) if world.main else None
-    best = max([row["val_acc"] for row in history if row.get("val_acc") is not None], default=-1.0)
-    stale, calibrated = 0, meta
-    while step < total:
-        epoch, first_batch = divmod(step, steps_per_epoch)
-        seen = loss_sum = correct = running = 0.0
-        epoch_start = time.perf_counter()
-        for batch in _epoch_batches(train_src, pp, cfg, world, epoch, first_batch):
-            skipped.add(batch.skipped)
-            if batch.labels is None or not len(batch.labels):
-                # Every image of this batch was unreadable: no update, but the step still counts,
-                # so that step k stays batch k of the epoch (resume depends on it).
-                step += 1
-                bar.update(images_per_step)
-                if step >= total:
-                    break
-                continue
-            # 4a. The stage: head only (frozen backbone) until head_steps, then all but the first groups.
-            wanted = 1 if step < head_steps else 2
-            if stage is None or stage.number != wanted:
-                stage = Stage(wanted, model, cfg, world, head_steps, total, freeze)
-                if state is not None and state.meta.get("stage") == wanted:
-                    stage.optimizer.load_state_dict(state.optimizer)
-            # 4b. One optimizer step.
-            stage.set_lr(step)
-            torch.manual_seed(_seed(cfg.seed, epoch, step, world.rank))  # dropout and the like
-            n, batch_loss, batch_correct = stage.step(batch, criterion, bf16)
-            seen, loss_sum, correct = seen + n, loss_sum + batch_loss, correct + batch_correct
-            step += 1
-            bar.update(images_per_step)
-            # 4c. With a time budget, fix the number of steps again from the pace of the real steps.
-            if plan.replan_at and step == plan.replan_at - REPLAN_AFTER + REPLAN_SKIP:
-                pace_start = time.perf_counter()
-            elif plan.replan_at and step == plan.replan_at:
-                measured = (time.perf_counter() - pace_start) / (REPLAN_AFTER - REPLAN_SKIP)
-                measured = world.sum(measured)[0] / world.size  # every process must agree on the total
-                total = budget.refit(plan, step, measured, val_images)
-                plan.total_steps, plan.replan_at = total, None
-                plan.timing["measured_step_s"] = measured
-                stage.resize(total)
-                bar.total = total * images_per_step
-                if world.main:
-                    _write_config(run_dir, cfg, plan, data)
-                    bar.write(f"imagerec: re-plan: {measured:.3f} s per step measured, {total} steps in all", file=sys.stderr)
-            if step % 20 == 0:  # a refreshed postfix costs more than a small model's step
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", stage=stage.number, refresh=False)
-            running += batch_loss / n
-            in_epoch = step - epoch * steps_per_epoch
-            if cfg.log_every and in_epoch % cfg.log_every == 0:
-                if world.main:  # as the origin document prints it: the mean loss of the last log_every steps
-                    bar.write(f"[{epoch + 1}, {in_epoch:5d}] loss: {running / cfg.log_every:.3f}", file=sys.stderr)
-                running = 0.0
-            if step >= total:
-                break
-            if cfg.save_every and step % cfg.save_every == 0 and step % steps_per_epoch and world.main:
-                save_checkpoint(run_dir / LAST, _checkpoint(model, stage, meta, plan, step, history))
-
-        # 4d. Epoch end (or plan end): validate, record, save.
-        train_seconds = time.perf_counter() - epoch_start
-        seen, loss_sum, correct = world.sum(seen, loss_sum, correct)
-        if stage is None:
-            raise ImagerecError(f"{train_src.root}: no training image of this epoch could be read; see {run_dir / 'skipped.csv'}")
-        val_loss, val_acc, val_out = _validate(model, val_src, pp, cfg, world, bf16, skipped)
-        stage.apply_mode()
-        row = {
-            "epoch": epoch + 1,
-            "step": step,
-            "stage": stage.number,
-            "lr": stage.optimizer.param_groups[-1]["lr"],
-            "train_loss": loss_sum / max(seen, 1),
-            "train_acc": correct / max(seen, 1),
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "images_per_s": seen / max(train_seconds, 1e-9),  # training steps only, all processes
-            "elapsed_s": time.perf_counter() - started,
-        }
-        history.append(row)
-        improved = val_acc is None or val_acc > best
-        best, stale = (val_acc if val_acc is not None else best, 0) if improved else (best, stale + 1)
-        if world.main:
-            skipped.report()
-            if improved:
-                calibrated = _calibrated(meta, cfg, val_src, val_out)  # from this model's own validation pass
-                save_checkpoint(run_dir / BEST, _checkpoint(model, None, calibrated, plan, step, history))
-            save_checkpoint(run_dir / LAST, _checkpoint(model, stage, meta, plan, step, history))
-            _write_metrics(run_dir, history)
-            _log_row(writer, row)
-            val_text = f"val_loss {val_loss:.4f} val_acc {val_acc:.4f}" if val_acc is not None else "no validation split"
-            bar.write(f"epoch {epoch + 1}: train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} {val_text}", file=sys.stderr)
-        if cfg.patience and stale >= cfg.patience:
-            if world.main:
-                bar.write(f"early stop: no better val_acc for {stale} epoch(s)", file=sys.stderr)
-            break
-    bar.close()
-    if writer:
-        writer.close()
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    stages = Stages(model, cfg, world, plan.head_steps, plan.freeze_groups, plan.bf16, criterion, skipped, state)
+    ema = EMA(model, cfg.ema) if cfg.ema else None
+    epoch_end = EpochEnd(run_dir, model, stages, ema, meta, plan, history, val_src, pp, cfg, world, skipped, started)
+    callbacks = [
+        stages,
+        *([ema] if ema else []),
+        Progress("train", progress, per_step=cfg.batch_size * world.size, unit="img", every=20),
+        RunningLoss(cfg.log_every, world.main),
+        *([Replan(budget, plan, val_images, world, lambda: write_config(run_dir, cfg, plan, data))] if plan.replan_at else []),
+        epoch_end,
+    ]
+    Loop(
+        stages.step,
+        lambda epoch, first: _epoch_batches(train_src, pp, cfg, world, epoch, first),
+        total=plan.total_steps,
+        steps_per_epoch=plan.steps_per_epoch,
+        start=step,
+        callbacks=callbacks,
+    ).run()
 
     # 5. The input size for prediction, chosen on the validation split (the best checkpoint, rewritten).
     if world.main and _searches_test_size(cfg, pretrained, model, val_src):
-        calibrated = _choose_test_size(run_dir, model, val_src, pp, cfg, world, bf16) or calibrated
+        epoch_end.calibrated = _choose_test_size(run_dir, model, val_src, pp, cfg, world, plan.bf16) or epoch_end.calibrated
     if world.main and cfg.calibrate:
-        _say(_calibration_text(calibrated))
+        _say(_calibration_text(epoch_end.calibrated))
     return TrainResult(run_dir, classes, history, plan)
 
 
@@ -346,7 +265,7 @@ def _choose_test_size(run_dir: Path, model, val_src, pp, cfg: TrainConfig, world
     if cfg.calibrate:
         meta.update(calibration_meta(outs[chosen].raw_proba, labels[outs[chosen].indices]))
     meta = {k: v for k, v in meta.items() if k not in ("step", "history", "stage")}
-    save_checkpoint(run_dir / BEST, _checkpoint(model, None, meta, Plan.from_dict(best.meta["plan"], str(best.path)), best.meta["step"], best.meta["history"]))
+    save_checkpoint(run_dir / BEST, make_checkpoint(model, None, meta, Plan.from_dict(best.meta["plan"], str(best.path)), best.meta["step"], best.meta["history"]))
     _say(f"input size for prediction: {chosen} px, trained at {pp.input_size} px (validation accuracy: {tried})")
     return meta
 
@@ -396,24 +315,6 @@ def _short(value, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class _SkipLog:
-    """Images left out of training, each once, reported on stderr and in ``RUN/skipped.csv``."""
-
-    def __init__(self, initial, run_dir: Path | None):
-        self.items = {s.path: s for s in initial}
-        self.run_dir, self.reported = run_dir, 0
-
-    def add(self, pairs) -> None:
-        for _, item in pairs:
-            self.items.setdefault(item.path, item)
-
-    def report(self) -> None:
-        """At most once per new set of skips (an epoch end), so the console is not flooded."""
-        if self.run_dir is not None and len(self.items) > self.reported:
-            report_skipped(list(self.items.values()), self.run_dir)
-            self.reported = len(self.items)
-
-
 def _has_val_folder(data) -> bool:
     path = Path(os.fspath(data))
     return path.is_dir() and any((path / name).is_dir() for name in ("val", "valid", "validation"))
@@ -429,15 +330,6 @@ def _default_size(model: nn.Module, source: ImageSource) -> int:
     return SMALL_IMAGE_TRAIN_SIZE
 
 
-def _write_config(run_dir: Path, cfg: TrainConfig, plan: Plan, data) -> None:
-    """The resolved configuration and the plan, beside the run's outputs."""
-    write_text_atomic(run_dir / "config.json", json.dumps({"config": cfg.to_dict(), "plan": plan.to_dict(), "data": str(data)}, indent=2))
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
-
-
 def _epoch_batches(source: ImageSource, pp, cfg: TrainConfig, world: World, epoch: int, first_batch: int):
     """This process's batches of one epoch, from ``first_batch`` on (DistributedSampler order)."""
     sampler = DistributedSampler(range(len(source)), num_replicas=world.size, rank=world.rank, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -449,7 +341,7 @@ def _epoch_batches(source: ImageSource, pp, cfg: TrainConfig, world: World, epoc
         batch_size=cfg.batch_size,
         indices=order,
         augment=cfg.augment,
-        seed=_seed(cfg.seed, epoch, world.rank),
+        seed=step_seed(cfg.seed, epoch, world.rank),
         workers=cfg.workers,
         drop_last=True,
         start_batch=first_batch,
@@ -461,29 +353,6 @@ def _epoch_batches(source: ImageSource, pp, cfg: TrainConfig, world: World, epoc
 # 4. Train
 
 
-def _validate(
-    model, val_src, pp, cfg, world: World, bf16: bool, skipped: _SkipLog
-) -> tuple[float | None, float | None, Predictions | None]:
-    if val_src is None:
-        return None, None, None
-    shard = np.arange(len(val_src))[world.rank :: world.size]
-    out = predict_source(model, val_src, pp, batch_size=128, tta=cfg.tta, device=world.device, bf16=bf16, indices=shard, workers=cfg.workers)
-    skipped.add((None, item) for item in out.skipped)
-    correct = float((out.proba.argmax(1) == val_src.labels[out.indices]).sum())
-    loss_sum, correct, n = world.sum(out.loss_sum, correct, float(len(out.indices)))
-    return loss_sum / max(n, 1), correct / max(n, 1), out
-
-
-def _calibrated(meta: dict, cfg: TrainConfig, val_src: ImageSource | None, val_out: Predictions | None) -> dict:
-    """``meta`` with the temperature fitted on the validation predictions (this process's shard).
-
-    No validation split, no readable validation image, or ``calibrate=False``: T is left out (1).
-    """
-    if not cfg.calibrate or val_out is None or not len(val_out.indices):
-        return meta
-    return dict(meta, **calibration_meta(val_out.raw_proba, val_src.labels[val_out.indices]))
-
-
 def _calibration_text(meta: dict) -> str:
     facts = meta.get("calibration")
     if facts is None:
@@ -492,38 +361,6 @@ def _calibration_text(meta: dict) -> str:
         f"calibration: temperature {meta['temperature']:.3f} fitted on {facts['images']} validation images "
         f"(NLL {facts['nll_before']:.4f} -> {facts['nll_after']:.4f})"
     )
-
-
-def _checkpoint(model, stage, meta, plan: Plan, step, history) -> Checkpoint:
-    return Checkpoint(
-        model=model.state_dict(),
-        meta=dict(meta, plan=plan.to_dict(), step=step, history=history, stage=stage.number if stage else None),
-        optimizer=stage.optimizer.state_dict() if stage else None,
-    )
-
-
-def _write_metrics(run_dir: Path, history: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    write_text_atomic(run_dir / "metrics.csv", buf.getvalue())
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional dependency
-    except ImportError:
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def _log_row(writer, row: dict) -> None:
-    if writer is None:
-        return
-    for key, value in row.items():
-        if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-            writer.add_scalar(key, value, row["step"])
 
 
 def _say(text: str) -> None:

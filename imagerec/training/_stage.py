@@ -1,12 +1,15 @@
-"""One stage of the transfer recipe: what trains, its optimizer and schedule, and one step."""
+"""The stages of the transfer recipe: what trains, its optimizer and schedule, and one step;
+and :class:`Stages`, the loop's step function and the callback that moves from one to the next."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .._optim import decay_groups, set_lr, warmup_cosine
+from .._engine import Callback, Loop, StepOutput, WarmupCosine
+from .._optim import decay_groups
 from ..backbones import early_parameters
 from ..inference import autocast
 from ._config import TrainConfig
@@ -25,7 +28,7 @@ class Stage:
     CPU (docs/BENCHMARKS.md).
     """
 
-    def __init__(self, number: int, model: nn.Module, cfg: TrainConfig, world: World, head_steps: int, total_steps: int, freeze: int = 0):
+    def __init__(self, number: int, model: nn.Module, cfg: TrainConfig, world: World, head_steps: int, freeze: int = 0):
         self.number, self.model, self.cfg, self.world = number, model, cfg, world
         head = list(model.get_classifier().parameters())
         head_ids = {id(p) for p in head}
@@ -34,7 +37,6 @@ class Stage:
             for p in model.parameters():
                 p.requires_grad_(id(p) in head_ids)
             groups = [{"params": head, "weight_decay": 0.0, "peak_lr": cfg.head_lr * scale}]
-            self.start, self.steps, self.schedule, self.warmup = 0, head_steps, "cosine", 0
             self.net = model
         else:
             frozen = {id(p) for p in early_parameters(model, freeze)}
@@ -44,8 +46,6 @@ class Stage:
             for is_head, share in ((False, cfg.backbone_lr_scale), (True, 1.0)):
                 params = [p for p in model.parameters() if (id(p) in head_ids) == is_head and p.requires_grad]
                 groups += decay_groups(params, cfg.weight_decay, cfg.lr * share * scale)
-            self.start, self.steps, self.schedule = head_steps, total_steps - head_steps, cfg.schedule
-            self.warmup = round(cfg.warmup * self.steps) if cfg.schedule == "onecycle" else 0
             self.net = model
             if world.size > 1:
                 device_ids = [world.device] if world.device.type == "cuda" else None
@@ -56,11 +56,12 @@ class Stage:
             self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=nesterov)
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=0.0)
-
-    def resize(self, total_steps: int) -> None:
-        """Stretch or shrink the schedule of stage 2 to end at ``total_steps``."""
-        self.steps = total_steps - self.start
-        self.warmup = round(self.cfg.warmup * self.steps) if self.schedule == "onecycle" else 0
+        # Stage 1: cosine to 0 at the end of the head steps; stage 2: the configured schedule to the run's end.
+        if number == 1:
+            self.schedule = WarmupCosine(self.optimizer, end=head_steps)
+        else:
+            warmup = cfg.warmup if cfg.schedule == "onecycle" else 0.0
+            self.schedule = WarmupCosine(self.optimizer, warmup, start=head_steps, constant=cfg.schedule == "constant")
 
     def apply_mode(self) -> None:
         """Train mode for what trains: the head alone in stage 1 (batch norm frozen), all in stage 2."""
@@ -69,11 +70,6 @@ class Stage:
             self.model.get_classifier().train()
         else:
             self.model.train()
-
-    def set_lr(self, step: int) -> None:
-        """Set every group's learning rate for global ``step``: warm-up, then cosine to 0."""
-        i, n = step - self.start, max(self.steps, 1)
-        set_lr(self.optimizer, 1.0 if self.schedule == "constant" else warmup_cosine(i, n, self.warmup))
 
     def step(self, batch, criterion, bf16: bool) -> tuple[int, float, int]:
         """One optimizer step; returns (images, summed loss, correct predictions)."""
@@ -95,3 +91,42 @@ class Stage:
         self.optimizer.step()
         n = len(labels)
         return n, float(loss.detach()) * n, int((logits.argmax(1) == labels).sum())
+
+
+class Stages(Callback):
+    """The loop's step function, and the callback that runs the right stage at each step.
+
+    Before each step: stage 1 until ``head_steps``, then stage 2 (each built when it begins; a
+    resumed run's optimizer state restored into the stage it was saved in), its learning rate
+    for this step, and the seed of the step's dropout, drawn from ``(seed, epoch, step, rank)``.
+
+    Args:
+        skipped: gets the images each batch left out (unreadable).
+        resumed: the checkpoint a resumed run continues (None for a new run).
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, world: World, head_steps: int, freeze: int, bf16: bool, criterion, skipped, resumed=None):
+        self.model, self.cfg, self.world, self.head_steps, self.freeze = model, cfg, world, head_steps, freeze
+        self.bf16, self.criterion, self.skipped, self.resumed = bf16, criterion, skipped, resumed
+        self.stage: Stage | None = None
+
+    def on_step_start(self, loop: Loop) -> None:
+        wanted = 1 if loop.step < self.head_steps else 2
+        if self.stage is None or self.stage.number != wanted:
+            self.stage = Stage(wanted, self.model, self.cfg, self.world, self.head_steps, self.freeze)
+            if self.resumed is not None and self.resumed.meta.get("stage") == wanted:
+                self.stage.optimizer.load_state_dict(self.resumed.optimizer)
+        self.stage.schedule.on_step_start(loop)
+        torch.manual_seed(step_seed(self.cfg.seed, loop.epoch, loop.step, self.world.rank))  # dropout and the like
+
+    def step(self, batch) -> StepOutput | None:
+        self.skipped.add(batch.skipped)
+        if batch.labels is None or not len(batch.labels):
+            return None  # every image of this batch was unreadable: no update, the step still counts
+        n, loss, correct = self.stage.step(batch, self.criterion, self.bf16)
+        return StepOutput(n, loss, correct)
+
+
+def step_seed(*parts: int) -> int:
+    """A seed drawn from integers (seed, epoch, step, rank...): the same parts, the same seed."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])

@@ -1,0 +1,235 @@
+"""The training run's own callbacks on the engine's step loop (:mod:`imagerec._engine`).
+
+- :class:`Replan`: the time budget fits the run again from the pace of the first real steps;
+- :class:`RunningLoss`: the origin document's log line, the mean loss of the last N steps;
+- :class:`SaveEvery`: ``last.safetensors`` every N steps, so a killed run loses little;
+- :class:`EpochEnd`: validation, the history row, the best and last checkpoints, early stopping.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .._engine import EMA, Callback, Loop, StepOutput
+from .._io import write_text_atomic
+from ..checkpoint import BEST, LAST, Checkpoint, save_checkpoint
+from ..data import ImageSource, report_skipped
+from ..errors import ImagerecError
+from ..inference import Predictions, predict_source
+from ._calibrate import calibration_meta
+from ._config import TrainConfig
+from ._distributed import World
+from ._plan import REPLAN_AFTER, REPLAN_SKIP, Budget, Plan
+from ._stage import Stages
+
+
+class Replan(Callback):
+    """Fits the number of steps to the time budget again, once, from the pace of stage-2 steps
+    ``replan_at - REPLAN_AFTER + REPLAN_SKIP`` to ``replan_at`` (the first ones warm up)."""
+
+    def __init__(self, budget: Budget, plan: Plan, val_images: int, world: World, save_config):
+        self.budget, self.plan, self.val_images, self.world, self.save_config = budget, plan, val_images, world, save_config
+        self.started: float | None = None
+
+    def on_step_end(self, loop: Loop, out: StepOutput | None) -> None:
+        if self.plan.replan_at is None:
+            return
+        if loop.step == self.plan.replan_at - REPLAN_AFTER + REPLAN_SKIP:
+            self.started = time.perf_counter()
+        elif loop.step == self.plan.replan_at and self.started is not None:
+            measured = (time.perf_counter() - self.started) / (REPLAN_AFTER - REPLAN_SKIP)
+            measured = self.world.sum(measured)[0] / self.world.size  # every process must agree on the total
+            total = self.budget.refit(self.plan, loop.step, measured, self.val_images)
+            loop.total = self.plan.total_steps = total
+            self.plan.replan_at = None
+            self.plan.timing["measured_step_s"] = measured
+            if self.world.main:
+                self.save_config()
+                tqdm.write(f"imagerec: re-plan: {measured:.3f} s per step measured, {total} steps in all", file=sys.stderr)
+
+
+class RunningLoss(Callback):
+    """As the origin document prints it: ``[epoch, step] loss: x``, the mean loss of the last
+    ``every`` steps of the epoch (``every`` = 0: never)."""
+
+    def __init__(self, every: int, main: bool):
+        self.every, self.main, self.running = every, main, 0.0
+
+    def on_step_end(self, loop: Loop, out: StepOutput | None) -> None:
+        if not self.every:
+            return
+        if out is not None:
+            self.running += out.loss / out.images
+        in_epoch = loop.step - loop.epoch * loop.steps_per_epoch
+        if in_epoch % self.every == 0:
+            if self.main:
+                tqdm.write(f"[{loop.epoch + 1}, {in_epoch:5d}] loss: {self.running / self.every:.3f}", file=sys.stderr)
+            self.running = 0.0
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        self.running = 0.0
+
+
+class EpochEnd(Callback):
+    """At each epoch's end (or the run's): validate, record a row of ``metrics.csv``, save
+    ``last`` and, on a better validation accuracy, ``best`` (with a temperature fitted on that
+    validation pass); stop after ``cfg.patience`` epochs without progress. Between epochs,
+    ``last`` is also saved every ``cfg.save_every`` steps, so a killed run loses little.
+
+    With an :class:`~imagerec._engine.EMA`, the averaged weights are validated and saved as
+    ``best``; ``last`` keeps the trained weights and the optimizer, to resume.
+
+    Attributes:
+        history: the rows so far (a resumed run's first).
+        calibrated: the metadata of the best checkpoint written last.
+    """
+
+    def __init__(self, run_dir: Path, model, stages: Stages, ema: EMA | None, meta: dict, plan: Plan, history: list[dict],
+                 val_src: ImageSource | None, pp, cfg: TrainConfig, world: World, skipped, started: float):
+        self.run_dir, self.model, self.stages, self.ema, self.meta, self.plan = run_dir, model, stages, ema, meta, plan
+        self.history, self.val_src, self.pp, self.cfg, self.world = history, val_src, pp, cfg, world
+        self.skipped, self.started, self.calibrated = skipped, started, meta
+        self.best = max([row["val_acc"] for row in history if row.get("val_acc") is not None], default=-1.0)
+        self.stale = 0
+        self.writer = _tensorboard(run_dir) if world.main else None
+
+    def on_step_end(self, loop: Loop, out: StepOutput | None) -> None:
+        every = self.cfg.save_every
+        if every and loop.step % every == 0 and loop.step % loop.steps_per_epoch and loop.step < loop.total and self.world.main:
+            save_checkpoint(self.run_dir / LAST, self._checkpoint(loop.step, last=True))
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        train_seconds = time.perf_counter() - loop.epoch_started
+        seen, loss_sum, correct = self.world.sum(loop.images, loop.loss, loop.correct)
+        if not seen:
+            raise ImagerecError(f"no training image of epoch {loop.epoch + 1} could be read; see {self.run_dir / 'skipped.csv'}")
+        stage = self.stages.stage
+        judged = self.ema.module if self.ema is not None else self.model
+        val_loss, val_acc, val_out = validate(judged, self.val_src, self.pp, self.cfg, self.world, self.plan.bf16, self.skipped)
+        stage.apply_mode()
+        row = {
+            "epoch": loop.epoch + 1,
+            "step": loop.step,
+            "stage": stage.number,
+            "lr": stage.optimizer.param_groups[-1]["lr"],
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "images_per_s": seen / max(train_seconds, 1e-9),  # training steps only, all processes
+            "elapsed_s": time.perf_counter() - self.started,
+        }
+        self.history.append(row)
+        improved = val_acc is None or val_acc > self.best
+        self.best, self.stale = (val_acc if val_acc is not None else self.best, 0) if improved else (self.best, self.stale + 1)
+        if self.world.main:
+            self.skipped.report()
+            if improved:
+                self.calibrated = calibrated(self.meta, self.cfg, self.val_src, val_out)  # from this model's own validation pass
+                save_checkpoint(self.run_dir / BEST, self._checkpoint(loop.step, last=False))
+            save_checkpoint(self.run_dir / LAST, self._checkpoint(loop.step, last=True))
+            write_metrics(self.run_dir, self.history)
+            _log_row(self.writer, row)
+            val_text = f"val_loss {val_loss:.4f} val_acc {val_acc:.4f}" if val_acc is not None else "no validation split"
+            tqdm.write(f"epoch {loop.epoch + 1}: train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} {val_text}", file=sys.stderr)
+        if self.cfg.patience and self.stale >= self.cfg.patience:
+            loop.stop = f"no better val_acc for {self.stale} epoch(s)"
+            if self.world.main:
+                tqdm.write(f"early stop: {loop.stop}", file=sys.stderr)
+
+    def on_end(self, loop: Loop) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def _checkpoint(self, step: int, last: bool) -> Checkpoint:
+        """``last``: the trained weights and the optimizer (to resume); else the weights judged
+        on validation, with the calibrated metadata (the best checkpoint)."""
+        if last:
+            return make_checkpoint(self.model, self.stages.stage, self.meta, self.plan, step, self.history)
+        judged = self.ema.module if self.ema is not None else self.model
+        return make_checkpoint(judged, None, self.calibrated, self.plan, step, self.history)
+
+
+class SkipLog:
+    """Images left out of training, each once, reported on stderr and in ``RUN/skipped.csv``."""
+
+    def __init__(self, initial, run_dir: Path | None):
+        self.items = {s.path: s for s in initial}
+        self.run_dir, self.reported = run_dir, 0
+
+    def add(self, pairs) -> None:
+        for _, item in pairs:
+            self.items.setdefault(item.path, item)
+
+    def report(self) -> None:
+        """At most once per new set of skips (an epoch end), so the console is not flooded."""
+        if self.run_dir is not None and len(self.items) > self.reported:
+            report_skipped(list(self.items.values()), self.run_dir)
+            self.reported = len(self.items)
+
+
+def validate(model, val_src, pp, cfg, world: World, bf16: bool, skipped: SkipLog) -> tuple[float | None, float | None, Predictions | None]:
+    """(loss, accuracy, this process's predictions) on the validation split, each process its shard."""
+    if val_src is None:
+        return None, None, None
+    shard = np.arange(len(val_src))[world.rank :: world.size]
+    out = predict_source(model, val_src, pp, batch_size=128, tta=cfg.tta, device=world.device, bf16=bf16, indices=shard, workers=cfg.workers)
+    skipped.add((None, item) for item in out.skipped)
+    correct = float((out.proba.argmax(1) == val_src.labels[out.indices]).sum())
+    loss_sum, correct, n = world.sum(out.loss_sum, correct, float(len(out.indices)))
+    return loss_sum / max(n, 1), correct / max(n, 1), out
+
+
+def calibrated(meta: dict, cfg: TrainConfig, val_src: ImageSource | None, val_out: Predictions | None) -> dict:
+    """``meta`` with the temperature fitted on the validation predictions (this process's shard).
+
+    No validation split, no readable validation image, or ``calibrate=False``: T is left out (1).
+    """
+    if not cfg.calibrate or val_out is None or not len(val_out.indices):
+        return meta
+    return dict(meta, **calibration_meta(val_out.raw_proba, val_src.labels[val_out.indices]))
+
+
+def make_checkpoint(model, stage, meta, plan: Plan, step, history) -> Checkpoint:
+    return Checkpoint(
+        model=model.state_dict(),
+        meta=dict(meta, plan=plan.to_dict(), step=step, history=history, stage=stage.number if stage else None),
+        optimizer=stage.optimizer.state_dict() if stage else None,
+    )
+
+
+def write_config(run_dir: Path, cfg: TrainConfig, plan: Plan, data) -> None:
+    """The resolved configuration and the plan, beside the run's outputs."""
+    write_text_atomic(run_dir / "config.json", json.dumps({"config": cfg.to_dict(), "plan": plan.to_dict(), "data": str(data)}, indent=2))
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(run_dir / "metrics.csv", buf.getvalue())
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _log_row(writer, row: dict) -> None:
+    if writer is None:
+        return
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+            writer.add_scalar(key, value, row["step"])
