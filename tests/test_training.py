@@ -356,3 +356,28 @@ def test_the_input_size_for_prediction_is_chosen_on_the_validation_split(tmp_pat
     off = train(data, tmp_path / "off", TrainConfig(**{**config.to_dict(), "test_size": False}), progress=False)
     assert "test_size" not in load_checkpoint(off.run_dir).meta
     assert load_checkpoint(off.run_dir).meta["preprocessing"]["input_size"] == 48
+
+
+def test_the_budget_keeps_time_for_the_images_predicted_after_training():
+    """quickstart evaluates its test split inside the same budget: the more images to predict
+    after training, the fewer steps fit; at 2 ms an image, 10,000 images cost 24 s (with the
+    budget's 1.2 safety factor) = 240 steps of 0.1 s."""
+    from imagerec.training._distributed import World
+    from imagerec.training._plan import Budget
+
+    cfg = TrainConfig(time_budget=2.0, **FAST)
+    timing = {"step_s": 0.1, "head_step_s": 0.0, "eval_image_s": 0.002}
+    world = World(0, 1, torch.device("cpu"))
+    now = time.perf_counter()
+    _, alone = Budget(cfg, world, now).fit(timing, steps_per_epoch=10_000, head_steps=0, val_images=0)
+    _, with_test = Budget(cfg, world, now, final_images=10_000).fit(timing, steps_per_epoch=10_000, head_steps=0, val_images=0)
+    assert 235 <= alone - with_test <= 245
+
+
+def test_quickstart_without_a_test_split_fails_before_training(capsys, tmp_path):
+    from .conftest import assert_user_error, run_cli
+
+    make_colour_dataset(tmp_path / "data" / "train", per_class=4)
+    code, _, err = run_cli(capsys, "quickstart", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "qs"), "--no-progress")
+    assert_user_error(code, err, "test")
+    assert not (tmp_path / "qs" / "last.safetensors").exists()

@@ -115,13 +115,13 @@ class Budget:
     """A run's time budget: the most steps whose measured cost fits what is left of it.
 
     The cost of n steps counts the steps, a validation pass per epoch, the checkpoints written
-    and ``final_passes`` validation passes after training (the search for the input size to
-    predict at, in validation passes at the training size); 5% of the budget and 5 s are kept
-    as a margin.
+    and ``final_images`` images predicted after training (the search for the input size to
+    predict at, a test split the caller evaluates next; counted at the training size, so larger
+    inputs count more); 5% of the budget and 5 s are kept as a margin.
     """
 
-    def __init__(self, cfg: TrainConfig, world: World, started: float, final_passes: float = 0.0):
-        self.cfg, self.world, self.started, self.final_passes = cfg, world, started, final_passes
+    def __init__(self, cfg: TrainConfig, world: World, started: float, final_images: float = 0.0):
+        self.cfg, self.world, self.started, self.final_images = cfg, world, started, final_images
 
     def left(self) -> float:
         """Seconds left to plan with."""
@@ -139,8 +139,8 @@ class Budget:
             total = head_steps + steps
             epochs = math.ceil(total / steps_per_epoch)
             saves = epochs * 2 + (total // every if every else 0)
-            passes = epochs + self.final_passes
-            return head_steps * timing["head_step_s"] + steps * timing["step_s"] + passes * val_cost + saves * SAVE_S
+            after = self._predict_cost(timing, self.final_images)
+            return head_steps * timing["head_step_s"] + steps * timing["step_s"] + epochs * val_cost + after + saves * SAVE_S
 
         if cost(1) > budget and head_steps:
             head_steps = 0  # no time for a separate head stage
@@ -158,12 +158,15 @@ class Budget:
         def cost(more: int) -> float:
             epochs = math.ceil((step + more) / spe) - step // spe
             saves = epochs * 2 + ((step + more) // every - step // every if every else 0)
-            return more * step_s + (epochs + self.final_passes) * val_cost + saves * SAVE_S
+            return more * step_s + epochs * val_cost + self._predict_cost(plan.timing, self.final_images) + saves * SAVE_S
 
         return step + _most_steps_within(budget, cost)
 
     def _val_cost(self, timing: dict, val_images: int) -> float:
-        return val_images / self.world.size * timing["eval_image_s"] * 1.2
+        return self._predict_cost(timing, val_images / self.world.size)
+
+    def _predict_cost(self, timing: dict, images: float) -> float:
+        return images * timing["eval_image_s"] * 1.2
 
 
 def _most_steps_within(budget: float, cost) -> int:
@@ -190,7 +193,7 @@ def _time_steps(model, batch, cfg, freeze: int, head: bool, bf16: bool, reps: in
     """Seconds per training step, measured on a copy of the model (the real one is untouched):
     the median of ``reps`` steps, so that one step slowed by another process does not count."""
     clone = copy.deepcopy(model)
-    stage = Stage(1 if head else 2, clone, cfg, World(0, 1, next(model.parameters()).device), 1, 1, freeze)
+    stage = Stage(1 if head else 2, clone, cfg, World(0, 1, next(model.parameters()).device), 1, freeze)
     criterion = nn.CrossEntropyLoss()
     stage.step(batch, criterion, bf16)  # warm-up: allocations, kernel selection
     times = []
