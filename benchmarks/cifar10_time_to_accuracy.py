@@ -19,6 +19,8 @@ Usage::
 
     nohup .venv/bin/python benchmarks/cifar10_time_to_accuracy.py > /tmp/tta.log 2>&1 &
     .venv/bin/python benchmarks/cifar10_time_to_accuracy.py --only imagerec-default --budget 20
+    .venv/bin/python benchmarks/cifar10_time_to_accuracy.py --only imagerec-default --slowdown 1.4 \
+        --set ema=0.999 --out benchmarks/results/cifar10_variants.json
 """
 
 from __future__ import annotations
@@ -79,9 +81,13 @@ def imagerec_job(name: str, train_args: list[str], work: Path, env: dict) -> dic
     }
 
 
-def quickstart_job(budget: float, work: Path, env: dict) -> dict:
+def quickstart_job(budget: float, work: Path, env: dict, slowdown: float = 1.0, settings: list[str] = ()) -> dict:
     run_dir = work / "imagerec-default"
-    wall, rss, text = run(IMAGEREC + ["quickstart", "--data", str(DATA), "--out", str(run_dir), "--time-budget", str(budget), "--no-progress"], env, work / "quickstart.log")
+    # a variant (benchmarks/variant.py): training steps made slower, or other training defaults
+    variant = [f"--slowdown={slowdown}", *(f"--set={s}" for s in settings), "--"]
+    cli = IMAGEREC + ["quickstart"] if slowdown == 1 and not settings else [sys.executable, str(ROOT / "benchmarks" / "variant.py"), *variant]
+    env = dict(env, PYTHONPATH=str(ROOT))  # benchmarks/variant.py imports this checkout's imagerec
+    wall, rss, text = run(cli + ["--data", str(DATA), "--out", str(run_dir), "--time-budget", str(budget), "--no-progress"], env, work / "quickstart.log")
     summary = json.loads((run_dir / "evaluation" / "summary.json").read_text())
     return {
         "wall_s": wall,
@@ -123,6 +129,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=None, help="run only these jobs (seed, imagerec-seed, imagerec-default, imagerec-hq; naming imagerec-hq implies --hq)")
     parser.add_argument("--budget", type=float, default=20.0, help="minutes for imagerec-default (default: 20)")
+    parser.add_argument("--slowdown", type=float, default=1.0, help="imagerec-default with every training step this many times slower (1.4: a slower machine)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="imagerec-default with this training setting (e.g. ema=0.999)")
     parser.add_argument("--hq", action="store_true", help="also run the 90-minute higher-quality setting")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cifar10_time_to_accuracy.json"))
     args = parser.parse_args()
@@ -143,7 +151,8 @@ def main() -> None:
         elif name == "imagerec-seed":
             results[name] = imagerec_job(name, ["--recipe", "seed"], work, env)
         elif name == "imagerec-default":
-            results[name] = quickstart_job(args.budget, work, env)
+            results[name] = quickstart_job(args.budget, work, env, args.slowdown, args.set)
+            results[name].update(slowdown=args.slowdown, settings=args.set)
         else:
             # EfficientNet-Lite0 at 160 px on all 50,000 training images; 5 of the 90 minutes are
             # left for set-up and the test evaluation with flip TTA (about 2 minutes at 160 px).
