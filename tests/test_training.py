@@ -381,3 +381,25 @@ def test_quickstart_without_a_test_split_fails_before_training(capsys, tmp_path)
     code, _, err = run_cli(capsys, "quickstart", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "qs"), "--no-progress")
     assert_user_error(code, err, "test")
     assert not (tmp_path / "qs" / "last.safetensors").exists()
+
+
+def test_a_burst_of_load_during_the_replan_does_not_shorten_the_run(tmp_path, monkeypatch):
+    """The re-plan takes the median pace of 25 steps: one step stalled for 3 s (another process
+    on a shared machine) must not be read as a slow machine."""
+    import imagerec.training._plan as planning
+    from imagerec.training._stage import Stage
+
+    data = make_colour_dataset(tmp_path / "data", per_class=100)
+    monkeypatch.setattr(planning, "_time_steps", lambda *args, **kwargs: 1e-5)
+    real_step, calls = Stage.step, []
+
+    def stalled_step(self, *args, **kwargs):
+        calls.append(self.number)
+        if self.number == 2 and calls.count(2) == 15:  # inside the re-plan's window (steps 5-30)
+            time.sleep(3.0)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Stage, "step", stalled_step)
+    train(data, tmp_path / "run", TrainConfig(time_budget=0.25, val_fraction=0.25, **FAST), progress=False)
+    plan = json.loads((tmp_path / "run" / "config.json").read_text())["plan"]
+    assert plan["timing"]["measured_step_s"] < 0.05  # the mean over the window: above 3 s / 25 = 0.12 s

@@ -2,8 +2,8 @@
 
 - :class:`Replan`: the time budget fits the run again from the pace of the first real steps;
 - :class:`RunningLoss`: the origin document's log line, the mean loss of the last N steps;
-- :class:`SaveEvery`: ``last.safetensors`` every N steps, so a killed run loses little;
-- :class:`EpochEnd`: validation, the history row, the best and last checkpoints, early stopping.
+- :class:`EpochEnd`: validation, the history row, the best and last checkpoints, early stopping;
+  between epochs, ``last.safetensors`` every ``save_every`` steps, so a killed run loses little.
 """
 
 from __future__ import annotations
@@ -33,19 +33,21 @@ from ._stage import Stages
 
 class Replan(Callback):
     """Fits the number of steps to the time budget again, once, from the pace of stage-2 steps
-    ``replan_at - REPLAN_AFTER + REPLAN_SKIP`` to ``replan_at`` (the first ones warm up)."""
+    ``replan_at - REPLAN_AFTER + REPLAN_SKIP`` to ``replan_at`` (the first ones warm up): the
+    median time between one step's end and the next's, so that a few steps slowed by another
+    process (a burst of a few seconds on a shared machine) do not shorten the whole run, while
+    a machine that is slower throughout still is measured as such."""
 
     def __init__(self, budget: Budget, plan: Plan, val_images: int, world: World, save_config):
         self.budget, self.plan, self.val_images, self.world, self.save_config = budget, plan, val_images, world, save_config
-        self.started: float | None = None
+        self.ends: list[float] = []
 
     def on_step_end(self, loop: Loop, out: StepOutput | None) -> None:
-        if self.plan.replan_at is None:
+        if self.plan.replan_at is None or loop.step < self.plan.replan_at - REPLAN_AFTER + REPLAN_SKIP:
             return
-        if loop.step == self.plan.replan_at - REPLAN_AFTER + REPLAN_SKIP:
-            self.started = time.perf_counter()
-        elif loop.step == self.plan.replan_at and self.started is not None:
-            measured = (time.perf_counter() - self.started) / (REPLAN_AFTER - REPLAN_SKIP)
+        self.ends.append(time.perf_counter())
+        if loop.step == self.plan.replan_at:
+            measured = float(np.median(np.diff(self.ends)))
             measured = self.world.sum(measured)[0] / self.world.size  # every process must agree on the total
             total = self.budget.refit(self.plan, loop.step, measured, self.val_images)
             loop.total = self.plan.total_steps = total

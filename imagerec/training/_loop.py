@@ -10,10 +10,14 @@
    finishes inside it; after the first 30 real steps of stage 2 it is fixed again from their
    measured pace (once, before the schedule has gone far), so the learning-rate schedule still
    completes;
-4. train: stage 1 the head alone on the frozen backbone, stage 2 everything (DDP under
-   torchrun); validate and save checkpoints at every epoch end, ``last`` every
-   ``save_every`` steps too, ``best`` on a better validation accuracy; stop early after
-   ``patience`` epochs without progress.
+4. train, on the step loop every imagerec trainer shares (:mod:`imagerec._engine`): stage 1 the
+   head alone on the frozen backbone, stage 2 everything (DDP under torchrun); with ``ema``, a
+   moving average of the weights; validate and save checkpoints at every epoch end, ``last``
+   every ``save_every`` steps too, ``best`` on a better validation accuracy (the averaged
+   weights, with ``ema``); stop early after ``patience`` epochs without progress. Each of these
+   is a callback (:mod:`._stage`, :mod:`._callbacks`);
+5. choose the input size for prediction on the validation split (FixRes), and say what the
+   temperature fitted.
 
 The run folder is locked for the whole run (by rank 0, the only writer under torchrun), and a
 resumed run must find the data it started with: the same classes in the same order, the same
@@ -22,7 +26,8 @@ number of training images and the same preprocessing, or it stops before decodin
 Everything random is drawn from ``(seed, epoch, step, rank)``: the order of each epoch, each
 batch's augmentation, dropout. A run resumed from a checkpoint at step k therefore continues
 exactly as the uninterrupted run would have (for in-memory data; folders of large photos
-resume at the right batch with fresh augmentation draws).
+resume at the right batch with fresh augmentation draws). One exception: ``last`` does not
+hold the moving average of ``ema``, so a resumed run starts it again from the resumed weights.
 """
 
 from __future__ import annotations
