@@ -114,8 +114,7 @@ class EpochEnd(Callback):
         if not seen:
             raise ImagerecError(f"no training image of epoch {loop.epoch + 1} could be read; see {self.run_dir / 'skipped.csv'}")
         stage = self.stages.stage
-        judged = self.ema.module if self.ema is not None else self.model
-        val_loss, val_acc, val_out = validate(judged, self.val_src, self.pp, self.cfg, self.world, self.plan.bf16, self.skipped)
+        val_loss, val_acc, val_out = validate(self._judged, self.val_src, self.pp, self.cfg, self.world, self.plan.bf16, self.skipped)
         stage.apply_mode()
         row = {
             "epoch": loop.epoch + 1,
@@ -151,13 +150,17 @@ class EpochEnd(Callback):
         if self.writer is not None:
             self.writer.close()
 
+    @property
+    def _judged(self):
+        """The weights validated and saved as best: the moving average with ``ema``, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _checkpoint(self, step: int, last: bool) -> Checkpoint:
         """``last``: the trained weights and the optimizer (to resume); else the weights judged
         on validation, with the calibrated metadata (the best checkpoint)."""
         if last:
             return make_checkpoint(self.model, self.stages.stage, self.meta, self.plan, step, self.history)
-        judged = self.ema.module if self.ema is not None else self.model
-        return make_checkpoint(judged, None, self.calibrated, self.plan, step, self.history)
+        return make_checkpoint(self._judged, None, self.calibrated, self.plan, step, self.history)
 
 
 class SkipLog:
