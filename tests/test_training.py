@@ -403,3 +403,60 @@ def test_a_burst_of_load_during_the_replan_does_not_shorten_the_run(tmp_path, mo
     train(data, tmp_path / "run", TrainConfig(time_budget=0.25, val_fraction=0.25, **FAST), progress=False)
     plan = json.loads((tmp_path / "run" / "config.json").read_text())["plan"]
     assert plan["timing"]["measured_step_s"] < 0.05  # the mean over the window: above 3 s / 25 = 0.12 s
+
+
+def test_progressive_resizing_schedule():
+    """The start size until 70% of stage 2, growing in steps of 8 px, the full size from 85% on."""
+    from imagerec.training._plan import Plan, resize_schedule
+
+    sizes = [resize_schedule(i / 100, 64, 96) for i in range(101)]
+    assert sizes[:71] == [64] * 71 and sizes[85:] == [96] * 16
+    assert sizes == sorted(sizes) and all(s % 8 == 0 for s in sizes) and set(sizes) == {64, 72, 80, 88, 96}
+    assert resize_schedule(0.5, 96, 96) == 96  # off
+    plan = Plan(10, 20, 120, 0, False, 96, 1, start_size=64)
+    assert [plan.size_at(s) for s in (0, 19, 20, 89, 105, 119)] == [64, 64, 64, 64, 96, 96]  # head steps at the start size
+    assert Plan.from_dict({**plan.to_dict(), "start_size": None}, "x").start_size == 96  # plans from before: no resizing
+
+
+def test_progressive_resizing_trains_small_then_at_the_full_size(tmp_path):
+    """Stage 2 sees 32 px batches first and 48 px ones at the end; validation and the saved
+    preprocessing stay at the full size."""
+    data = make_colour_dataset(tmp_path / "d", per_class=20)
+    model_sizes = []
+    from imagerec.training._stage import Stage
+
+    real_step = Stage.step
+
+    def recording_step(self, batch, criterion, bf16, size=None):
+        model_sizes.append(size)
+        return real_step(self, batch, criterion, bf16, size)
+
+    import unittest.mock
+
+    config = TrainConfig(epochs=4, head_epochs=0, image_size=48, resize_from=0.67, batch_size=8, val_fraction=0.25,
+                         save_every=0, device="cpu", test_size=False)
+    with unittest.mock.patch.object(Stage, "step", recording_step):
+        result = train(data, tmp_path / "run", config, progress=False)
+    assert result.plan.start_size == 32 and result.plan.image_size == 48
+    model_sizes = [size for size in model_sizes if size is not None]  # the plan's timed steps pass none
+    assert len(model_sizes) == result.plan.total_steps
+    assert model_sizes[0] == 32 and model_sizes[-1] == 48 and model_sizes == sorted(model_sizes)
+    assert load_checkpoint(result.run_dir).meta["preprocessing"]["input_size"] == 48
+
+
+def test_progressive_resizing_prices_the_budget_between_its_sizes():
+    """With resizing, the budget's price of a step is the schedule's mean, between the timed
+    step at the start size and at the full size (interpolated by pixels)."""
+    from imagerec.training._plan import mean_step_s, step_s_at
+
+    timing = {"start_step_s": 0.2, "full_step_s": 0.4}
+    assert step_s_at(timing, 64, 64, 96) == 0.2 and step_s_at(timing, 96, 64, 96) == 0.4
+    assert 0.2 < step_s_at(timing, 80, 64, 96) < 0.3  # 80 px: (6400 - 4096) / (9216 - 4096) = 45% of the way
+    # 70% at 0.2 s, 15% ramping (0.2-0.4 s), 15% at 0.4 s: between 0.23 and 0.26 s
+    assert 0.23 < mean_step_s(timing, 64, 96) < 0.26
+    assert mean_step_s({"full_step_s": 0.4}, 96, 96) == pytest.approx(0.4)
+
+
+def test_resize_from_out_of_range_names_the_rule():
+    with pytest.raises(ImagerecError, match=r"resize_from=0.1 must be in \[0.25, 1\]"):
+        TrainConfig(resize_from=0.1)

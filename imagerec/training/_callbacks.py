@@ -27,7 +27,7 @@ from ..inference import Predictions, predict_source
 from ._calibrate import calibration_meta
 from ._config import TrainConfig
 from ._distributed import World
-from ._plan import REPLAN_AFTER, REPLAN_SKIP, Budget, Plan
+from ._plan import REPLAN_AFTER, REPLAN_SKIP, Budget, Plan, step_s_at
 from ._stage import Stages
 
 
@@ -36,7 +36,9 @@ class Replan(Callback):
     ``replan_at - REPLAN_AFTER + REPLAN_SKIP`` to ``replan_at`` (the first ones warm up): the
     median time between one step's end and the next's, so that a few steps slowed by another
     process (a burst of a few seconds on a shared machine) do not shorten the whole run, while
-    a machine that is slower throughout still is measured as such."""
+    a machine that is slower throughout still is measured as such. With progressive resizing
+    those steps ran at the start size: the ratio of their pace to the one timed at that size
+    before training scales the planned price of every step."""
 
     def __init__(self, budget: Budget, plan: Plan, val_images: int, world: World, save_config):
         self.budget, self.plan, self.val_images, self.world, self.save_config = budget, plan, val_images, world, save_config
@@ -49,7 +51,9 @@ class Replan(Callback):
         if loop.step == self.plan.replan_at:
             measured = float(np.median(np.diff(self.ends)))
             measured = self.world.sum(measured)[0] / self.world.size  # every process must agree on the total
-            total = self.budget.refit(self.plan, loop.step, measured, self.val_images)
+            timing, plan = self.plan.timing, self.plan
+            expected = step_s_at(timing, plan.size_at(loop.step), plan.start_size, plan.image_size)
+            total = self.budget.refit(plan, loop.step, timing["step_s"] * measured / expected, self.val_images)
             loop.total = self.plan.total_steps = total
             self.plan.replan_at = None
             self.plan.timing["measured_step_s"] = measured

@@ -63,6 +63,9 @@ class TrainConfig:
     label_smoothing: float = _field(0.1, "share of the target spread over all classes")
     warmup: float = _field(0.1, 'share of stage-2 steps with a linear warm-up')
     schedule: str = _field("onecycle", 'onecycle: warm-up then cosine to 0; cosine: no warm-up; constant')
+    resize_from: float = _field(
+        1.0, "progressive resizing: stage 2 trains at this share of the input size for its first 70% of steps, then grows to the full size by 85% (FFCV's schedule); 1: off; e.g. 0.67: 64 then 96 px"
+    )
     ema: float = _field(
         0.0, "decay per step of a moving average of the weights, validated and saved as best (timm ModelEmaV3, with warm-up; 0: off; e.g. 0.999)"
     )
@@ -110,6 +113,7 @@ class TrainConfig:
             (self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0"),
             (0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing} must be in [0, 1)"),
             (0 <= self.warmup < 1, f"warmup={self.warmup} must be in [0, 1)"),
+            (0.25 <= self.resize_from <= 1, f"resize_from={self.resize_from} must be in [0.25, 1] (1: off; e.g. 0.67 starts 96 px training at 64 px)"),
             (0 <= self.ema < 1, f"ema={self.ema} must be in [0, 1): the decay per step, e.g. 0.999 (0: off)"),
             (0 <= self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in [0, 1)"),
             (self.patience is None or self.patience >= 1, f"patience={self.patience} must be >= 1"),

@@ -11,7 +11,8 @@
    measured pace (once, before the schedule has gone far), so the learning-rate schedule still
    completes;
 4. train, on the step loop every imagerec trainer shares (:mod:`imagerec._engine`): stage 1 the
-   head alone on the frozen backbone, stage 2 everything (DDP under torchrun); with ``ema``, a
+   head alone on the frozen backbone, stage 2 everything (DDP under torchrun); with
+   ``resize_from`` below 1, the first steps at a smaller input size (progressive resizing); with ``ema``, a
    moving average of the weights; validate and save checkpoints at every epoch end, ``last``
    every ``save_every`` steps too, ``best`` on a better validation accuracy (the averaged
    weights, with ``ema``); stop early after ``patience`` epochs without progress. Each of these
@@ -56,7 +57,7 @@ from ._calibrate import calibration_meta
 from ._callbacks import EpochEnd, Replan, RunningLoss, SkipLog, make_checkpoint, write_config
 from ._config import TrainConfig
 from ._distributed import World, setup, teardown
-from ._plan import Budget, Plan, make_plan
+from ._plan import RESIZE_RAMP, Budget, Plan, make_plan
 from ._stage import Stages, step_seed
 
 SMALL_IMAGE_TRAIN_SIZE = 96  # px: small images are upsampled to this by default (see docs/MODELS.md)
@@ -199,7 +200,7 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
         write_config(run_dir, cfg, plan, data)
         _say(
             f"plan: {plan.total_steps} steps of {cfg.batch_size * world.size} images ({plan.epochs:.2f} epochs, "
-            f"{plan.head_steps} head-only), {pp.input_size} px, {'bf16' if plan.bf16 else 'fp32'}, {world.size} process(es)"
+            f"{plan.head_steps} head-only), {_sizes_text(plan)}, {'bf16' if plan.bf16 else 'fp32'}, {world.size} process(es)"
             + (f", first {plan.freeze_groups} layer groups frozen" if plan.freeze_groups else "")
         )
 
@@ -213,7 +214,7 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
     skipped = SkipLog(train_src.skipped + (val_src.skipped if val_src else []), run_dir if world.main else None)
     skipped.report()
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    stages = Stages(model, cfg, world, plan.head_steps, plan.freeze_groups, plan.bf16, criterion, skipped, state)
+    stages = Stages(model, cfg, world, plan, criterion, skipped, state)
     ema = EMA(model, cfg.ema) if cfg.ema else None
     epoch_end = EpochEnd(run_dir, model, stages, ema, meta, plan, history, val_src, pp, cfg, world, skipped, started)
     callbacks = [
@@ -356,6 +357,13 @@ def _epoch_batches(source: ImageSource, pp, cfg: TrainConfig, world: World, epoc
 
 # ---------------------------------------------------------------------------------------------
 # 4. Train
+
+
+def _sizes_text(plan: Plan) -> str:
+    if plan.start_size == plan.image_size:
+        return f"{plan.image_size} px"
+    low, high = RESIZE_RAMP
+    return f"{plan.start_size} px growing to {plan.image_size} px from {low:.0%} to {high:.0%} of stage 2"
 
 
 def _calibration_text(meta: dict) -> str:

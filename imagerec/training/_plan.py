@@ -27,6 +27,7 @@ from ._stage import Stage
 
 REPLAN_SKIP, REPLAN_AFTER = 5, 30  # stage-2 steps: warm-up steps not timed, steps before the re-plan
 SAVE_S = 1.0  # seconds per checkpoint written (generous for a 20-50 MB file)
+RESIZE_RAMP = (0.70, 0.85)  # progressive resizing: the share of stage-2 steps where the size starts and ends growing
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Plan:
         freeze_groups: early layer groups kept frozen in stage 2.
         bf16: train in bfloat16 autocast.
         image_size: the input size, px.
+        start_size: the input size of the first steps (progressive resizing; ``image_size``: off).
         world_size: processes (torchrun), each with ``steps_per_epoch`` steps an epoch.
         timing: seconds measured for the budget (``step_s``, ``head_step_s``, ``eval_image_s``,
             ``measured_step_s`` after the re-plan).
@@ -55,10 +57,21 @@ class Plan:
     world_size: int
     timing: dict = field(default_factory=dict)
     replan_at: int | None = None
+    start_size: int | None = None
+
+    def __post_init__(self):
+        self.start_size = self.start_size or self.image_size
 
     @property
     def epochs(self) -> float:
         return self.total_steps / self.steps_per_epoch
+
+    def size_at(self, step: int) -> int:
+        """The input size of ``step``: ``start_size`` for the head steps and the first 70% of
+        stage 2, growing in steps of 8 px to ``image_size`` by 85%, which the last steps train
+        at (progressive resizing: cheap small steps early, the full size where it matters)."""
+        stage2 = max(1, self.total_steps - self.head_steps)
+        return resize_schedule(max(0, step - self.head_steps) / stage2, self.start_size, self.image_size)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +85,7 @@ class Plan:
         """
         known = {f.name for f in fields(cls)}
         try:
-            return cls(**{"freeze_groups": 0, **{k: v for k, v in data.items() if k in known}})
+            return cls(**{"freeze_groups": 0, **{k: v for k, v in data.items() if k in known}})  # and start_size = image_size
         except (TypeError, AttributeError) as e:
             raise ImagerecError(f"{where}: broken metadata: no usable training plan ({e}); start a new run with --out") from None
 
@@ -92,6 +105,7 @@ def make_plan(cfg: TrainConfig, model: nn.Module, pretrained: bool, train_images
             f"batch_size={cfg.batch_size} x {world.size} process(es) is more than the {train_images} training images; lower --batch-size"
         )
     head_steps = round(cfg.head_epochs * steps_per_epoch) if pretrained else 0
+    start_size = max(8, 8 * round(image_size * cfg.resize_from / 8))
     timing = {}
     bf16 = cfg.precision == "bf16"
     if cfg.precision == "auto" or budget is not None:
@@ -103,12 +117,38 @@ def make_plan(cfg: TrainConfig, model: nn.Module, pretrained: bool, train_images
     if budget is None:
         full_steps = max(1, round(cfg.epochs * steps_per_epoch))
     else:
-        timing["step_s"] = timing["bf16_step_s" if bf16 else "fp32_step_s"]
+        timing["full_step_s"] = timing["bf16_step_s" if bf16 else "fp32_step_s"]
+        if start_size != image_size:
+            timing["start_step_s"] = _time_steps(model, batch, cfg, freeze, head=False, bf16=bf16, size=start_size)
+        timing["step_s"] = mean_step_s(timing, start_size, image_size)
         timing["head_step_s"] = _time_steps(model, batch, cfg, freeze, head=True, bf16=bf16) if head_steps else 0.0
         timing["eval_image_s"] = _time_eval(model, batch, cfg, bf16)
         head_steps, full_steps = budget.fit(timing, steps_per_epoch, head_steps, val_images)
     replan_at = head_steps + REPLAN_AFTER if budget is not None and full_steps >= 2 * REPLAN_AFTER else None
-    return Plan(steps_per_epoch, head_steps, head_steps + full_steps, freeze, bf16, image_size, world.size, timing, replan_at)
+    return Plan(steps_per_epoch, head_steps, head_steps + full_steps, freeze, bf16, image_size, world.size, timing, replan_at, start_size)
+
+
+def resize_schedule(progress: float, start: int, end: int) -> int:
+    """The input size at ``progress`` (0 to 1) through stage 2: ``start`` until ``RESIZE_RAMP[0]``,
+    then linearly (in steps of 8 px) to ``end`` at ``RESIZE_RAMP[1]``, ``end`` after."""
+    low, high = RESIZE_RAMP
+    share = min(1.0, max(0.0, (progress - low) / (high - low)))
+    return end if start == end else 8 * round((start + (end - start) * share) / 8)
+
+
+def step_s_at(timing: dict, size: int, start: int, end: int) -> float:
+    """Seconds of a stage-2 step at ``size``: interpolated, in pixels, between the timed steps at
+    the start and the full size (a step's cost grows with the pixels of its feature maps)."""
+    if start == end or "start_step_s" not in timing:
+        return timing["full_step_s"]
+    share = (size * size - start * start) / (end * end - start * start)
+    return timing["start_step_s"] + share * (timing["full_step_s"] - timing["start_step_s"])
+
+
+def mean_step_s(timing: dict, start: int, end: int) -> float:
+    """The mean seconds of a stage-2 step over the resizing schedule (the budget's price of a step)."""
+    grid = (np.arange(1000) + 0.5) / 1000
+    return float(np.mean([step_s_at(timing, resize_schedule(p, start, end), start, end) for p in grid]))
 
 
 class Budget:
@@ -189,17 +229,18 @@ def _bf16_possible(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def _time_steps(model, batch, cfg, freeze: int, head: bool, bf16: bool, reps: int = 5) -> float:
-    """Seconds per training step, measured on a copy of the model (the real one is untouched):
-    the median of ``reps`` steps, so that one step slowed by another process does not count."""
+def _time_steps(model, batch, cfg, freeze: int, head: bool, bf16: bool, size: int | None = None, reps: int = 5) -> float:
+    """Seconds per training step (at ``size``, default the batch's), measured on a copy of the
+    model (the real one is untouched): the median of ``reps`` steps, so that one step slowed by
+    another process does not count."""
     clone = copy.deepcopy(model)
     stage = Stage(1 if head else 2, clone, cfg, World(0, 1, next(model.parameters()).device), 1, freeze)
     criterion = nn.CrossEntropyLoss()
-    stage.step(batch, criterion, bf16)  # warm-up: allocations, kernel selection
+    stage.step(batch, criterion, bf16, size)  # warm-up: allocations, kernel selection
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        stage.step(batch, criterion, bf16)
+        stage.step(batch, criterion, bf16, size)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 

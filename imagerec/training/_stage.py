@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -71,10 +72,13 @@ class Stage:
         else:
             self.model.train()
 
-    def step(self, batch, criterion, bf16: bool) -> tuple[int, float, int]:
-        """One optimizer step; returns (images, summed loss, correct predictions)."""
+    def step(self, batch, criterion, bf16: bool, size: int | None = None) -> tuple[int, float, int]:
+        """One optimizer step, on the batch resized to ``size`` px where that differs from its
+        own (progressive resizing); returns (images, summed loss, correct predictions)."""
         device = self.world.device
         images = batch.images.to(device, non_blocking=True)
+        if size is not None and size != images.shape[-1]:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         labels = batch.labels.to(device, non_blocking=True)
         with autocast(device, bf16):
             if self.number == 1:
@@ -96,34 +100,39 @@ class Stage:
 class Stages(Callback):
     """The loop's step function, and the callback that runs the right stage at each step.
 
-    Before each step: stage 1 until ``head_steps``, then stage 2 (each built when it begins; a
-    resumed run's optimizer state restored into the stage it was saved in), its learning rate
-    for this step, and the seed of the step's dropout, drawn from ``(seed, epoch, step, rank)``.
+    Before each step: stage 1 until the plan's head steps, then stage 2 (each built when it
+    begins; a resumed run's optimizer state restored into the stage it was saved in), its
+    learning rate and input size for this step, and the seed of the step's dropout, drawn from
+    ``(seed, epoch, step, rank)``.
 
     Args:
+        plan: the run's :class:`~imagerec.training._plan.Plan` (head steps, frozen groups,
+            precision, the input size of each step).
         skipped: gets the images each batch left out (unreadable).
         resumed: the checkpoint a resumed run continues (None for a new run).
     """
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, world: World, head_steps: int, freeze: int, bf16: bool, criterion, skipped, resumed=None):
-        self.model, self.cfg, self.world, self.head_steps, self.freeze = model, cfg, world, head_steps, freeze
-        self.bf16, self.criterion, self.skipped, self.resumed = bf16, criterion, skipped, resumed
+    def __init__(self, model: nn.Module, cfg: TrainConfig, world: World, plan, criterion, skipped, resumed=None):
+        self.model, self.cfg, self.world, self.plan = model, cfg, world, plan
+        self.criterion, self.skipped, self.resumed = criterion, skipped, resumed
         self.stage: Stage | None = None
+        self.size: int = plan.image_size
 
     def on_step_start(self, loop: Loop) -> None:
-        wanted = 1 if loop.step < self.head_steps else 2
+        wanted = 1 if loop.step < self.plan.head_steps else 2
         if self.stage is None or self.stage.number != wanted:
-            self.stage = Stage(wanted, self.model, self.cfg, self.world, self.head_steps, self.freeze)
+            self.stage = Stage(wanted, self.model, self.cfg, self.world, self.plan.head_steps, self.plan.freeze_groups)
             if self.resumed is not None and self.resumed.meta.get("stage") == wanted:
                 self.stage.optimizer.load_state_dict(self.resumed.optimizer)
         self.stage.schedule.on_step_start(loop)
+        self.size = self.plan.size_at(loop.step)
         torch.manual_seed(step_seed(self.cfg.seed, loop.epoch, loop.step, self.world.rank))  # dropout and the like
 
     def step(self, batch) -> StepOutput | None:
         self.skipped.add(batch.skipped)
         if batch.labels is None or not len(batch.labels):
             return None  # every image of this batch was unreadable: no update, the step still counts
-        n, loss, correct = self.stage.step(batch, self.criterion, self.bf16)
+        n, loss, correct = self.stage.step(batch, self.criterion, self.plan.bf16, self.size)
         return StepOutput(n, loss, correct)
 
 
