@@ -460,3 +460,30 @@ def test_progressive_resizing_prices_the_budget_between_its_sizes():
 def test_resize_from_out_of_range_names_the_rule():
     with pytest.raises(ImagerecError, match=r"resize_from=0.1 must be in \[0.25, 1\]"):
         TrainConfig(resize_from=0.1)
+
+
+def test_the_budget_is_fitted_again_when_the_machine_slows_down_mid_run(tmp_path, monkeypatch):
+    """After the first re-plan (30 steps into stage 2) the run is fitted again at a quarter and
+    half of its steps: steps that turn 50 ms slower after the first fit cut the total there,
+    and the run still ends inside its budget."""
+    import imagerec.training._plan as planning
+    from imagerec.training._stage import Stage
+
+    data = make_colour_dataset(tmp_path / "data", per_class=300)
+    monkeypatch.setattr(planning, "_time_steps", lambda *args, **kwargs: 1e-4)
+    real_step, calls = Stage.step, []
+
+    def slowing_step(self, *args, **kwargs):
+        calls.append(self.number)
+        if len(calls) > 40:
+            time.sleep(0.05)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Stage, "step", slowing_step)
+    started = time.perf_counter()
+    train(data, tmp_path / "run", TrainConfig(time_budget=0.25, val_fraction=0.25, **FAST), progress=False)
+    assert time.perf_counter() - started < 0.25 * 60 + 3
+    replans = json.loads((tmp_path / "run" / "config.json").read_text())["plan"]["timing"]["replans"]
+    assert len(replans) >= 2 and replans[0]["step"] == 30
+    assert replans[1]["total_steps"] < 0.8 * replans[0]["total_steps"]  # the slow steps were seen
+    assert replans[1]["step_s"] > 0.05

@@ -3,9 +3,9 @@
 A :class:`Plan` fixes the run before its first step: steps per epoch, the head-only steps, the
 total, the frozen layer groups, the precision. It is saved in every checkpoint and reused on
 resume. With a time budget, :class:`Budget` chooses the most steps whose cost fits: first from a
-few steps timed on a copy of the model, then once more (:meth:`Budget.refit`) from the pace of
-the first ``REPLAN_AFTER`` real steps, early enough that the learning-rate schedule still ends
-on time.
+few steps timed on a copy of the model, then again (:meth:`Budget.refit`) from the pace of
+the first ``REPLAN_AFTER`` real steps and at a quarter and half of the run, early enough that
+the learning-rate schedule still ends on time.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from ._config import TrainConfig
 from ._distributed import World
 from ._stage import Stage
 
-REPLAN_SKIP, REPLAN_AFTER = 5, 30  # stage-2 steps: warm-up steps not timed, steps before the re-plan
+REPLAN_SKIP, REPLAN_AFTER = 5, 30  # stage-2 steps: warm-up steps not timed, steps before the first re-plan
+REPLAN_SHARES, REPLAN_WINDOW = (0.25, 0.5), 50  # later re-plans: at these shares of the run, each over at least this many steps
 SAVE_S = 1.0  # seconds per checkpoint written (generous for a 20-50 MB file)
 RESIZE_RAMP = (0.70, 0.85)  # progressive resizing: the share of stage-2 steps where the size starts and ends growing
 
@@ -145,9 +146,10 @@ def step_s_at(timing: dict, size: int, start: int, end: int) -> float:
     return timing["start_step_s"] + share * (timing["full_step_s"] - timing["start_step_s"])
 
 
-def mean_step_s(timing: dict, start: int, end: int) -> float:
-    """The mean seconds of a stage-2 step over the resizing schedule (the budget's price of a step)."""
-    grid = (np.arange(1000) + 0.5) / 1000
+def mean_step_s(timing: dict, start: int, end: int, after: float = 0.0) -> float:
+    """The mean seconds of a stage-2 step over the resizing schedule, from ``after`` (a share of
+    the run) to its end: the budget's price of a step."""
+    grid = after + (1 - after) * (np.arange(1000) + 0.5) / 1000
     return float(np.mean([step_s_at(timing, resize_schedule(p, start, end), start, end) for p in grid]))
 
 
