@@ -484,6 +484,26 @@ def test_the_budget_is_fitted_again_when_the_machine_slows_down_mid_run(tmp_path
     train(data, tmp_path / "run", TrainConfig(time_budget=0.25, val_fraction=0.25, **FAST), progress=False)
     assert time.perf_counter() - started < 0.25 * 60 + 3
     replans = json.loads((tmp_path / "run" / "config.json").read_text())["plan"]["timing"]["replans"]
-    assert len(replans) >= 2 and replans[0]["step"] == 30
+    assert 2 <= len(replans) <= 1 + 2 and replans[0]["step"] == 30  # the first, then at most one at 25% and one at 50%
     assert replans[1]["total_steps"] < 0.8 * replans[0]["total_steps"]  # the slow steps were seen
     assert replans[1]["step_s"] > 0.05
+
+
+def test_each_later_replan_happens_once_even_when_the_total_grows():
+    """The re-plans come at 30 steps into stage 2, then at 25% and at 50% of the run, each once:
+    a total that grows at every fit must not move the 50% point ahead of the run forever."""
+    from types import SimpleNamespace
+
+    from imagerec.training._callbacks import Replan
+    from imagerec.training._distributed import World
+    from imagerec.training._plan import Plan
+
+    plan = Plan(1000, 0, 1000, 0, False, 32, 1, timing={"full_step_s": 1e-3, "step_s": 1e-3}, replan_at=30)
+    budget = SimpleNamespace(refit=lambda plan, step, price, val_images: round(plan.total_steps * 1.2))
+    replan = Replan(budget, plan, 0, World(0, 1, torch.device("cpu")), save_config=lambda: None)
+    loop = SimpleNamespace(step=0, total=plan.total_steps)
+    while loop.step < loop.total:
+        loop.step += 1
+        replan.on_step_end(loop, None)
+    assert [r["step"] for r in plan.timing["replans"]] == [30, 300, 720]
+    assert loop.total == plan.total_steps == 1728

@@ -62,8 +62,10 @@ class Replan(Callback):
             loop.total = plan.total_steps = self.budget.refit(plan, loop.step, price, self.val_images)
             measured = pace * step_s_at(plan.timing, plan.size_at(loop.step), plan.start_size, plan.image_size)
             plan.timing["measured_step_s"] = measured
-            plan.timing.setdefault("replans", []).append({"step": loop.step, "step_s": round(measured, 4), "total_steps": plan.total_steps})
-            plan.replan_at = next((at for at in (round(share * plan.total_steps) for share in REPLAN_SHARES) if at >= loop.step + REPLAN_WINDOW), None)
+            done = plan.timing.setdefault("replans", [])
+            done.append({"step": loop.step, "step_s": round(measured, 4), "total_steps": plan.total_steps})
+            later = [round(share * plan.total_steps) for share in REPLAN_SHARES[len(done) - 1 :]]  # each share once
+            plan.replan_at = next((at for at in later if at >= loop.step + REPLAN_WINDOW), None)
             self.paces, self.last_end = [], None
             if self.world.main:
                 self.save_config()
