@@ -507,3 +507,27 @@ def test_each_later_replan_happens_once_even_when_the_total_grows():
         replan.on_step_end(loop, None)
     assert [r["step"] for r in plan.timing["replans"]] == [30, 300, 720]
     assert loop.total == plan.total_steps == 1728
+
+
+def test_a_short_run_is_fitted_again_too(tmp_path, monkeypatch):
+    """A run of fewer than 60 steps (slow steps, a short budget: 224 px photos on a slow CPU) has
+    no room for the 30-step re-plan; it is fitted at a quarter of stage 2 instead, so steps
+    twice as slow as timed still end inside the budget."""
+    import imagerec.training._plan as planning
+    from imagerec.training._stage import Stage
+
+    data = make_colour_dataset(tmp_path / "data", per_class=20)
+    monkeypatch.setattr(planning, "_time_steps", lambda *args, **kwargs: 0.15)
+    real_step = Stage.step
+
+    def slow_step(self, *args, **kwargs):
+        time.sleep(0.3)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Stage, "step", slow_step)
+    started = time.perf_counter()
+    result = train(data, tmp_path / "run", TrainConfig(time_budget=0.25, val_fraction=0.25, **FAST), progress=False)
+    assert time.perf_counter() - started < 0.25 * 60 + 1
+    replans = result.plan.timing["replans"]
+    assert replans[0]["step"] < 30 and replans[0]["step_s"] > 0.3
+    assert result.plan.total_steps < replans[0]["total_steps"] * 1.1 and result.history[-1]["step"] == result.plan.total_steps

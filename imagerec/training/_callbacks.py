@@ -33,24 +33,26 @@ from ._stage import Stages
 
 class Replan(Callback):
     """Fits the number of steps to the time budget again from the pace of the real steps: first
-    at ``plan.replan_at`` (30 steps into stage 2, from steps 5-30: the first ones warm up), then
-    at ``REPLAN_SHARES`` of the run (25% and 50%, from every step since the last fit), so that a
-    machine whose speed drifts, or a first window that ran slow or fast, still ends on time with
-    the budget used. The pace is the median of each step's time (from one step's end to the
-    next's) over the time that step was priced at, at its input size: a few steps slowed by
-    another process (a burst of a few seconds on a shared machine) or by a validation pass do not
-    count, while a machine that is slower throughout is measured as such. Later fits move the
-    learning-rate schedule little: at 25% of a cosine, 40% more steps raise the rate from 85% to
-    93% of its peak."""
+    at ``plan.replan_at`` (30 steps into stage 2, from its steps 5-30, as the first ones warm up;
+    a run of fewer than 60 steps at a quarter of stage 2), then at ``REPLAN_SHARES`` of the run
+    (25% and 50%, each from every step since the last fit), so that a machine whose speed
+    drifts, or a first window that ran slow or fast, still ends on time with the budget used.
+    The pace is the median of each step's time (from one step's end to the next's) over the time
+    that step was priced at, at its input size: a few steps slowed by another process (a burst
+    of a few seconds on a shared machine) or by a validation pass do not count, while a machine
+    that is slower throughout is measured as such. Later fits move the learning-rate schedule
+    little: at 25% of a cosine, 40% more steps raise the rate from 85% to 93% of its peak."""
 
     def __init__(self, budget: Budget, plan: Plan, val_images: int, world: World, save_config):
         self.budget, self.plan, self.val_images, self.world, self.save_config = budget, plan, val_images, world, save_config
+        long_run = plan.replan_at is not None and plan.replan_at - plan.head_steps >= REPLAN_AFTER
+        self.start = plan.head_steps + (REPLAN_SKIP if long_run else 1)  # the first steps of stage 2 warm up
         self.paces: list[float] = []
         self.last_end: float | None = None
 
     def on_step_end(self, loop: Loop, out: StepOutput | None) -> None:
         plan = self.plan
-        if plan.replan_at is None or loop.step < plan.replan_at - REPLAN_AFTER + REPLAN_SKIP:
+        if plan.replan_at is None or loop.step < self.start:
             return
         now = time.perf_counter()
         if self.last_end is not None:
@@ -64,12 +66,14 @@ class Replan(Callback):
             plan.timing["measured_step_s"] = measured
             done = plan.timing.setdefault("replans", [])
             done.append({"step": loop.step, "step_s": round(measured, 4), "total_steps": plan.total_steps})
+            window = min(REPLAN_WINDOW, max(4, (plan.total_steps - plan.head_steps) // 5))
             later = [round(share * plan.total_steps) for share in REPLAN_SHARES[len(done) - 1 :]]  # each share once
-            plan.replan_at = next((at for at in later if at >= loop.step + REPLAN_WINDOW), None)
-            self.paces, self.last_end = [], None
+            plan.replan_at = next((at for at in later if at >= loop.step + window), None)
+            self.paces = []
             if self.world.main:
                 self.save_config()
                 tqdm.write(f"imagerec: re-plan: at step {loop.step}, {measured:.3f} s per step measured, {plan.total_steps} steps in all", file=sys.stderr)
+            self.last_end = time.perf_counter()
 
 
 class RunningLoss(Callback):

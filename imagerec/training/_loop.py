@@ -7,8 +7,8 @@
 3. plan the run (:class:`~imagerec.training._plan.Plan`): steps per epoch, the head-only stage,
    the total steps, bf16 or fp32. With a time budget (:class:`~imagerec.training._plan.Budget`) a
    few steps are timed on a copy of the model and the number of steps fixed so that the run
-   finishes inside it; after the first 30 real steps of stage 2, and at a quarter and half of
-   the run, it is fixed again from the measured pace, so the learning-rate schedule still
+   finishes inside it; after the first 30 real steps of stage 2 (a quarter of a shorter one),
+   and at a quarter and half of the run, it is fixed again from the measured pace, so the learning-rate schedule still
    completes on time and the budget is used;
 4. train, on the step loop every imagerec trainer shares (:mod:`imagerec._engine`): stage 1 the
    head alone on the frozen backbone, stage 2 everything (DDP under torchrun); with

@@ -125,8 +125,17 @@ def make_plan(cfg: TrainConfig, model: nn.Module, pretrained: bool, train_images
         timing["head_step_s"] = _time_steps(model, batch, cfg, freeze, head=True, bf16=bf16) if head_steps else 0.0
         timing["eval_image_s"] = _time_eval(model, batch, cfg, bf16)
         head_steps, full_steps = budget.fit(timing, steps_per_epoch, head_steps, val_images)
-    replan_at = head_steps + REPLAN_AFTER if budget is not None and full_steps >= 2 * REPLAN_AFTER else None
+    replan_at = _first_fit(head_steps, full_steps) if budget is not None else None
     return Plan(steps_per_epoch, head_steps, head_steps + full_steps, freeze, bf16, image_size, world.size, timing, replan_at, start_size)
+
+
+def _first_fit(head_steps: int, full_steps: int) -> int | None:
+    """The step of the first re-plan: ``REPLAN_AFTER`` steps into stage 2, or, for a run too
+    short for that, a quarter of the way through stage 2 (None: fewer than 4 steps there)."""
+    if full_steps >= 2 * REPLAN_AFTER:
+        return head_steps + REPLAN_AFTER
+    quarter = round(REPLAN_SHARES[0] * full_steps)
+    return head_steps + quarter if quarter >= 4 else None
 
 
 def resize_schedule(progress: float, start: int, end: int) -> int:
