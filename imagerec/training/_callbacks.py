@@ -27,7 +27,7 @@ from ..inference import Predictions, predict_source
 from ._calibrate import calibration_meta
 from ._config import TrainConfig
 from ._distributed import World
-from ._plan import REPLAN_AFTER, REPLAN_SHARES, REPLAN_SKIP, REPLAN_WINDOW, Budget, Plan, mean_step_s, step_s_at
+from ._plan import REPLAN_AFTER, REPLAN_SHARES, REPLAN_SKIP, REPLAN_WINDOW, Budget, Plan
 from ._stage import Stages
 
 
@@ -56,13 +56,12 @@ class Replan(Callback):
             return
         now = time.perf_counter()
         if self.last_end is not None:
-            self.paces.append((now - self.last_end) / step_s_at(plan.timing, plan.size_at(loop.step), plan.start_size, plan.image_size))
+            self.paces.append((now - self.last_end) / plan.priced_step_s(loop.step))
         self.last_end = now
         if loop.step == plan.replan_at:
             pace = self.world.sum(float(np.median(self.paces)))[0] / self.world.size  # every process must agree on the total
-            price = pace * mean_step_s(plan.timing, plan.start_size, plan.image_size, after=loop.step / plan.total_steps)
-            loop.total = plan.total_steps = self.budget.refit(plan, loop.step, price, self.val_images)
-            measured = pace * step_s_at(plan.timing, plan.size_at(loop.step), plan.start_size, plan.image_size)
+            loop.total = plan.total_steps = self.budget.refit(plan, loop.step, pace * plan.mean_step_s(after=loop.step), self.val_images)
+            measured = pace * plan.priced_step_s(loop.step)
             plan.timing["measured_step_s"] = measured
             done = plan.timing.setdefault("replans", [])
             done.append({"step": loop.step, "step_s": round(measured, 4), "total_steps": plan.total_steps})

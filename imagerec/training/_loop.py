@@ -8,12 +8,12 @@
    the total steps, bf16 or fp32. With a time budget (:class:`~imagerec.training._plan.Budget`) a
    few steps are timed on a copy of the model and the number of steps fixed so that the run
    finishes inside it; after the first 30 real steps of stage 2 (a quarter of a shorter one),
-   and at a quarter and half of the run, it is fixed again from the measured pace, so the learning-rate schedule still
-   completes on time and the budget is used;
+   and at a quarter and half of the run, it is fixed again from the measured pace, so the
+   learning-rate schedule still completes on time and the budget is used;
 4. train, on the step loop every imagerec trainer shares (:mod:`imagerec._engine`): stage 1 the
    head alone on the frozen backbone, stage 2 everything (DDP under torchrun); with
-   ``resize_from`` below 1, the first steps at a smaller input size (progressive resizing); with ``ema``, a
-   moving average of the weights; validate and save checkpoints at every epoch end, ``last``
+   ``resize_from`` below 1, the first steps at a smaller input size (progressive resizing);
+   with ``ema``, a moving average of the weights; validate and save checkpoints at every epoch end, ``last``
    every ``save_every`` steps too, ``best`` on a better validation accuracy (the averaged
    weights, with ``ema``); stop early after ``patience`` epochs without progress. Each of these
    is a callback (:mod:`._stage`, :mod:`._callbacks`);

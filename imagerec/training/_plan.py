@@ -44,8 +44,9 @@ class Plan:
         image_size: the input size, px.
         start_size: the input size of the first steps (progressive resizing; ``image_size``: off).
         world_size: processes (torchrun), each with ``steps_per_epoch`` steps an epoch.
-        timing: seconds measured for the budget (``step_s``, ``head_step_s``, ``eval_image_s``,
-            ``measured_step_s`` after the re-plan).
+        timing: seconds measured for the budget (``full_step_s``, ``start_step_s`` with
+            progressive resizing, ``step_s`` their mean over the schedule, ``head_step_s``,
+            ``eval_image_s``; after a re-plan ``measured_step_s`` and ``replans``, one entry a fit).
         replan_at: the step at which the budget fits the run again (None: no re-plan left).
     """
 
@@ -73,6 +74,14 @@ class Plan:
         at (progressive resizing: cheap small steps early, the full size where it matters)."""
         stage2 = max(1, self.total_steps - self.head_steps)
         return resize_schedule(max(0, step - self.head_steps) / stage2, self.start_size, self.image_size)
+
+    def priced_step_s(self, step: int) -> float:
+        """Seconds the budget priced ``step`` at: the timed step, at that step's input size."""
+        return step_s_at(self.timing, self.size_at(step), self.start_size, self.image_size)
+
+    def mean_step_s(self, after: int) -> float:
+        """The budget's price of each step after ``after``: their mean over the resizing schedule."""
+        return mean_step_s(self.timing, self.start_size, self.image_size, after=after / self.total_steps)
 
     def to_dict(self) -> dict:
         return asdict(self)
