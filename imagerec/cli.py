@@ -266,7 +266,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)})"
+        help_text = f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)})".replace("%", "%%")  # argparse formats help with %
         kind = str(f.type)
         if kind == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)

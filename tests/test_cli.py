@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -22,6 +23,18 @@ def test_version(capsys):
 def test_help(capsys, argv):
     code, out, _ = run_cli(capsys, *argv)
     assert code == 0 and "usage: imagerec" in out
+
+
+def test_every_command_has_a_help_page(capsys):
+    """argparse formats help texts with %: a help text with a bare % (as "70% of steps") crashed
+    ``imagerec train --help`` with a traceback."""
+    from imagerec.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"train", "quickstart", "cluster"} <= set(commands)
+    for command in commands:
+        code, out, _ = run_cli(capsys, command, "--help")
+        assert code == 0 and f"usage: imagerec {command}" in out, command
 
 
 def test_models_table_lists_every_backbone(capsys):
