@@ -32,6 +32,7 @@ from imagerec._onnx import onnx_session
 from imagerec.compress import prune, quantize
 from imagerec.data import Preprocessing, iter_batches, load_images
 from imagerec.export import export_model
+from imagerec.training._calibrate import fit_temperature
 
 from .conftest import make_class_folder, make_colour_dataset
 
@@ -252,6 +253,30 @@ def test_prune_seed_cnn_shrinks_fine_tunes_loads_predicts_and_exports(colour_run
     assert json.loads(metadata(onnx_file)[KEY_COMPRESSION])["prune"] == 0.5
     both = quantize(onnx_file, tmp_path / "pruned.int8.onnx", mode="dynamic")
     assert json.loads(metadata(both)[KEY_COMPRESSION]).keys() >= {"prune", "params_after", "quantize"}
+
+
+def test_prune_fits_a_new_temperature_on_images_the_fine_tune_never_saw(colour_run, tmp_path):
+    run, data, _ = colour_run  # trained with val_fraction=0: no temperature of its own
+    out = prune(run, tmp_path / "pruned.safetensors", amount=0.5, data=data, steps=20, lr=0.1, batch_size=8, val_fraction=0.25, progress=False)
+
+    meta = load_checkpoint(out).meta
+    held_out = load_images(data, "val", val_fraction=0.25, seed=0)  # the training config's seed
+    assert meta["calibration"]["images"] == len(held_out) == 12  # 4 of each class's 16
+    assert meta["compression"]["fine_tune_images"] == 48 - 12  # the rest, and only the rest
+    # T is the one that minimises the pruned model's NLL on those images, and predict applies it
+    clf = Classifier.load(out)
+    raw = clf.predict_proba(list(held_out.paths)) ** clf.temperature_  # undo T: softmax(z/T)^T ∝ softmax(z)
+    raw /= raw.sum(1, keepdims=True)
+    labels = held_out.labels
+    assert clf.temperature_ == pytest.approx(meta["temperature"])
+    assert meta["temperature"] == pytest.approx(fit_temperature(np.log(raw), labels), rel=1e-3)
+    assert meta["temperature"] != pytest.approx(1.0, abs=1e-3)
+
+    # no held-out images: T = 1, said on stderr
+    plain = prune(run, tmp_path / "plain.safetensors", amount=0.5, data=data, steps=1, batch_size=8, progress=False)
+    assert "temperature" not in load_checkpoint(plain).meta
+    with pytest.raises(ImagerecError, match=r"val_fraction=1.0 must be in \[0, 1\)"):
+        prune(run, tmp_path / "p.safetensors", amount=0.5, data=data, val_fraction=1.0, progress=False)
 
 
 def test_prune_efficientnet_lite0(colour_run, tmp_path):

@@ -6,6 +6,10 @@ the model once to find the layers whose channels must be removed together (a res
 depthwise convolution and its neighbours, the batch norm after a convolution) and ranks each
 such group by the L2 norm of its weights. The classifier layer keeps all its outputs.
 
+Fine-tuning changes the scale of the logits, so the source's calibration temperature no longer
+fits: a new one is fitted on held-out images the fine-tune never saw (the same validation split
+training held out, by default), as training does.
+
 The checkpoint written is an ordinary imagerec checkpoint:
 :func:`imagerec.checkpoint.model_from_checkpoint` narrows the registry backbone to the stored
 shapes, so it loads, predicts and exports like any other, with no pickle.
@@ -24,9 +28,10 @@ from torch import nn
 from .._engine import Loop, Progress, StepOutput, WarmupCosine
 from .._optim import decay_groups
 from ..checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
-from ..data import decode_small_images, iter_batches, load_images
+from ..data import decode_small_images, has_val_folder, iter_batches, load_images
 from ..errors import ImagerecError
-from ..inference import resolve_device
+from ..inference import predict_source, resolve_device
+from ..training._calibrate import calibration_meta
 
 LR_BATCH = 64  # lr is the peak learning rate for this many images per step; scaled linearly
 _META_KEPT = ("backbone", "classes", "preprocessing", "config", "data")
@@ -47,6 +52,7 @@ def prune(
     batch_size: int = 64,
     image_size: int | None = None,
     seed: int = 0,
+    val_fraction: float | None = None,
     device: str = "auto",
     progress: bool = True,
     allow_outside: bool = False,
@@ -68,13 +74,20 @@ def prune(
         image_size: input side in pixels for fine-tuning and the saved preprocessing; default
             the checkpoint's.
         seed: seed of the data order, the augmentation and dropout.
+        val_fraction: share of each class of ``data`` held out of the fine-tune to fit the new
+            calibration temperature on, when ``data`` has no validation folder. Default: the
+            checkpoint's own (its training config's ``val_fraction`` and ``seed``), so the
+            held-out images are those training held out. 0 and no validation folder: T = 1.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         progress: show a progress bar.
         allow_outside: read manifest rows of ``data`` that point outside the manifest's folder.
 
     Returns:
         The path written. Its ``meta["compression"]`` records ``prune`` (the amount),
-        ``params_before``, ``params_after`` and ``fine_tune_steps``.
+        ``params_before``, ``params_after``, ``fine_tune_steps`` and ``fine_tune_images``; its
+        ``meta["temperature"]`` and ``meta["calibration"]`` the temperature fitted after the
+        fine-tune (absent when there were no held-out images or the source was trained with
+        ``calibrate=False``).
 
     Raises:
         ImagerecError: torch-pruning is not installed, ``amount`` is outside (0, 1), a bad
@@ -89,11 +102,18 @@ def prune(
         raise ImagerecError(f"steps={steps} must be >= 0; 0 skips fine-tuning")
     if not lr > 0 or batch_size < 1:
         raise ImagerecError(f"lr={lr} must be > 0 and batch_size={batch_size} >= 1; e.g. lr=0.05, batch_size=64")
+    if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
+        raise ImagerecError(f"val_fraction={val_fraction} must be in [0, 1): the share held out to calibrate on, e.g. 0.1")
     tp = _import_torch_pruning()
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
     pp = model.preprocessing.resolve(image_size)
-    source = _labelled_source(data, ckpt.meta["classes"], progress, allow_outside)
+    trained = ckpt.meta.get("config") or {}
+    held_out = dict(val_fraction=trained.get("val_fraction", 0.0) if val_fraction is None else val_fraction, seed=trained.get("seed", 0))
+    source = _labelled_source(data, "train", ckpt.meta["classes"], progress, allow_outside, **held_out)
+    val_source = None
+    if trained.get("calibrate", True) and (held_out["val_fraction"] > 0 or has_val_folder(data)):
+        val_source = _labelled_source(data, "val", ckpt.meta["classes"], progress, allow_outside, **held_out)
     batch_size = min(batch_size, len(source))  # a small data set is one batch per step
     steps_per_epoch = len(source) // batch_size
     total = steps if steps is not None else max(1, round(epochs * steps_per_epoch))
@@ -117,8 +137,11 @@ def prune(
     # 3. Fine-tune to recover what pruning cost.
     loss = _fine_tune(model.to(dev), source, pp, total, lr * batch_size / LR_BATCH, batch_size, seed, dev, progress)
 
-    # 4. Save an ordinary checkpoint: the source's facts, plus how it was compressed.
+    # 4. Calibrate again: the fine-tune changed the logits, so the source's temperature is stale.
     meta = {k: ckpt.meta[k] for k in _META_KEPT if k in ckpt.meta}
+    meta.update(_calibration(model, val_source, pp, trained.get("tta", False), dev))
+
+    # 5. Save an ordinary checkpoint: the source's facts, plus how it was compressed.
     meta["preprocessing"] = pp.to_dict()
     meta["compression"] = dict(
         ckpt.meta.get("compression", {}),
@@ -126,6 +149,7 @@ def prune(
         params_before=params_before,
         params_after=params_after,
         fine_tune_steps=total,
+        fine_tune_images=len(source),
         fine_tune_loss=loss,
         source=str(ckpt.path),
     )
@@ -141,9 +165,9 @@ def _import_torch_pruning():
     return torch_pruning
 
 
-def _labelled_source(data, classes: list[str], progress: bool, allow_outside: bool = False):
-    """The ``train`` split of ``data``, labelled in the checkpoint's class order."""
-    source = load_images(data, "train", allow_outside=allow_outside)
+def _labelled_source(data, split: str, classes: list[str], progress: bool, allow_outside: bool, val_fraction: float, seed: int):
+    """The ``split`` of ``data``, labelled in the checkpoint's class order."""
+    source = load_images(data, split, val_fraction=val_fraction, seed=seed, allow_outside=allow_outside)
     if not source.labelled:
         raise ImagerecError(f"{source.root}: fine-tuning needs labels: arrange images as DIR/<class>/*, or give a CSV manifest path,label")
     if sorted(source.classes) != sorted(classes):
@@ -155,6 +179,20 @@ def _labelled_source(data, classes: list[str], progress: bool, allow_outside: bo
     source.labels = order[source.labels]
     source.classes = list(classes)
     return decode_small_images(source, progress=progress) or source
+
+
+def _calibration(model, val_source, pp, tta: bool, device) -> dict:
+    """The temperature fitted on the held-out images (see :func:`imagerec.training._calibrate.calibration_meta`)."""
+    if val_source is None:
+        _say("calibration: no held-out images (val_fraction=0, no val folder): probabilities stay uncalibrated (T=1)")
+        return {}
+    out = predict_source(model, val_source, pp, tta=tta, device=device)
+    if not len(out.indices):
+        _say(f"calibration: no held-out image of {val_source.root} could be read: probabilities stay uncalibrated (T=1)")
+        return {}
+    meta = calibration_meta(out.raw_proba, val_source.labels[out.indices])
+    _say(f"calibration: temperature {meta['temperature']:.3f} fitted on {len(out.indices)} held-out images after the fine-tune")
+    return meta
 
 
 def _count_params(model: nn.Module) -> int:

@@ -165,6 +165,13 @@ def load_images(
     return _carve(source, split, val_fraction, seed, text)
 
 
+def has_val_folder(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` is a folder with a validation folder of its own (``val``, ``valid`` or
+    ``validation``): then ``load_images(spec, "val")`` reads it, with no carve-out."""
+    path = Path(os.fspath(spec)).expanduser()
+    return path.is_dir() and any((path / name).is_dir() for name in _SPLIT_FOLDERS["val"])
+
+
 def _split_arrays(loader, folder, split, val_fraction, seed) -> ImageSource:
     """Splits of a data set that comes as a train part and a test part (the CIFAR batches)."""
     if split == "test":
