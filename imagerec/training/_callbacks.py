@@ -148,10 +148,11 @@ class EpochEnd(Callback):
         self.history.append(row)
         improved = val_acc is None or val_acc > self.best
         self.best, self.stale = (val_acc if val_acc is not None else self.best, 0) if improved else (self.best, self.stale + 1)
+        if improved:
+            self.calibrated = calibrated(self.meta, self.cfg, self.val_src, val_out, self.world)  # from this model's own validation pass
         if self.world.main:
             self.skipped.report()
             if improved:
-                self.calibrated = calibrated(self.meta, self.cfg, self.val_src, val_out)  # from this model's own validation pass
                 save_checkpoint(self.run_dir / BEST, self._checkpoint(loop.step, last=False))
             save_checkpoint(self.run_dir / LAST, self._checkpoint(loop.step, last=True))
             write_metrics(self.run_dir, self.history)
@@ -210,14 +211,16 @@ def validate(model, val_src, pp, cfg, world: World, bf16: bool, skipped: SkipLog
     return loss_sum / max(n, 1), correct / max(n, 1), out
 
 
-def calibrated(meta: dict, cfg: TrainConfig, val_src: ImageSource | None, val_out: Predictions | None) -> dict:
-    """``meta`` with the temperature fitted on the validation predictions (this process's shard).
+def calibrated(meta: dict, cfg: TrainConfig, val_src: ImageSource | None, val_out: Predictions | None, world: World) -> dict:
+    """``meta`` with the temperature fitted on the validation predictions of every process's
+    shard (so every process calls it).
 
     No validation split, no readable validation image, or ``calibrate=False``: T is left out (1).
     """
-    if not cfg.calibrate or val_out is None or not len(val_out.indices):
+    if not cfg.calibrate or val_out is None:
         return meta
-    return dict(meta, **calibration_meta(val_out.raw_proba, val_src.labels[val_out.indices]))
+    raw_proba, labels = world.gather(val_out.raw_proba), world.gather(val_src.labels[val_out.indices])
+    return dict(meta, **calibration_meta(raw_proba, labels)) if len(labels) else meta
 
 
 def make_checkpoint(model, stage, meta, plan: Plan, step, history) -> Checkpoint:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -36,6 +37,15 @@ class World:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return tensor.tolist()
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """The ``rows`` of every process, concatenated in rank order (``rows`` in a world of one).
+        Every process must call it: each may hold a different number of rows."""
+        if self.size == 1:
+            return rows
+        parts = [None] * self.size
+        dist.all_gather_object(parts, rows)
+        return np.concatenate(parts)
 
     def average_gradients(self, params) -> None:
         """Average the gradients of ``params`` across processes (used where DDP is not wrapping)."""
