@@ -208,6 +208,8 @@ def test_torchrun_two_processes_on_cpu(colour_folder, tmp_path):
     assert ckpt.meta["plan"]["world_size"] == 2
     assert ckpt.meta["plan"]["steps_per_epoch"] == (36 // 2) // 4  # each process sees half the images
     assert len(read_metrics(run)) == 2
+    # the temperature is fitted on both processes' validation shards, not on rank 0's 6 images
+    assert load_checkpoint(run / "best.safetensors").meta["calibration"]["images"] == 12
 
 
 # -- issue 10: resume checks the data, one writer per run folder, unreadable batches --------------
@@ -372,6 +374,25 @@ def test_the_budget_keeps_time_for_the_images_predicted_after_training():
     _, alone = Budget(cfg, world, now).fit(timing, steps_per_epoch=10_000, head_steps=0, val_images=0)
     _, with_test = Budget(cfg, world, now, final_images=10_000).fit(timing, steps_per_epoch=10_000, head_steps=0, val_images=0)
     assert 235 <= alone - with_test <= 245
+
+
+def test_a_refit_prices_the_prediction_after_training_at_the_measured_pace():
+    """Steps measured 1.5x slower than timed: the test images predicted after training will be
+    slower too. At 2 ms an image (x1.2), 10,000 images cost 24 s as timed and 36 s at that pace:
+    240 steps of 0.15 s (160 when priced as timed, which overran quickstart's budget). A faster
+    pace never shrinks that cost: 24 s are 480 steps of 0.05 s."""
+    from imagerec.training._distributed import World
+    from imagerec.training._plan import Budget, Plan
+
+    cfg = TrainConfig(time_budget=2.0, **FAST)
+    plan = Plan(10_000, 0, 1000, 0, False, 32, 1, timing={"full_step_s": 0.1, "step_s": 0.1, "eval_image_s": 0.002})
+    world, now = World(0, 1, torch.device("cpu")), time.perf_counter()
+
+    def room(pace: float, final_images: int) -> int:
+        return Budget(cfg, world, now, final_images=final_images).refit(plan, 0, pace, val_images=0)
+
+    assert 238 <= room(1.5, 0) - room(1.5, 10_000) <= 242
+    assert 478 <= room(0.5, 0) - room(0.5, 10_000) <= 482
 
 
 def test_quickstart_without_a_test_split_fails_before_training(capsys, tmp_path):

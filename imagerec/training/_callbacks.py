@@ -60,7 +60,7 @@ class Replan(Callback):
         self.last_end = now
         if loop.step == plan.replan_at:
             pace = self.world.sum(float(np.median(self.paces)))[0] / self.world.size  # every process must agree on the total
-            loop.total = plan.total_steps = self.budget.refit(plan, loop.step, pace * plan.mean_step_s(after=loop.step), self.val_images)
+            loop.total = plan.total_steps = self.budget.refit(plan, loop.step, pace, self.val_images)
             measured = pace * plan.priced_step_s(loop.step)
             plan.timing["measured_step_s"] = measured
             done = plan.timing.setdefault("replans", [])

@@ -211,14 +211,20 @@ class Budget:
             )
         return head_steps, _most_steps_within(budget, cost)
 
-    def refit(self, plan: Plan, step: int, step_s: float, val_images: int) -> int:
-        """The total steps that fit what is left, at the measured ``step_s`` (after ``step`` steps)."""
-        budget, val_cost, every, spe = self.left(), self._val_cost(plan.timing, val_images), self.cfg.save_every, plan.steps_per_epoch
+    def refit(self, plan: Plan, step: int, pace: float, val_images: int) -> int:
+        """The total steps that fit what is left after ``step`` steps, at ``pace``: the measured
+        time of a step over the time it was priced at. A machine slower than timed predicts slower
+        too, so the validation passes and the images predicted after training are priced at that
+        pace as well (never below their timed cost: running out of time is worse than a few steps
+        fewer)."""
+        budget, every, spe = self.left(), self.cfg.save_every, plan.steps_per_epoch
+        step_s, slower = pace * plan.mean_step_s(after=step), max(1.0, pace)
+        val_cost, after = slower * self._val_cost(plan.timing, val_images), slower * self._predict_cost(plan.timing, self.final_images)
 
         def cost(more: int) -> float:
             epochs = math.ceil((step + more) / spe) - step // spe
             saves = epochs * 2 + ((step + more) // every - step // every if every else 0)
-            return more * step_s + epochs * val_cost + self._predict_cost(plan.timing, self.final_images) + saves * SAVE_S
+            return more * step_s + epochs * val_cost + after + saves * SAVE_S
 
         return step + _most_steps_within(budget, cost)
 
