@@ -33,6 +33,9 @@ from PIL import Image
 
 from imagerec._decode import DEFAULT_MAX_PIXELS, DecodeError, load_rgb, peek_size
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tests._mutate import mutate  # noqa: E402 - the tests' mutator, run longer
+
 EXT = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
 MODES = {"PNG": ["RGB", "RGBA", "L", "P", "I;16"], "JPEG": ["RGB", "L", "CMYK"], "GIF": ["P", "L"],
          "BMP": ["RGB", "L", "P"], "WEBP": ["RGB", "RGBA"], "TIFF": ["RGB", "CMYK", "L", "I;16"]}
@@ -59,26 +62,6 @@ def samples(photos: str | None, per_format: int = 3) -> list[tuple[str, bytes]]:
             with open(name, "rb") as f:
                 out.append(("photo/JPEG", f.read()))
     return out
-
-
-def mutate(data: bytes, rng: random.Random) -> bytes:
-    out = bytearray(data)
-    for _ in range(rng.randint(1, 8)):
-        kind = rng.choice(["flip", "set", "insert", "delete", "truncate", "header", "header"])
-        pos = rng.randrange(len(out)) if out else 0
-        if kind == "flip" and out:
-            out[pos] ^= 1 << rng.randrange(8)
-        elif kind == "set" and out:
-            out[pos] = rng.choice([0, 0xFF, 0x7F, 0x80, rng.randrange(256)])
-        elif kind == "insert":
-            out[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 32)))
-        elif kind == "delete" and out:
-            del out[pos : pos + rng.randint(1, 32)]
-        elif kind == "truncate":
-            del out[rng.randrange(len(out) + 1) :]
-        elif kind == "header" and len(out) > 8:
-            out[rng.randrange(min(64, len(out)))] = rng.randrange(256)
-    return bytes(out)
 
 
 def reason_kind(reason: str) -> str:
@@ -110,7 +93,7 @@ def main(argv=None) -> int:
                 ext = rng.choice(list(EXT.values())) if rng.random() < 0.2 else own
                 path = os.path.join(tmp, f"case{ext}")
                 with open(path, "wb") as f:
-                    f.write(mutate(data, rng))
+                    f.write(mutate(data, rng, edits=8, span=32, header_weight=2))
                 faulthandler.dump_traceback_later(args.hang_s, exit=True)
                 t0 = time.perf_counter()
                 try:

@@ -26,6 +26,8 @@ from imagerec._decode import DecodeError, expand_paths, load_rgb, peek_size, wal
 from imagerec.data import decode_small_images, report_skipped
 from imagerec.errors import ImagerecError
 
+from ._mutate import mutate
+
 FORMATS = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
 FUZZ_LIMIT = 4_000_000  # pixels: a mutated header may claim a huge image; keep each case cheap
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -43,27 +45,6 @@ def real_image_bytes(fmt: str, seed: int = 0, size=(12, 9), mode: str = "RGB") -
 
 
 SAMPLES = {fmt: real_image_bytes(fmt) for fmt in FORMATS}
-
-
-def mutate(data: bytes, rng: random.Random) -> bytes:
-    """Flip, overwrite, insert, delete or truncate a few bytes (header bytes more often)."""
-    out = bytearray(data)
-    for _ in range(rng.randint(1, 6)):
-        kind = rng.choice(["flip", "set", "insert", "delete", "truncate", "header"])
-        pos = rng.randrange(len(out)) if out else 0
-        if kind == "flip" and out:
-            out[pos] ^= 1 << rng.randrange(8)
-        elif kind == "set" and out:
-            out[pos] = rng.choice([0, 0xFF, 0x7F, 0x80, rng.randrange(256)])
-        elif kind == "insert":
-            out[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
-        elif kind == "delete" and out:
-            del out[pos : pos + rng.randint(1, 16)]
-        elif kind == "truncate":
-            del out[rng.randrange(len(out) + 1) :]
-        elif kind == "header" and len(out) > 8:
-            out[rng.randrange(min(64, len(out)))] = rng.randrange(256)
-    return bytes(out)
 
 
 def assert_decoded_or_skipped(path, max_pixels: int = FUZZ_LIMIT) -> str:
