@@ -21,7 +21,7 @@ from imagerec.runtime import preprocess
 from imagerec.checkpoint import Checkpoint, checkpoint_temperature, save_checkpoint
 from imagerec.evaluation import build_report, calibration
 from imagerec.export import export_model
-from imagerec.training._calibrate import T_BOUNDS, calibration_meta, fit_temperature, nll
+from imagerec.training._calibrate import T_BOUNDS, calibration_meta, describe, fit_temperature, nll
 
 from .conftest import make_colour_dataset
 
@@ -73,6 +73,21 @@ def test_fit_on_log_probabilities_equals_fit_on_logits_and_stays_in_bounds():
     hopeless = np.eye(3)[[1, 2, 0] * 10] * 50.0  # always wrong and sure of it: the bound holds
     assert fit_temperature(hopeless, np.array([0, 1, 2] * 10)) == pytest.approx(T_BOUNDS[1], rel=1e-2)
     assert fit_temperature(np.zeros((0, 3)), np.zeros(0, int)) == 1.0
+
+
+def test_no_temperature_is_fitted_when_every_held_out_image_is_right():
+    """Every image right: the NLL falls as T shrinks to 0, so a fit would end at the lower bound
+    and claim certainty on every later image (8 easy validation photos of an easy set). T stays 1;
+    one wrong image makes the fit well posed again."""
+    logits = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.5]] * 3)
+    labels = np.array([0, 1, 2] * 3)
+    assert nll(logits, labels, T_BOUNDS[0]) < nll(logits, labels)  # what a plain fit would chase
+    assert fit_temperature(logits, labels) == 1.0
+    meta = calibration_meta(softmax(logits), labels)
+    assert meta["temperature"] == 1.0 and meta["calibration"]["all_right"]
+    assert "all 9 validation images are right, so no temperature can be fitted" in describe(meta)
+    labels[-1] = 0
+    assert T_BOUNDS[0] < fit_temperature(logits, labels) < 1.0 and not calibration_meta(softmax(logits), labels)["calibration"]["all_right"]
 
 
 def test_report_shows_ece_before_and_after():

@@ -32,6 +32,7 @@ from ..data import decode_small_images, has_val_folder, iter_batches, load_image
 from ..errors import ImagerecError
 from ..inference import predict_source, resolve_device
 from ..training._calibrate import calibration_meta
+from ..training._calibrate import describe as describe_calibration
 
 LR_BATCH = 64  # lr is the peak learning rate for this many images per step; scaled linearly
 _META_KEPT = ("backbone", "classes", "preprocessing", "config", "data")
@@ -183,15 +184,9 @@ def _labelled_source(data, split: str, classes: list[str], progress: bool, allow
 
 def _calibration(model, val_source, pp, tta: bool, device) -> dict:
     """The temperature fitted on the held-out images (see :func:`imagerec.training._calibrate.calibration_meta`)."""
-    if val_source is None:
-        _say("calibration: no held-out images (val_fraction=0, no val folder): probabilities stay uncalibrated (T=1)")
-        return {}
-    out = predict_source(model, val_source, pp, tta=tta, device=device)
-    if not len(out.indices):
-        _say(f"calibration: no held-out image of {val_source.root} could be read: probabilities stay uncalibrated (T=1)")
-        return {}
-    meta = calibration_meta(out.raw_proba, val_source.labels[out.indices])
-    _say(f"calibration: temperature {meta['temperature']:.3f} fitted on {len(out.indices)} held-out images after the fine-tune")
+    out = predict_source(model, val_source, pp, tta=tta, device=device) if val_source is not None else None
+    meta = calibration_meta(out.raw_proba, val_source.labels[out.indices]) if out is not None and len(out.indices) else {}
+    _say(describe_calibration(meta, "held-out images"))
     return meta
 
 

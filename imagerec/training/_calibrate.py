@@ -38,12 +38,14 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         labels: int array (N,) of their true classes.
 
     Returns:
-        T in ``T_BOUNDS``; 1.0 when there are no images.
+        T in ``T_BOUNDS``; 1.0 when there are no images, or when every image is right: then the
+        likelihood only grows as T shrinks to 0, and the "fit" would claim certainty on every
+        later image from a few easy ones (a small validation split of an easy data set).
     """
     labels = np.asarray(labels, np.int64)
-    if not len(labels):
-        return 1.0
     logits = np.asarray(logits, np.float64)
+    if not len(labels) or all_right(logits, labels):
+        return 1.0
     result = minimize_scalar(
         lambda log_t: nll(logits, labels, float(np.exp(log_t))),
         bounds=tuple(np.log(T_BOUNDS)),
@@ -51,6 +53,11 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         options={"xatol": 1e-4},
     )
     return float(np.exp(result.x))
+
+
+def all_right(logits: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether the most probable class of every row is its label (then no temperature fits)."""
+    return bool(len(labels)) and bool((np.asarray(logits).argmax(1) == np.asarray(labels)).all())
 
 
 def calibration_meta(raw_proba: np.ndarray, labels: np.ndarray) -> dict:
@@ -61,7 +68,7 @@ def calibration_meta(raw_proba: np.ndarray, labels: np.ndarray) -> dict:
         labels: int array (N,) of their true classes.
 
     Returns:
-        ``{"temperature": T, "calibration": {"images", "nll_before", "nll_after"}}``.
+        ``{"temperature": T, "calibration": {"images", "nll_before", "nll_after", "all_right"}}``.
     """
     log_p = np.log(np.clip(np.asarray(raw_proba, np.float64), MIN_PROBABILITY, None))
     temperature = fit_temperature(log_p, labels)
@@ -69,5 +76,22 @@ def calibration_meta(raw_proba: np.ndarray, labels: np.ndarray) -> dict:
         "images": int(len(labels)),
         "nll_before": nll(log_p, labels) if len(labels) else None,
         "nll_after": nll(log_p, labels, temperature) if len(labels) else None,
+        "all_right": all_right(log_p, labels),
     }
     return {"temperature": temperature, "calibration": facts}
+
+
+def describe(meta: dict, held_out: str = "validation images") -> str:
+    """One line on the calibration in ``meta`` (see :func:`calibration_meta`) for the console."""
+    facts = meta.get("calibration")
+    if facts is None:
+        return "calibration: no held-out images (val_fraction=0, no val folder): probabilities stay uncalibrated (T=1)"
+    if facts.get("all_right"):
+        return (
+            f"calibration: all {facts['images']} {held_out} are right, so no temperature can be fitted "
+            "(it would shrink to 0 and claim certainty): T=1; hold out more images to calibrate"
+        )
+    return (
+        f"calibration: temperature {meta['temperature']:.3f} fitted on {facts['images']} {held_out} "
+        f"(NLL {facts['nll_before']:.4f} -> {facts['nll_after']:.4f})"
+    )

@@ -54,6 +54,7 @@ from ..data import DEFAULT_MAX_PIXELS, ImageSource, decode_small_images, has_val
 from ..errors import ImagerecError
 from ..inference import predict_source
 from ._calibrate import calibration_meta
+from ._calibrate import describe as describe_calibration
 from ._callbacks import EpochEnd, Replan, RunningLoss, SkipLog, make_checkpoint, write_config
 from ._config import TrainConfig
 from ._distributed import World, setup, teardown
@@ -238,7 +239,7 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
     if world.main and _searches_test_size(cfg, pretrained, model, val_src):
         epoch_end.calibrated = _choose_test_size(run_dir, model, val_src, pp, cfg, world, plan.bf16) or epoch_end.calibrated
     if world.main and cfg.calibrate:
-        _say(_calibration_text(epoch_end.calibrated))
+        _say(describe_calibration(epoch_end.calibrated))
     return TrainResult(run_dir, classes, history, plan)
 
 
@@ -359,16 +360,6 @@ def _sizes_text(plan: Plan) -> str:
         return f"{plan.image_size} px"
     low, high = RESIZE_RAMP
     return f"{plan.start_size} px growing to {plan.image_size} px from {low:.0%} to {high:.0%} of stage 2"
-
-
-def _calibration_text(meta: dict) -> str:
-    facts = meta.get("calibration")
-    if facts is None:
-        return "calibration: no held-out images (val_fraction=0, no val folder): probabilities stay uncalibrated (T=1)"
-    return (
-        f"calibration: temperature {meta['temperature']:.3f} fitted on {facts['images']} validation images "
-        f"(NLL {facts['nll_before']:.4f} -> {facts['nll_after']:.4f})"
-    )
 
 
 def _say(text: str) -> None:
