@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"], default="minmax", help="activation range estimate (default: minmax)")
     p.add_argument("--prune", type=float, metavar="AMOUNT", help="share of channels removed (0-1), then a short fine-tune on --data")
     p.add_argument("--data", help="labelled images to fine-tune the pruned model on (with --prune)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="with --prune: share of --data held out of the fine-tune to fit the temperature on, when it has no val folder (default: the checkpoint's own)")
     p.add_argument("--epochs", type=_positive_float, default=1.0, help="fine-tuning epochs after pruning (default: 1)")
     _add_allow_outside(p)
     p.add_argument("--out", help="output file: .onnx for --quantize, .safetensors for --prune alone (default: beside the checkpoint)")
@@ -402,8 +404,17 @@ def _run_train(args) -> None:
     result = train(args.data, args.out, config, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
-    best = result.best_val_accuracy
-    print(f"run folder: {result.run_dir}" + (f"  best val accuracy: {best:.4f}" if best is not None else ""))
+    print(f"run folder: {result.run_dir}" + _best_text(result))
+
+
+def _best_text(result) -> str:
+    """Which epoch the best checkpoint holds, and its validation accuracy."""
+    rows = {row["epoch"]: row for row in result.history}
+    kept, highest = rows.get(result.best_epoch, {}).get("val_acc"), result.best_val_accuracy
+    if kept is None:
+        return ""
+    text = f"  best checkpoint: epoch {result.best_epoch}, val accuracy {kept:.4f}"
+    return text + (f" (the highest was {highest:.4f}; this later epoch is within one standard error of it)" if kept < highest else "")
 
 
 def _run_evaluate(args) -> None:
@@ -458,7 +469,7 @@ def _run_compress(args) -> None:
         pruned_out = args.out if args.out and args.quantize is None else folder / f"pruned{round(args.prune * 100)}.safetensors"
         model = prune(
             resolve_checkpoint(model), pruned_out, amount=args.prune, data=args.data, epochs=args.epochs, device=args.device,
-            progress=not args.no_progress, allow_outside=args.allow_outside,
+            val_fraction=args.val_fraction, progress=not args.no_progress, allow_outside=args.allow_outside,
         )
         print(f"wrote {model}")
     if args.quantize is not None:

@@ -90,7 +90,7 @@ def test_train_evaluate_predict_from_the_command_line(capsys, colour_folder, tmp
     run_dir = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", str(colour_folder), "--out", str(run_dir), "--backbone", "seed_cnn", "--epochs", "1",
                          "--batch-size", "8", "--val-fraction", "0.25", "--device", "cpu", "--no-progress")
-    assert code == 0 and "best val accuracy" in out
+    assert code == 0 and "best checkpoint: epoch 1, val accuracy" in out
     code, out, _ = run_cli(capsys, "evaluate", str(run_dir), str(colour_folder), "--out", str(tmp_path / "eval"))
     assert code == 0 and "accuracy" in out and (tmp_path / "eval" / "confusion.png").is_file()
     code, out, _ = run_cli(capsys, "predict", str(run_dir), str(colour_folder / "red" / "000.png"), "--format", "csv", "--top-k", "2")

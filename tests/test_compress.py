@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -255,26 +256,37 @@ def test_prune_seed_cnn_shrinks_fine_tunes_loads_predicts_and_exports(colour_run
     assert json.loads(metadata(both)[KEY_COMPRESSION]).keys() >= {"prune", "params_after", "quantize"}
 
 
-def test_prune_fits_a_new_temperature_on_images_the_fine_tune_never_saw(colour_run, tmp_path):
+def test_prune_fits_a_new_temperature_on_images_the_fine_tune_never_saw(colour_run, tmp_path, capsys):
     run, data, _ = colour_run  # trained with val_fraction=0: no temperature of its own
     out = prune(run, tmp_path / "pruned.safetensors", amount=0.5, data=data, steps=20, lr=0.1, batch_size=8, val_fraction=0.25, progress=False)
-
     meta = load_checkpoint(out).meta
     held_out = load_images(data, "val", val_fraction=0.25, seed=0)  # the training config's seed
     assert meta["calibration"]["images"] == len(held_out) == 12  # 4 of each class's 16
     assert meta["compression"]["fine_tune_images"] == 48 - 12  # the rest, and only the rest
+    # the colours are easy: every held-out image is right, so no temperature fits (T stays 1)
+    assert meta["temperature"] == 1.0 and meta["calibration"]["all_right"]
+    assert "all 12 held-out images are right" in capsys.readouterr().err
+
+    # a validation folder with one image in the wrong class folder: a confident mistake to fit on
+    split = tmp_path / "split"
+    shutil.copytree(data, split / "train")
+    shutil.copytree(data, split / "val")
+    (split / "val" / "red" / "000.png").rename(split / "val" / "blue" / "red-000.png")
+    out = prune(run, tmp_path / "split.safetensors", amount=0.5, data=split, steps=20, lr=0.1, batch_size=8, progress=False)
+    meta = load_checkpoint(out).meta
+    assert meta["calibration"]["images"] == 48 and meta["compression"]["fine_tune_images"] == 48
+    assert "calibration: temperature" in capsys.readouterr().err
     # T is the one that minimises the pruned model's NLL on those images, and predict applies it
-    clf = Classifier.load(out)
-    raw = clf.predict_proba(list(held_out.paths)) ** clf.temperature_  # undo T: softmax(z/T)^T ∝ softmax(z)
+    clf, val = Classifier.load(out), load_images(split, "val")
+    assert clf.temperature_ == pytest.approx(meta["temperature"]) and meta["temperature"] != pytest.approx(1.0, abs=1e-3)
+    raw = clf.predict_proba(list(val.paths)) ** clf.temperature_  # undo T: softmax(z/T)^T is proportional to softmax(z)
     raw /= raw.sum(1, keepdims=True)
-    labels = held_out.labels
-    assert clf.temperature_ == pytest.approx(meta["temperature"])
-    assert meta["temperature"] == pytest.approx(fit_temperature(np.log(raw), labels), rel=1e-3)
-    assert meta["temperature"] != pytest.approx(1.0, abs=1e-3)
+    assert meta["temperature"] == pytest.approx(fit_temperature(np.log(raw), val.labels), rel=1e-3)
 
     # no held-out images: T = 1, said on stderr
     plain = prune(run, tmp_path / "plain.safetensors", amount=0.5, data=data, steps=1, batch_size=8, progress=False)
     assert "temperature" not in load_checkpoint(plain).meta
+    assert "no held-out images" in capsys.readouterr().err
     with pytest.raises(ImagerecError, match=r"val_fraction=1.0 must be in \[0, 1\)"):
         prune(run, tmp_path / "p.safetensors", amount=0.5, data=data, val_fraction=1.0, progress=False)
 

@@ -112,8 +112,9 @@ def prune(
     trained = ckpt.meta.get("config") or {}
     held_out = dict(val_fraction=trained.get("val_fraction", 0.0) if val_fraction is None else val_fraction, seed=trained.get("seed", 0))
     source = _labelled_source(data, "train", ckpt.meta["classes"], progress, allow_outside, **held_out)
+    calibrate = trained.get("calibrate", True)
     val_source = None
-    if trained.get("calibrate", True) and (held_out["val_fraction"] > 0 or has_val_folder(data)):
+    if calibrate and (held_out["val_fraction"] > 0 or has_val_folder(data)):
         val_source = _labelled_source(data, "val", ckpt.meta["classes"], progress, allow_outside, **held_out)
     batch_size = min(batch_size, len(source))  # a small data set is one batch per step
     steps_per_epoch = len(source) // batch_size
@@ -140,7 +141,9 @@ def prune(
 
     # 4. Calibrate again: the fine-tune changed the logits, so the source's temperature is stale.
     meta = {k: ckpt.meta[k] for k in _META_KEPT if k in ckpt.meta}
-    meta.update(_calibration(model, val_source, pp, trained.get("tta", False), dev))
+    meta.update(_calibration(model, val_source, pp, trained.get("tta", False), dev) if calibrate else {})
+    if not calibrate:
+        _say("calibration: off, as the checkpoint was trained (calibrate=False): probabilities stay uncalibrated (T=1)")
 
     # 5. Save an ordinary checkpoint: the source's facts, plus how it was compressed.
     meta["preprocessing"] = pp.to_dict()
@@ -185,7 +188,10 @@ def _labelled_source(data, split: str, classes: list[str], progress: bool, allow
 def _calibration(model, val_source, pp, tta: bool, device) -> dict:
     """The temperature fitted on the held-out images (see :func:`imagerec.training._calibrate.calibration_meta`)."""
     out = predict_source(model, val_source, pp, tta=tta, device=device) if val_source is not None else None
-    meta = calibration_meta(out.raw_proba, val_source.labels[out.indices]) if out is not None and len(out.indices) else {}
+    if out is not None and not len(out.indices):
+        _say(f"calibration: no held-out image of {val_source.root} could be read: probabilities stay uncalibrated (T=1)")
+        return {}
+    meta = calibration_meta(out.raw_proba, val_source.labels[out.indices]) if out is not None else {}
     _say(describe_calibration(meta, "held-out images"))
     return meta
 

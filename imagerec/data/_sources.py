@@ -166,10 +166,11 @@ def load_images(
 
 
 def has_val_folder(spec: str | os.PathLike) -> bool:
-    """Whether ``spec`` is a folder with a validation folder of its own (``val``, ``valid`` or
-    ``validation``): then ``load_images(spec, "val")`` reads it, with no carve-out."""
+    """Whether ``spec`` is a folder with a training folder and a validation folder of its own
+    (``val``, ``valid`` or ``validation``): then ``load_images(spec, "val")`` reads it, with no
+    carve-out."""
     path = Path(os.fspath(spec)).expanduser()
-    return path.is_dir() and any((path / name).is_dir() for name in _SPLIT_FOLDERS["val"])
+    return path.is_dir() and {"train", "val"} <= set(_find_split_dirs(path))
 
 
 def _split_arrays(loader, folder, split, val_fraction, seed) -> ImageSource:

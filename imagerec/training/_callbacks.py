@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -99,9 +100,11 @@ class RunningLoss(Callback):
 
 class EpochEnd(Callback):
     """At each epoch's end (or the run's): validate, record a row of ``metrics.csv``, save
-    ``last`` and, on a better validation accuracy, ``best`` (with a temperature fitted on that
-    validation pass); stop after ``cfg.patience`` epochs without progress. Between epochs,
-    ``last`` is also saved every ``cfg.save_every`` steps, so a killed run loses little.
+    ``last`` and ``best`` (with a temperature fitted on that validation pass) when the validation
+    accuracy is the highest so far or within one standard error of it (:func:`within_one_se`),
+    so that ``best`` is the latest epoch the validation split cannot tell from the best one;
+    stop after ``cfg.patience`` epochs without a higher accuracy. Between epochs, ``last`` is
+    also saved every ``cfg.save_every`` steps, so a killed run loses little.
 
     With an :class:`~imagerec._engine.EMA`, the averaged weights are validated and saved as
     ``best``; ``last`` keeps the trained weights and the optimizer, to resume.
@@ -116,6 +119,7 @@ class EpochEnd(Callback):
         self.run_dir, self.model, self.stages, self.ema, self.meta, self.plan = run_dir, model, stages, ema, meta, plan
         self.history, self.val_src, self.pp, self.cfg, self.world = history, val_src, pp, cfg, world
         self.skipped, self.started, self.calibrated = skipped, started, meta
+        self.kept_epoch: int | None = None
         self.best = max([row["val_acc"] for row in history if row.get("val_acc") is not None], default=-1.0)
         self.stale = 0
         self.writer = _tensorboard(run_dir) if world.main else None
@@ -131,7 +135,7 @@ class EpochEnd(Callback):
         if not seen:
             raise ImagerecError(f"no training image of epoch {loop.epoch + 1} could be read; see {self.run_dir / 'skipped.csv'}")
         stage = self.stages.stage
-        val_loss, val_acc, val_out = validate(self._judged, self.val_src, self.pp, self.cfg, self.world, self.plan.bf16, self.skipped)
+        val_loss, val_acc, val_out, val_images = validate(self._judged, self.val_src, self.pp, self.cfg, self.world, self.plan.bf16, self.skipped)
         stage.apply_mode()
         row = {
             "epoch": loop.epoch + 1,
@@ -147,12 +151,14 @@ class EpochEnd(Callback):
         }
         self.history.append(row)
         improved = val_acc is None or val_acc > self.best
+        kept = improved or within_one_se(val_acc, self.best, val_images)
         self.best, self.stale = (val_acc if val_acc is not None else self.best, 0) if improved else (self.best, self.stale + 1)
-        if improved:
+        if kept:
+            self.kept_epoch = loop.epoch + 1
             self.calibrated = calibrated(self.meta, self.cfg, self.val_src, val_out, self.world)  # from this model's own validation pass
         if self.world.main:
             self.skipped.report()
-            if improved:
+            if kept:
                 save_checkpoint(self.run_dir / BEST, self._checkpoint(loop.step, last=False))
             save_checkpoint(self.run_dir / LAST, self._checkpoint(loop.step, last=True))
             write_metrics(self.run_dir, self.history)
@@ -199,28 +205,39 @@ class SkipLog:
             self.reported = len(self.items)
 
 
-def validate(model, val_src, pp, cfg, world: World, bf16: bool, skipped: SkipLog) -> tuple[float | None, float | None, Predictions | None]:
-    """(loss, accuracy, this process's predictions) on the validation split, each process its shard."""
+def within_one_se(val_acc: float | None, best: float, images: int) -> bool:
+    """Whether ``val_acc`` is within one standard error of the ``best`` accuracy on ``images``
+    validation images (Breiman's one-standard-error rule; the binomial error, at least one
+    image). On 30 images that is 1-2 images, which is noise: a later epoch that ties or nearly
+    ties an earlier one is kept. On 2,000 it is about 0.7 points."""
+    if val_acc is None or best < 0 or not images:
+        return False
+    return val_acc >= best - max(math.sqrt(best * (1 - best) / images), 1 / images) - 1e-9
+
+
+def validate(model, val_src, pp, cfg, world: World, bf16: bool, skipped: SkipLog) -> tuple[float | None, float | None, Predictions | None, int]:
+    """(loss, accuracy, this process's predictions, images read by all processes) on the
+    validation split, each process its shard."""
     if val_src is None:
-        return None, None, None
+        return None, None, None, 0
     shard = np.arange(len(val_src))[world.rank :: world.size]
     out = predict_source(model, val_src, pp, batch_size=128, tta=cfg.tta, device=world.device, bf16=bf16, indices=shard, workers=cfg.workers)
     skipped.add((None, item) for item in out.skipped)
     correct = float((out.proba.argmax(1) == val_src.labels[out.indices]).sum())
     loss_sum, correct, n = world.sum(out.loss_sum, correct, float(len(out.indices)))
-    return loss_sum / max(n, 1), correct / max(n, 1), out
+    return loss_sum / max(n, 1), correct / max(n, 1), out, int(n)
 
 
 def calibrated(meta: dict, cfg: TrainConfig, val_src: ImageSource | None, val_out: Predictions | None, world: World) -> dict:
     """``meta`` with the temperature fitted on the validation predictions of every process's
-    shard (so every process calls it).
+    shard, on the main process (every process calls it; the others get ``meta`` back).
 
     No validation split, no readable validation image, or ``calibrate=False``: T is left out (1).
     """
     if not cfg.calibrate or val_out is None:
         return meta
     raw_proba, labels = world.gather(val_out.raw_proba), world.gather(val_src.labels[val_out.indices])
-    return dict(meta, **calibration_meta(raw_proba, labels)) if len(labels) else meta
+    return dict(meta, **calibration_meta(raw_proba, labels)) if world.main and len(labels) else meta
 
 
 def make_checkpoint(model, stage, meta, plan: Plan, step, history) -> Checkpoint:

@@ -38,14 +38,15 @@ class World:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
-    def gather(self, rows: np.ndarray) -> np.ndarray:
-        """The ``rows`` of every process, concatenated in rank order (``rows`` in a world of one).
-        Every process must call it: each may hold a different number of rows."""
+    def gather(self, rows: np.ndarray) -> np.ndarray | None:
+        """On the main process, the ``rows`` of every process concatenated in rank order (``rows``
+        in a world of one); None on the others. Every process must call it; each may hold a
+        different number of rows."""
         if self.size == 1:
             return rows
-        parts = [None] * self.size
-        dist.all_gather_object(parts, rows)
-        return np.concatenate(parts)
+        parts = [None] * self.size if self.main else None
+        dist.gather_object(rows, parts, dst=0)
+        return np.concatenate(parts) if self.main else None
 
     def average_gradients(self, params) -> None:
         """Average the gradients of ``params`` across processes (used where DDP is not wrapping)."""

@@ -14,8 +14,9 @@
    head alone on the frozen backbone, stage 2 everything (DDP under torchrun); with
    ``resize_from`` below 1, the first steps at a smaller input size (progressive resizing);
    with ``ema``, a moving average of the weights; validate and save checkpoints at every epoch end, ``last``
-   every ``save_every`` steps too, ``best`` on a better validation accuracy (the averaged
-   weights, with ``ema``); stop early after ``patience`` epochs without progress. Each of these
+   every ``save_every`` steps too, ``best`` at the highest validation accuracy or within one
+   standard error of it, the latest such epoch (the averaged weights, with ``ema``); stop early
+   after ``patience`` epochs without a higher accuracy. Each of these
    is a callback (:mod:`._stage`, :mod:`._callbacks`);
 5. choose the input size for prediction on the validation split (FixRes), and say what the
    temperature fitted.
@@ -75,12 +76,15 @@ class TrainResult:
         classes: class names, in label order.
         history: one dict per epoch: the rows of metrics.csv.
         plan: the run's :class:`Plan` (steps per epoch, head steps, total steps, precision, timing).
+        best_epoch: the epoch (1-based) saved as ``best`` by this call (None: none was, e.g. a
+            resumed run that had already finished).
     """
 
     run_dir: Path
     classes: list[str]
     history: list[dict] = field(default_factory=list)
     plan: Plan | None = None
+    best_epoch: int | None = None
 
     @property
     def best_val_accuracy(self) -> float | None:
@@ -240,7 +244,7 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
         epoch_end.calibrated = _choose_test_size(run_dir, model, val_src, pp, cfg, world, plan.bf16) or epoch_end.calibrated
     if world.main and cfg.calibrate:
         _say(describe_calibration(epoch_end.calibrated))
-    return TrainResult(run_dir, classes, history, plan)
+    return TrainResult(run_dir, classes, history, plan, epoch_end.kept_epoch)
 
 
 def _searches_test_size(cfg: TrainConfig, pretrained: bool, model: nn.Module, val_src) -> bool:
