@@ -28,7 +28,7 @@ from torch import nn
 from .._engine import Loop, Progress, StepOutput, WarmupCosine
 from .._optim import decay_groups
 from ..checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
-from ..data import decode_small_images, has_val_folder, iter_batches, load_images
+from ..data import decode_small_images, has_val_split, iter_batches, load_images
 from ..errors import ImagerecError
 from ..inference import predict_source, resolve_device
 from ..training._calibrate import calibration_meta
@@ -114,7 +114,7 @@ def prune(
     source = _labelled_source(data, "train", ckpt.meta["classes"], progress, allow_outside, **held_out)
     calibrate = trained.get("calibrate", True)
     val_source = None
-    if calibrate and (held_out["val_fraction"] > 0 or has_val_folder(data)):
+    if calibrate and has_val_split(data, held_out["val_fraction"]):
         val_source = _labelled_source(data, "val", ckpt.meta["classes"], progress, allow_outside, **held_out)
     batch_size = min(batch_size, len(source))  # a small data set is one batch per step
     steps_per_epoch = len(source) // batch_size
@@ -141,8 +141,9 @@ def prune(
 
     # 4. Calibrate again: the fine-tune changed the logits, so the source's temperature is stale.
     meta = {k: ckpt.meta[k] for k in _META_KEPT if k in ckpt.meta}
-    meta.update(_calibration(model, val_source, pp, trained.get("tta", False), dev) if calibrate else {})
-    if not calibrate:
+    if calibrate:
+        meta.update(_calibration(model, val_source, pp, trained.get("tta", False), dev))
+    else:
         _say("calibration: off, as the checkpoint was trained (calibrate=False): probabilities stay uncalibrated (T=1)")
 
     # 5. Save an ordinary checkpoint: the source's facts, plus how it was compressed.

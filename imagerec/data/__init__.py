@@ -5,7 +5,7 @@ from ._cifar10 import load_cifar10
 from .._decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodeError, Skipped, is_image_file, load_rgb, to_rgb
 from ._loader import Batch, iter_batches
 from ._manifest import manifest_csv, write_manifest
-from ._sources import SPLITS, ImageSource, has_val_folder, load_images, report_skipped, stratified_split
+from ._sources import SPLITS, ImageSource, has_val_split, load_images, report_skipped, stratified_split
 from .transforms import AUGMENTS, BatchAugment, Preprocessing, eval_transform, train_transform
 
 __all__ = [
@@ -22,7 +22,7 @@ __all__ = [
     "Skipped",
     "decode_small_images",
     "eval_transform",
-    "has_val_folder",
+    "has_val_split",
     "is_image_file",
     "iter_batches",
     "load_cifar10",

@@ -165,12 +165,12 @@ def load_images(
     return _carve(source, split, val_fraction, seed, text)
 
 
-def has_val_folder(spec: str | os.PathLike) -> bool:
-    """Whether ``spec`` is a folder with a training folder and a validation folder of its own
-    (``val``, ``valid`` or ``validation``): then ``load_images(spec, "val")`` reads it, with no
-    carve-out."""
+def has_val_split(spec: str | os.PathLike, val_fraction: float) -> bool:
+    """Whether ``load_images(spec, "val", val_fraction=...)`` has a validation split to give: a
+    carve-out (``val_fraction`` > 0), or a folder with a training folder and a validation folder
+    of its own (``val``, ``valid`` or ``validation``)."""
     path = Path(os.fspath(spec)).expanduser()
-    return path.is_dir() and {"train", "val"} <= set(_find_split_dirs(path))
+    return val_fraction > 0 or (path.is_dir() and {"train", "val"} <= set(_find_split_dirs(path)))
 
 
 def _split_arrays(loader, folder, split, val_fraction, seed) -> ImageSource:

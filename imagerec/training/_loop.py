@@ -51,7 +51,7 @@ from .._engine import EMA, Loop, Progress
 from .._lock import run_lock
 from ..backbones import create_backbone, list_backbones
 from ..checkpoint import BEST, LAST, load_checkpoint, resolve_checkpoint, save_checkpoint
-from ..data import DEFAULT_MAX_PIXELS, ImageSource, decode_small_images, has_val_folder, iter_batches, load_images
+from ..data import DEFAULT_MAX_PIXELS, ImageSource, decode_small_images, has_val_split, iter_batches, load_images
 from ..errors import ImagerecError
 from ..inference import predict_source
 from ._calibrate import calibration_meta
@@ -295,7 +295,7 @@ def _load_splits(data, cfg: TrainConfig, progress: bool, expect: dict | None = N
     else:
         train_src = load_images(data, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels, allow_outside=cfg.allow_outside)
         val_src = None
-        if cfg.val_fraction > 0 or has_val_folder(data):
+        if has_val_split(data, cfg.val_fraction):
             val_src = load_images(data, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels, allow_outside=cfg.allow_outside)
     if not train_src.labelled:
         raise ImagerecError(f"{train_src.root}: training needs labels: arrange images as DIR/<class>/*, or give a CSV manifest path,label")
