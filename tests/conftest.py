@@ -47,12 +47,15 @@ def make_class_folder(root: Path, classes=("cat", "dog"), per_class: int = 6, si
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
 
-def make_colour_dataset(root: Path, per_class: int = 16, size=(32, 32), classes=("red", "green", "blue")) -> Path:
-    """A learnable data set: each class is noisy images of one colour, with a random dark square."""
+def make_colour_dataset(
+    root: Path, per_class: int = 16, size=(32, 32), classes=("red", "green", "blue"), noise: float = 40
+) -> Path:
+    """A learnable data set: each class is noisy images of one colour (pixel noise of std ``noise``),
+    with a random dark square."""
     rng = np.random.default_rng(0)
     for name in classes:
         for i in range(per_class):
-            pixels = np.clip(rng.normal(COLOURS[name], 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+            pixels = np.clip(rng.normal(COLOURS[name], noise, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
             y, x = rng.integers(0, size[1] // 2), rng.integers(0, size[0] // 2)
             pixels[y : y + size[1] // 3, x : x + size[0] // 3] //= 3
             path = root / name / f"{i:03d}.png"
