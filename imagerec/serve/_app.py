@@ -35,7 +35,6 @@ from ._engines import Engine, load_engine
 from ._images import decode_bytes
 from ._web import HttpMetrics, base_app
 
-RAW_TYPES = ("image/", "application/octet-stream")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 
 
@@ -172,14 +171,15 @@ class _Server:
 
     async def _read(self, request: Request) -> list[tuple[str, bytes]]:
         ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
+        media = ctype.split(";")[0].strip().lower()  # type and subtype are case-insensitive (RFC 9110)
+        if media == "multipart/form-data":
             limit = self.config.max_images
             async with request.form(max_files=limit, max_fields=limit) as form:
                 files = [(f.filename or key, await f.read()) for key, f in form.multi_items() if isinstance(f, UploadFile)]
             if not files:
                 raise HTTPException(400, "the form holds no files; send images as files, e.g. curl -F file=@cat.jpg URL")
             return files
-        if ctype == "" or ctype.startswith(RAW_TYPES):
+        if media in ("", "application/octet-stream") or media.startswith("image/"):
             body = await request.body()
             if not body:
                 raise HTTPException(400, "empty request body; send an image (curl --data-binary @cat.jpg) or a multipart form")
