@@ -1,8 +1,8 @@
 """Image bytes from a request to RGB pixels: ``imagerec._decode.load_rgb`` for uploads.
 
-The same rules as for files on disk (the pixel limit against decompression bombs, EXIF
-orientation, transparency on white), plus an allow-list of formats: Pillow is only asked to
-parse the formats imagerec reads from disk, so a request cannot reach its rarer parsers.
+The same rules as for files on disk (the pixel limit against decompression bombs, sides at most
+50:1, EXIF orientation, transparency on white), plus an allow-list of formats: Pillow is only
+asked to parse the formats imagerec reads from disk, so a request cannot reach its rarer parsers.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .._decode import DEFAULT_MAX_PIXELS, DecodeError, to_rgb
+from .._decode import DEFAULT_MAX_PIXELS, DecodeError, _check_size, to_rgb
 
 # Pillow's names of the formats of imagerec's IMAGE_EXTENSIONS (its JPEG parser also reads MPO)
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -29,7 +29,8 @@ def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         A fully decoded PIL image in mode ``RGB``.
 
     Raises:
-        DecodeError: empty, not an image of an allowed format, truncated or corrupt, or too large.
+        DecodeError: empty, not an image of an allowed format, truncated or corrupt, too large,
+            or too thin (sides over 50:1, which ``imagerec predict`` skips as well).
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
@@ -43,6 +44,7 @@ def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
                         f"{width}x{height} = {width * height:,} pixels is over the server's limit of "
                         f"{max_pixels:,} (a decompression-bomb guard); send a smaller image"
                     )
+                _check_size(img.size, max_pixels)  # and too thin, as imagerec predict skips it
                 img.load()
                 return to_rgb(ImageOps.exif_transpose(img))
     except DecodeError:
