@@ -171,7 +171,7 @@ class _Server:
 
     async def _read(self, request: Request) -> list[tuple[str, bytes]]:
         ctype = request.headers.get("content-type", "")
-        media = ctype.split(";")[0].strip().lower()  # type and subtype are case-insensitive (RFC 9110)
+        media = ctype.split(";")[0].strip(" \t").lower()  # case-insensitive, blanks around it (RFC 9110)
         if media == "multipart/form-data":
             limit = self.config.max_images
             async with request.form(max_files=limit, max_fields=limit) as form:
