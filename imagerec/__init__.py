@@ -44,6 +44,8 @@ _LAZY = {
     "build_index": ".index",
     "load_index": ".index",
     "quickstart": "._quickstart",
+    "select_next": ".suggest",
+    "suggest": ".suggest",
     "TrainConfig": ".training",
     "TrainResult": ".training",
     "train": ".training",

@@ -250,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_audit)
 
+    p = commands.add_parser("label", help="suggest a class for every image from a few labels, and which images to label next")
+    _add_data_arguments(p)
+    p.add_argument("--labels", help="path,label CSV of the images decided so far (default: the labels DATA holds)")
+    p.add_argument("--out", required=True, help="CSV to write: path, label, suggested, confidence, disagrees, next")
+    p.add_argument("--next", type=int, default=20, dest="next_count", help="how many images to rank for labelling next (default: 20)")
+    p.add_argument("--backbone", default="auto", help="registry name, or auto: Lite2 at 160 px for small images, Lite0 for photos")
+    p.add_argument("--cache", help="folder whose embeddings.npz the next run reuses (default: OUT.features)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_label)
+
     p = commands.add_parser("quickstart", help="the main job: download CIFAR-10, fine-tune, evaluate")
     p.add_argument("--data", default="cifar10", help="a local copy instead of the download (a split root or the CIFAR batches)")
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
@@ -607,6 +617,20 @@ def _run_studio(args) -> None:
     if k is not None and not isinstance(k, int):
         raise ImagerecError(f"--k {args.k!r} must be a whole number of clusters or 'auto'")
     serve(args.data, args.project, port=args.port, open_browser=args.open, k=k, backbone=args.backbone, image_size=args.image_size)
+
+
+def _run_label(args) -> None:
+    from .data import DEFAULT_MAX_PIXELS  # noqa: PLC0415
+    from .suggest import label_collection  # noqa: PLC0415
+
+    s, picks = label_collection(
+        args.data, args.labels, args.out, split=args.split, next_count=args.next_count, backbone=args.backbone, cache_dir=args.cache,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, allow_outside=args.allow_outside, progress=not args.no_progress,
+    )  # fmt: skip
+    labelled = sum(v is not None for v in s.labels)
+    disagree = int(s.suggester.disagrees_.sum())
+    print(f"imagerec label: {len(s.labels)} images, {labelled} labelled, {len(s.classes)} classes; "
+          f"{disagree} label(s) disagree with the others; {len(picks)} ranked to label next -> {args.out}")
 
 
 def _run_quickstart(args) -> None:
