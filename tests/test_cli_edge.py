@@ -27,12 +27,16 @@ def metadata(path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def colour_run(tmp_path_factory):
-    """A seed_cnn run that fits the colour data set (about 2 s), its data and its ONNX export."""
+    """A seed_cnn run that fits the colour data set (about 2 s), its data and its ONNX export.
+
+    lr 0.32 (per 64 images): 1.0 train accuracy on seeds 0-9 under avx2, default and one thread
+    (0.65-1.0 at the default 0.08)."""
     root = tmp_path_factory.mktemp("cli_edge")
     data = make_colour_dataset(root / "data", per_class=16)
     config = TrainConfig(
         backbone="seed_cnn",
         epochs=10,
+        lr=0.32,
         batch_size=8,
         val_fraction=0,
         tta=False,

@@ -45,10 +45,13 @@ MIN_TOP1_AGREEMENT = 0.9
 
 @pytest.fixture(scope="module")
 def colour_run(tmp_path_factory):
-    """A seed_cnn run that fits the colour data set (10 epochs, about 2 s), its data and fp32 ONNX."""
+    """A seed_cnn run that fits the colour data set (10 epochs, about 2 s), its data and fp32 ONNX.
+
+    lr 0.32 (per 64 images): 1.0 train accuracy on seeds 0-9 under avx2, default and one thread;
+    the default 0.08 gave 0.65-1.0, so the premise held on seed 0 by luck."""
     root = tmp_path_factory.mktemp("compress")
     data = make_colour_dataset(root / "data", per_class=16)
-    config = TrainConfig(backbone="seed_cnn", epochs=10, batch_size=8, val_fraction=0, tta=False, save_every=0, precision="fp32", device="cpu")
+    config = TrainConfig(backbone="seed_cnn", epochs=10, lr=0.32, batch_size=8, val_fraction=0, tta=False, save_every=0, precision="fp32", device="cpu")
     result = train(data, root / "run", config, progress=False)
     assert result.history[-1]["train_acc"] >= 0.9  # the premise of the agreement tests
     fp32 = export_model(root / "run", root / "fp32.onnx")
@@ -104,6 +107,7 @@ def weight_scales_and_activation_types(path) -> tuple[list[int], set[int]]:
 # quantize
 
 
+@pytest.mark.learned
 def test_int8_static_qdq_keeps_predictions_metadata_and_shrinks(colour_run, tmp_path):
     run, data, fp32 = colour_run
     out = quantize(run, tmp_path / "model.int8.onnx", calib=data, calib_images=40, batch_size=16)

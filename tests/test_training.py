@@ -72,13 +72,14 @@ def test_same_seed_same_metrics(colour_folder, tmp_path):
     assert [[r[k] for k in keys] for r in a.history] == [[r[k] for k in keys] for r in b.history]
 
 
+@pytest.mark.learned
 def test_transfer_recipe_learns(tmp_path):
     data = make_colour_dataset(tmp_path / "d", per_class=40)
     config = TrainConfig(epochs=2, head_epochs=1, image_size=64, batch_size=16, val_fraction=0.2, save_every=0, device="cpu")
     result = train(data, tmp_path / "run", config, progress=False)
     assert result.plan.head_steps > 0
     assert [r["stage"] for r in result.history] == [1, 2, 2]
-    assert result.best_val_accuracy >= 0.9
+    assert result.best_val_accuracy >= 0.8  # seeds 0-9, avx2 and default: 0.917-1.0 (chance: 0.33)
 
 
 def test_stage_two_keeps_the_early_layer_groups_frozen(tmp_path):
