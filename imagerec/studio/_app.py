@@ -1,9 +1,10 @@
 """The studio's web app: FastAPI routes over a :class:`~imagerec.studio._db.Project`.
 
 Safety, in one place (:func:`_guard`): every request must name this machine in ``Host``
-(127.0.0.1, localhost or ::1, which stops DNS rebinding); every POST must come with the
-project's secret twice, in a SameSite=Strict cookie and in an ``X-CSRF-Token`` header or
-``csrf`` form field, and with an ``Origin`` (when the browser sends one) equal to the page's.
+(127.0.0.1, localhost or [::1], with a port or none, which stops DNS rebinding); every POST must
+come with the project's secret twice, in a SameSite=Strict cookie and in an ``X-CSRF-Token``
+header or a ``csrf`` query parameter (the upload forms put it in their action URL), and with an
+``Origin`` (when the browser sends one) equal to the page's.
 Images are served by database id only; no URL carries a file path.
 """
 
@@ -14,6 +15,7 @@ import importlib.util
 import io
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from ._setup import import_data
 from ._thumbs import small_jpeg, thumbnail
 
 PAGE_SIZE = 200
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+LOCAL_HOST = re.compile(r"(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,5})?")
 MAX_UPLOAD = 20 * 1024 * 1024
 
 
@@ -75,8 +77,9 @@ def create_app(project_dir: str | os.PathLike, data: str | os.PathLike | None = 
 async def _guard(request: Request, call_next):
     """Refuse foreign hosts, and POSTs without the CSRF secret or from another origin."""
     host = request.headers.get("host", "")
-    if host.rsplit(":", 1)[0] not in LOCAL_HOSTS:
-        return JSONResponse({"error": f"Host {host!r} refused: the studio answers on 127.0.0.1 or localhost only"}, 403)
+    if not LOCAL_HOST.fullmatch(host):
+        return JSONResponse({"error": f"Host {host!r} refused: the studio answers on 127.0.0.1 or localhost only "
+                                      "(a port or none, nothing else)"}, 403)
     if request.method not in ("GET", "HEAD"):
         origin = request.headers.get("origin")
         if origin is not None and origin != f"{request.url.scheme}://{host}":
@@ -97,7 +100,7 @@ def _user_error(request: Request, exc: ImagerecError):
     """A GET of something that is not there: 404; a bad request: 400. A page for a browser's own
     navigation (form uploads too), JSON for the script's requests."""
     status = 404 if request.method == "GET" else 400
-    if "text/html" in request.headers.get("accept", ""):
+    if "text/html" in request.headers.get("accept", "") and not request.scope["path"].startswith("/api/"):
         body = f'<p class="error">{esc(exc)}</p><p><a href="/">back to the overview</a></p>'
         return HTMLResponse(layout("Not found" if status == 404 else "Cannot do that", body, ""), status)
     return JSONResponse({"error": str(exc)}, status)
@@ -116,24 +119,57 @@ def _page(request: Request, title: str, body: str, active: str) -> HTMLResponse:
 async def _json(request: Request) -> dict:
     try:
         body = await request.json()
+    except RecursionError:
+        raise ImagerecError("the request body is JSON nested too deep to read; the studio's pages send a flat object") from None
     except ValueError:
         raise ImagerecError("the request body is not JSON; the studio's pages send JSON") from None
     if not isinstance(body, dict):
         raise ImagerecError("the request body must be a JSON object")
+    _check_unicode(body)
     return body
+
+
+def _check_unicode(value) -> None:
+    """Refuse text that no database or page can hold: JSON's \\ud800-style escapes can spell lone
+    surrogates, which are not Unicode characters (SQLite and UTF-8 refuse them)."""
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ImagerecError(f"the request body holds text that is not valid Unicode (a lone surrogate, {v[e.start]!r}); "
+                                    "send UTF-8 text") from None
+        elif isinstance(v, dict):
+            todo.extend(v)
+            todo.extend(v.values())
+        elif isinstance(v, list):
+            todo.extend(v)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is no id
 
 
 def _ids(body: dict, key: str = "image_ids") -> list[int]:
     value = body.get(key)
-    if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+    if not isinstance(value, list) or not all(_whole(v) for v in value):
         raise ImagerecError(f"{key} must be a list of image ids (whole numbers), got {value!r}")
     return value
 
 
 def _int(body: dict, key: str) -> int:
     value = body.get(key)
-    if not isinstance(value, int):
+    if not _whole(value):
         raise ImagerecError(f"{key} must be a whole number, got {value!r}")
+    return value
+
+
+def _text(body: dict, key: str, default: str = "") -> str:
+    value = body.get(key, default)
+    if not isinstance(value, str):
+        raise ImagerecError(f"{key} must be text, got {value!r}")
     return value
 
 
@@ -236,7 +272,7 @@ def _routes(app: FastAPI, project: Project) -> None:  # noqa: C901 - one flat li
     @app.post("/api/rename")
     async def rename(request: Request):
         body = await _json(request)
-        project.rename(_int(body, "group_id"), str(body.get("name", "")))
+        project.rename(_int(body, "group_id"), _text(body, "name"))
         return {"ok": True, "name": project.group(_int(body, "group_id")).name}
 
     @app.post("/api/move")
@@ -244,10 +280,10 @@ def _routes(app: FastAPI, project: Project) -> None:  # noqa: C901 - one flat li
         body = await _json(request)
         ids = _ids(body)
         if body.get("new_name"):
-            target = project.new_group(str(body["new_name"]))
+            target = project.move_to_new(ids, _text(body, "new_name"))
         else:
             target = _int(body, "group_id")
-        project.move(ids, target)
+            project.move(ids, target)
         return {"ok": True, "group_id": target}
 
     @app.post("/api/exclude")
@@ -321,7 +357,7 @@ def _routes(app: FastAPI, project: Project) -> None:  # noqa: C901 - one flat li
         body = await _json(request)
         try:
             budget = float(body.get("budget"))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ImagerecError(f"budget {body.get('budget')!r} must be a number of minutes, e.g. 5") from None
         run_id = app.state.trainer.start(budget, str(body.get("backbone", "efficientnet_lite0")))
         return {"ok": True, "run_id": run_id}
@@ -448,11 +484,16 @@ def _export(project: Project, kind) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     for n, (path, label) in enumerate(rows):
         target = tmp / label / f"{n:06d}_{Path(path).name}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if kind == "copy":
-            shutil.copy2(path, target)
-        else:
-            target.symlink_to(path)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "copy":
+                shutil.copy2(path, target)
+            else:
+                target.symlink_to(path)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ImagerecError(f"export stopped at {path} ({e.strerror}); {final} is as it was: put the file back or mark "
+                                "the image junk, then export again") from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)  # the folder appears complete, or the old one stays
     return {"ok": True, "path": str(final), "rows": len(rows)}

@@ -184,16 +184,21 @@ def _findings(project: Project, result) -> dict:
 
 def decide(project: Project, body: dict) -> None:
     """Apply one decision on one finding: drop duplicates, accept a label, junk, or keep."""
-    finding, decision = str(body.get("finding", "")), body.get("decision")
+    finding, decision = body.get("finding"), body.get("decision")
     ids = body.get("image_ids") or []
-    if not finding or not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-        raise ImagerecError("a decision needs 'finding' (its id) and 'image_ids' (a list of image ids)")
+    if not finding or not isinstance(finding, str) or not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ImagerecError(f"a decision needs 'finding' (its id as text) and 'image_ids' (a list of image ids), got {finding!r} "
+                            f"and {ids!r}")
     if decision == "drop":
         project.exclude(ids, DUPLICATE, finding=finding, decision="drop")
     elif decision == "junk":
         project.exclude(ids, JUNK, finding=finding, decision="junk")
     elif decision == "accept":
-        project.relabel(ids, str(body.get("label", "")), finding=finding)
+        label = body.get("label", "")
+        if not isinstance(label, str):
+            raise ImagerecError(f"label must be text (the class to move the image to), got {label!r}")
+        project.relabel(ids, label, finding=finding)
     elif decision == "keep":
         project.decide(finding, "keep")
     else:

@@ -17,6 +17,7 @@ import json
 import secrets
 import sqlite3
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -28,6 +29,8 @@ JUNK = "junk"
 DUPLICATE = "duplicate"
 EXCLUSIONS = (JUNK, DUPLICATE)
 MAX_NAME = 80
+MAX_NAME_BYTES = 255  # a class folder's name on ext4, APFS, NTFS (export writes one per class)
+ID_RANGE = range(-2**63, 2**63)  # what an SQLite INTEGER holds; any other number is no row's id
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -122,7 +125,18 @@ def check_name(name: str) -> str:
         raise ImagerecError(f"the name is {len(text)} characters long; keep it under {MAX_NAME + 1}")
     if any(c in text for c in "/\\\n\r\t,\"") or text in (".", ".."):
         raise ImagerecError(f"name {text!r} holds a character a class folder or CSV cannot ('/', '\\\\', ',', '\"', a tab or a new line); pick another")
+    control = next((c for c in text if unicodedata.category(c) in ("Cc", "Cs")), None)
+    if control is not None:
+        raise ImagerecError(f"name {text!r} holds a control character ({control!r}) a class folder cannot; type the name without it")
+    if len(text.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ImagerecError(f"the name takes {len(text.encode('utf-8'))} bytes in UTF-8, more than the {MAX_NAME_BYTES} a class folder's "
+                            "name can; pick a shorter one")
     return text
+
+
+def in_range(row_id: int) -> bool:
+    """True when ``row_id`` can be an SQLite row id (larger numbers would not even reach the query)."""
+    return row_id in ID_RANGE
 
 
 class Project:
@@ -215,7 +229,7 @@ class Project:
 
     def group(self, group_id: int) -> Group:
         with self.connection() as con:
-            row = con.execute("SELECT id, name, kind, hidden FROM groups WHERE id=?", (group_id,)).fetchone()
+            row = con.execute("SELECT id, name, kind, hidden FROM groups WHERE id=?", (group_id,)).fetchone() if in_range(group_id) else None
             if row is None or row["hidden"]:
                 raise ImagerecError(f"group {group_id} does not exist (merged or never made); open the Groups page for the current ones")
             n = con.execute("SELECT COUNT(*) FROM images WHERE group_id=? AND excluded IS NULL", (group_id,)).fetchone()[0]
@@ -246,6 +260,8 @@ class Project:
         return out
 
     def image(self, image_id: int) -> sqlite3.Row | None:
+        if not in_range(image_id):
+            return None
         with self.connection() as con:
             return con.execute("SELECT id, path, group_id, excluded FROM images WHERE id=?", (image_id,)).fetchone()
 
@@ -297,13 +313,17 @@ class Project:
         ids = sorted({int(i) for i in image_ids})
         if not ids:
             raise ImagerecError("no images selected; click an image (shift-click or drag for more), then act")
+        outside = [i for i in ids if not in_range(i)]
+        if outside:
+            raise ImagerecError(f"image id {outside[0]} does not exist (ids are whole numbers below 2**63); reload the page")
         found = con.execute(f"SELECT COUNT(*) FROM images WHERE id IN ({','.join('?' * len(ids))})", ids).fetchone()[0]  # noqa: S608
         if found != len(ids):
             raise ImagerecError(f"{len(ids) - found} of the {len(ids)} selected image ids do not exist; reload the page")
         return ids
 
     def _visible_group(self, con, group_id: int) -> sqlite3.Row:
-        row = con.execute("SELECT id, name, kind, hidden FROM groups WHERE id=?", (int(group_id),)).fetchone()
+        group_id = int(group_id)
+        row = con.execute("SELECT id, name, kind, hidden FROM groups WHERE id=?", (group_id,)).fetchone() if in_range(group_id) else None
         if row is None or row["hidden"]:
             raise ImagerecError(f"group {group_id} does not exist (merged or never made); reload the page")
         return row
@@ -340,11 +360,26 @@ class Project:
             ids = self._check_images(con, image_ids)
             target = self._visible_group(con, group_id)
             aid = self._action(con, "move", f"moved {len(ids)} image(s) to {target['name']!r}")
-            seq = 0
-            for i in ids:
-                seq = self._set(con, aid, seq, "images", i, "group_id", target["id"])
-                seq = self._set(con, aid, seq, "images", i, "excluded", None)
+            self._move(con, aid, 0, ids, target["id"])
         return aid
+
+    def move_to_new(self, image_ids: Sequence[int], name: str) -> int:
+        """Make a class called ``name`` and move images into it: one action (one undo takes back
+        both), and a refused move makes no class. Returns the new group's id."""
+        name = check_name(name)
+        with self.tx() as con:
+            ids = self._check_images(con, image_ids)
+            self._name_free(con, name)
+            gid = con.execute("INSERT INTO groups(name, kind, hidden) VALUES (?, 'class', 1)", (name,)).lastrowid
+            aid = self._action(con, "move", f"moved {len(ids)} image(s) to new class {name!r}")
+            self._move(con, aid, self._set(con, aid, 0, "groups", gid, "hidden", 0), ids, gid)
+        return gid
+
+    def _move(self, con, aid: int, seq: int, ids: Sequence[int], group_id: int) -> int:
+        for i in ids:
+            seq = self._set(con, aid, seq, "images", i, "group_id", group_id)
+            seq = self._set(con, aid, seq, "images", i, "excluded", None)
+        return seq
 
     def exclude(self, image_ids: Sequence[int], reason: str = JUNK, finding: str | None = None, decision: str | None = None) -> int:
         """Mark images as junk (or duplicate): left out of the manifest and of training."""
@@ -374,7 +409,7 @@ class Project:
         """Move every image of the source groups into the target; the sources disappear."""
         with self.tx() as con:
             target = self._visible_group(con, target_id)
-            sources = [self._visible_group(con, s) for s in sorted({int(s) for s in source_ids}) if int(s) != target["id"]]
+            sources = [self._visible_group(con, s) for s in sorted({int(s) for s in source_ids}) if s != target["id"]]
             if not sources:
                 raise ImagerecError("merge needs at least one group other than the target; tick the groups to merge into it")
             names = ", ".join(repr(s["name"]) for s in sources)
@@ -451,7 +486,7 @@ class Project:
 
     def run(self, run_id: int) -> sqlite3.Row:
         with self.connection() as con:
-            row = con.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+            row = con.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone() if in_range(run_id) else None
         if row is None:
             raise ImagerecError(f"training run {run_id} does not exist; see the Train page for the runs")
         return row
