@@ -8,6 +8,8 @@ import pytest
 from imagerec import ImagerecError
 from imagerec.suggest import MIN_CALIBRATION_LABELS, Suggester, select_next, suggest
 
+from .conftest import assert_user_error, make_colour_dataset, run_cli
+
 
 def blobs(sizes=(60, 40, 20), dim=16, spread=0.05, seed=0):
     """Tight, well-separated groups on the unit sphere: (features, true class per row)."""
@@ -126,8 +128,6 @@ def test_label_next_refuses_a_bad_budget():
 def test_cli_label_writes_suggestions_and_the_next_images(capsys, tmp_path):
     import csv
 
-    from .conftest import make_colour_dataset, run_cli
-
     data = make_colour_dataset(tmp_path / "data", per_class=8)
     flat = tmp_path / "flat"  # the same images without their class folders
     flat.mkdir()
@@ -148,8 +148,6 @@ def test_cli_label_writes_suggestions_and_the_next_images(capsys, tmp_path):
 
 
 def test_cli_label_refuses_labels_of_images_outside_the_collection(capsys, tmp_path):
-    from .conftest import assert_user_error, make_colour_dataset, run_cli
-
     data = make_colour_dataset(tmp_path / "data", per_class=2, classes=("red",))
     other = make_colour_dataset(tmp_path / "other", per_class=1, classes=("blue",))
     (tmp_path / "few.csv").write_text(f"{other / 'blue' / '000.png'},blue\n")

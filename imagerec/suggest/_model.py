@@ -89,8 +89,7 @@ class Suggester:
         """Fit again on new labels of the same images, reusing the graph (the incremental step)."""
         y, self.classes_ = _encode(labels, len(self.features_))
         log_p = self._log_proba(y)
-        known = np.flatnonzero(y >= 0)
-        judged = known[_has_two(y[known])]
+        judged = _judged(y)
         self.temperature_ = fit_temperature(log_p[judged], y[judged]) if len(judged) >= MIN_CALIBRATION_LABELS else 1.0
         self.proba_ = _softmax(log_p / self.temperature_)
         self.labels_ = y
@@ -100,8 +99,7 @@ class Suggester:
         """Log-probabilities of every image: transductive for the unlabelled, out-of-fold for the labelled."""
         k = len(self.classes_)
         log_p = self._learners(y, k)
-        known = np.flatnonzero(y >= 0)
-        known = known[_has_two(y[known])]
+        known = _judged(y)
         if len(known) and k > 1:  # each fold's labels hidden in turn
             folds = min(OOF_FOLDS, int(np.bincount(y[known], minlength=k)[np.unique(y[known])].min()))
             split = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
@@ -161,10 +159,11 @@ def _encode(labels, n: int) -> tuple[np.ndarray, list[str]]:
     return np.array([-1 if v is None else index[v] for v in named], np.int64), classes
 
 
-def _has_two(y_known: np.ndarray) -> np.ndarray:
-    """Labelled images whose class has at least two labels (one can be hidden from the fit)."""
-    counts = np.bincount(y_known) if len(y_known) else np.zeros(0, int)
-    return counts[y_known] >= 2 if len(y_known) else np.zeros(0, bool)
+def _judged(y: np.ndarray) -> np.ndarray:
+    """Indices of the labelled images whose class has at least two labels: one can be hidden
+    from the fit, so these get out-of-fold suggestions and calibrate the temperature."""
+    known = np.flatnonzero(y >= 0)
+    return known[np.bincount(y[known], minlength=1)[y[known]] >= 2]
 
 
 def _probe(x: np.ndarray, y: np.ndarray, k: int, rows: np.ndarray, C: float, init: LogisticRegression | None = None):

@@ -100,11 +100,11 @@ def _diverse_margin(x: np.ndarray, unlabelled: np.ndarray, proba: np.ndarray, bu
     """The least certain image of each of ``budget`` k-means groups of the least certain pool."""
     top2 = np.sort(proba[unlabelled], axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
-    pool = unlabelled[np.argsort(margin, kind="stable")[: budget * factor]]
-    pool_margin = np.sort(margin, kind="stable")[: budget * factor]
+    order = np.argsort(margin, kind="stable")[: budget * factor]
+    pool, pool_margin = unlabelled[order], margin[order]
     if len(pool) <= budget:
         return pool
     groups = KMeans(n_clusters=budget, random_state=seed).fit_predict(x[pool])
-    picks = [pool[groups == g][np.argmin(pool_margin[groups == g])] for g in np.unique(groups)]
-    picks = sorted(picks, key=lambda i: margin[np.searchsorted(unlabelled, i)])
-    return np.asarray(picks[:budget], np.int64)
+    picks = [np.flatnonzero(groups == g)[np.argmin(pool_margin[groups == g])] for g in np.unique(groups)]
+    picks.sort(key=lambda j: pool_margin[j])  # positions in the pool, least certain first
+    return pool[np.asarray(picks[:budget], np.int64)]
