@@ -593,19 +593,27 @@ def actions(draw, ctx: Ctx) -> tuple[str, dict, bool | None]:
     """(route, JSON body, expect) of an action on the project as it is now; expect: True it must be
     accepted, False refused, None either. One in five is made wrong on purpose (an id that is not
     there, a bad name, reason or decision)."""
-    kind = draw(st.sampled_from(["rename", "move", "move new", "junk", "duplicate", "restore", "merge", "keep", "drop", "accept", "undo"]))
+    kind = draw(st.sampled_from(["rename", "move", "move new", "junk", "duplicate", "restore", "merge", "keep", "drop", "accept", "undo",
+                                 "export"]))
     if kind == "undo":
         return "/api/undo", {}, True
+    if kind == "export":  # not an action: files in the project, nothing in the database
+        return "/api/export", {"kind": draw(st.sampled_from(["manifest", "copy", "link"]))}, True
     ids, gids = _some(ctx.image_ids, draw), ctx.group_ids
     new = draw(st.text(st.characters(categories=["L", "N", "Zs"], include_characters="<>&'-_ "), min_size=1, max_size=20).filter(str.strip))
     while new.strip() in ctx.group_names:
         new += "+"
     expect = True
+    if draw(st.integers(0, 3)) == 0 and kind in ("rename", "move new"):
+        new = draw(st.sampled_from([n for n in NASTY_NAMES if n.strip() not in ctx.group_names]))
+        expect = None  # accepted or refused by the name rules; if accepted, later exports must work with it
     if kind == "rename":
         gid, name = draw(st.sampled_from(gids)), draw(st.sampled_from([new, new, *ctx.group_names]))
         body, route = {"group_id": gid, "name": name}, "/api/rename"
         if name in ctx.group_names and ctx.group_names.index(name) != gids.index(gid):
             expect = False  # another group's name
+        elif name in ctx.group_names:
+            expect = True
     elif kind == "move":
         body, route = {"image_ids": ids, "group_id": draw(st.sampled_from(gids))}, "/api/move"
     elif kind == "move new":
@@ -749,8 +757,9 @@ def prop_escaped(studio: Studio, name, group_index: int, new_class: bool) -> Non
 
 def prop_actions(studio: Studio, data) -> None:
     """A sequence of actions: each accepted one is one action and one undo step, each refused
-    one changes nothing; the database stays intact; undoing them all gives the first state back."""
-    active = studio.active()
+    one changes nothing; the database stays intact; the labels can be exported (whatever names
+    were accepted); undoing them all gives the first state back; no file changes outside."""
+    active, outside = studio.active(), studio.outside()
     states = [studio.state()]
     try:
         for _ in range(data.draw(st.integers(1, 8), label="steps")):
@@ -770,6 +779,9 @@ def prop_actions(studio: Studio, data) -> None:
                 assert reply.json()["undone"] is not None and studio.state() == states[-1], f"{where}: undo did not give back the state"
                 assert studio.active() == n - 1, where
                 continue
+            if route == "/api/export":
+                assert reply.status == 200 and studio.dump() == before, f"{where}: an export failed or changed the database"
+                continue
             if expect is True:
                 assert reply.status == 200, f"{where}: a valid action was refused"
             if expect is False:
@@ -780,12 +792,17 @@ def prop_actions(studio: Studio, data) -> None:
             else:
                 assert studio.dump() == before, f"{where}: refused, but the database changed: {diff(studio.dump(), before)}"
         studio.integrity()
+        for kind in ("manifest", "copy", "link"):  # whatever names were accepted, the labels can be exported
+            reply = studio.post("/api/export", {"kind": kind})
+            check_reply(studio, Req("POST", "/api/export", [], b"", True, "/api/export"), reply)
+            assert reply.status == 200, f"export {kind} after {[g.name for g in studio.project.groups()]!r}: {reply.text[:300]}"
         while len(states) > 1:
             states.pop()
             reply = studio.post("/api/undo", {})
             assert reply.status == 200 and reply.json()["undone"] is not None, reply.text
             assert studio.state() == states[-1], f"undo did not give back the state before {studio.project.history(1)[0]['summary']!r}"
         studio.integrity()
+        assert studio.outside() == outside, f"files changed outside the project: {diff(outside, studio.outside())}"
     finally:
         studio.reset(active)
 
