@@ -427,20 +427,51 @@ def test_quickstart_without_a_test_split_fails_before_training(capsys, tmp_path)
     assert not (tmp_path / "qs" / "last.safetensors").exists()
 
 
-def test_a_burst_of_load_during_the_replan_does_not_shorten_the_run(tmp_path, monkeypatch):
+class SimulatedClock:
+    """The training budget's clock in a test: it moves only when a step says so, so the verdict
+    of a test about the budget never depends on how busy the machine running the suite is (on a
+    loaded 2-core machine a real 8 ms step took 0.34 s, and the tests that timed real steps failed)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> SimulatedClock:
+    """Every clock the budget reads (the run's start, the plan's timings, the re-plan's pace)."""
+    import types
+
+    import imagerec.training._callbacks as callbacks
+    import imagerec.training._loop as loop
+    import imagerec.training._plan as planning
+
+    simulated = SimulatedClock()
+    for module in (callbacks, loop, planning):
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=simulated.perf_counter))
+    return simulated
+
+
+def test_a_burst_of_load_during_the_replan_does_not_shorten_the_run(tmp_path, monkeypatch, clock):
     """The re-plan takes the median pace of 25 steps: one step stalled for 3 s (another process
-    on a shared machine) must not be read as a slow machine."""
+    on a shared machine) must not be read as a slow machine. Steps take 8 ms on the simulated clock."""
     import imagerec.training._plan as planning
     from imagerec.training._stage import Stage
 
     data = make_colour_dataset(tmp_path / "data", per_class=100)
-    monkeypatch.setattr(planning, "_time_steps", lambda *args, **kwargs: 1e-5)
+    monkeypatch.setattr(planning, "_time_steps", lambda *args, **kwargs: 0.008)
     real_step, calls = Stage.step, []
 
     def stalled_step(self, *args, **kwargs):
         calls.append(self.number)
+        clock.advance(0.008)
         if self.number == 2 and calls.count(2) == 15:  # inside the re-plan's window (steps 5-30)
-            time.sleep(3.0)
+            clock.advance(3.0)
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(Stage, "step", stalled_step)
@@ -506,7 +537,7 @@ def test_resize_from_out_of_range_names_the_rule():
         TrainConfig(resize_from=0.1)
 
 
-def test_the_budget_is_fitted_again_when_the_machine_slows_down_mid_run(tmp_path, monkeypatch):
+def test_the_budget_is_fitted_again_when_the_machine_slows_down_mid_run(tmp_path, monkeypatch, clock):
     """After the first re-plan (30 steps into stage 2) the run is fitted again at a quarter and
     half of its steps: steps that turn 50 ms slower after the first fit cut the total there,
     and the run still ends inside its budget."""
@@ -514,21 +545,20 @@ def test_the_budget_is_fitted_again_when_the_machine_slows_down_mid_run(tmp_path
     from imagerec.training._stage import Stage
 
     data = make_colour_dataset(tmp_path / "data", per_class=300)
-    # timed as a real step takes (about 8 ms): a re-fit prices validation at the measured pace
-    # too, so a timing 80x too fast would make the validation passes look 80x dearer
+    # steps timed as they take on the simulated clock (8 ms): a re-fit prices validation at the
+    # measured pace too, so a timing 80x too fast would make the validation passes look 80x dearer
     monkeypatch.setattr(planning, "_time_steps", lambda *args, **kwargs: 0.008)
     real_step, calls = Stage.step, []
 
     def slowing_step(self, *args, **kwargs):
         calls.append(self.number)
-        if len(calls) > 40:
-            time.sleep(0.05)
+        clock.advance(0.008 + (0.05 if len(calls) > 40 else 0.0))
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(Stage, "step", slowing_step)
-    started = time.perf_counter()
+    started = clock.perf_counter()
     train(data, tmp_path / "run", TrainConfig(time_budget=0.25, val_fraction=0.25, **FAST), progress=False)
-    assert time.perf_counter() - started < 0.25 * 60 + 3
+    assert clock.perf_counter() - started < 0.25 * 60 + 3
     replans = json.loads((tmp_path / "run" / "config.json").read_text())["plan"]["timing"]["replans"]
     assert 2 <= len(replans) <= 1 + 2 and replans[0]["step"] == 30  # the first, then at most one at 25% and one at 50%
     assert replans[1]["total_steps"] < 0.8 * replans[0]["total_steps"]  # the slow steps were seen
