@@ -231,10 +231,10 @@ def _audit(data, options: dict, plan: dict, run_dir: Path | None) -> AuditResult
     elif wants_knn:
         sims, ids, search = knn(x, k)
         kind = "small" if "width" in images and np.nanmedian(np.maximum(images["width"], images["height"])) <= SMALL_IMAGE_MAX_SIDE else "photos"
-        cosine, pixel, floor = NEAR_DUPLICATE_DEFAULTS[kind]
+        cosine, pixel, floor, mutual, margin = NEAR_DUPLICATE_DEFAULTS[kind]
         t["near_duplicates"] = t["near_duplicates"] if t["near_duplicates"] is not None else cosine
         t["pixel_correlation"] = t["pixel_correlation"] if t["pixel_correlation"] is not None else pixel
-        accept = edges(sims, ids, t["near_duplicates"], thumbs, t["pixel_correlation"], floor)
+        accept = edges(sims, ids, t["near_duplicates"], thumbs, t["pixel_correlation"], floor, mutual, margin)
         if "near_duplicates" in checks:
             tables["near_duplicates"] = group_table(near_groups(sims, ids, accept, exact), x, area, split, "near")
         if "leakage" in wants_knn:
