@@ -9,8 +9,13 @@
    decides which are issues. Its default here, ``filter_by="low_self_confidence"``, flags the
    lowest-quality images, as many as confident learning estimates are mislabelled.
 
-Why these defaults (docs/BENCHMARKS.md, "Audit: label issues", chosen on another seed than the
-one reported): on 10,000 CIFAR-10 images with 5% flipped labels and EfficientNet-Lite2
+3. A flag stands only where another class is the most probable out of fold, at
+   ``min_confidence`` (0.4) or more.
+
+The probe's C (10) and ``min_confidence`` were chosen on the development suite (ten sets, 5% of
+labels moved; docs/MODELS.md, "Audit defaults"): worst set first, then the mean. Earlier
+evidence, from CIFAR-10 alone (docs/BENCHMARKS.md, "Audit: label issues", chosen on another
+seed than the one reported): on 10,000 CIFAR-10 images with 5% flipped labels and EfficientNet-Lite2
 features, the probe alone (C=10) with cleanlab's ``prune_by_noise_rate`` flagged 1,304 images
 (precision 0.31, recall 0.81); the probe (C=1) + kNN mean with ``low_self_confidence`` flagged
 682 (precision 0.62, recall 0.84). C in 0.3..3 ranked alike (precision of the 500 lowest
