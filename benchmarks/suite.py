@@ -31,30 +31,34 @@ Capabilities:
     above (the same as imagerec's for photos; for CIFAR the JSON also holds the peer on imagerec's
     Lite2@160 features).
 ``near_duplicates``
-    ``--copies`` transformed copies (seeded) of distinct train images are written under
+    ``--copies`` (36) transformed copies (seeded) of distinct train images are written under
     ``--work``: the six transforms (resize to 50-80%, JPEG quality 20-40, crop 85-95%, mirror,
-    brightness +-5..20%, rotation +-1..5 degrees) alone and in pairs, alternately.
+    brightness +-5..20%, rotation +-1..5 degrees) alone and in pairs, alternately (36: each
+    transform three times alone, each of the 15 pairs at least once).
     ``imagerec.audit(train + copies, checks=["near_duplicates"])`` at its defaults gives
     precision and recall of the planted (original, copy) pairs, where the predicted pairs are all
     pairs inside each reported group (so a chain that merges unrelated images costs precision).
+    A copy paired with an exact duplicate of its original (same decoded pixels) is right too.
     Two precisions: ``P`` over the predicted pairs that hold a planted copy (pairs of two
     original images are left out: whether they are real duplicates is not known), and ``P_all``
-    over every predicted pair (duplicates the set already holds count as false positives; with
-    24 planted pairs, two such pairs put ``P_all`` under 0.95 at any threshold). Then the
-    thresholds are swept (the cosine that suffices alone, and the thumbnail correlation that
-    confirms weaker candidates, with imagerec's own kNN/edge/group functions on the audit's
-    features; the sweep reproduces the audit's groups at the defaults, checked) for the best
-    recall at P >= 0.95 (and at P_all >= 0.95). Peer: imagededup PHash with its best distance, or imagehash's
-    ``phash`` where imagededup is missing; where neither is installed the peer is reported as
-    unavailable. A second, plain peer is always run: cosine of the Lite0@224 features above with
-    one global threshold, swept likewise.
+    over every predicted pair (duplicates the set already holds count as false positives).
+    Then the audit's rule is swept (the cosine that suffices alone, the thumbnail correlation
+    and its cosine floor, the mutual-nearest-neighbour floor and margin, with imagerec's own
+    kNN/edge/group functions on the audit's features; the sweep reproduces the audit's groups at
+    the defaults, checked) for the best recall at P >= 0.95 (and at P_all >= 0.95). Peer:
+    imagededup PHash at its best distance, scored both as imagededup's ``find_duplicates``
+    pairs (checked against it) and as their connected components, the better kept; imagehash's
+    ``phash`` where imagededup is missing; unavailable where neither is installed. A second,
+    plain peer is always run: cosine of the Lite0@224 features above with one global
+    threshold, swept likewise.
 ``label_issues``
     5% of the train labels moved to another class (seeded, uniform), then
     ``imagerec.audit(train with noisy labels, checks=["label_issues"])``: precision and recall of
     its flags at the defaults and P@k (k = the number of flips) of its ``label_quality`` ranking.
     Peer: ``cleanlab.filter.find_label_issues`` (its defaults) on the out-of-fold probabilities of
-    ``cross_val_predict(LogisticRegression(max_iter=5000), Lite0@224 features, 5 stratified
-    folds)``; P@k of ``cleanlab.rank.get_label_quality_scores``. The JSON also holds the same peer
+    ``cross_val_predict(LogisticRegression(C, max_iter=5000), Lite0@224 features, 5 stratified
+    folds)``, C chosen as the train peer's (``LogisticRegressionCV`` over ``PEER_CS``, log loss;
+    C=1 kept as ``peer_C1``); P@k of ``cleanlab.rank.get_label_quality_scores``. The JSON also holds the same peer
     on the audit's own (flip-averaged, whole-image, L2-normalised) features.
 
 Embeddings are cached by file content with imagerec's own cache (a run folder per set and
