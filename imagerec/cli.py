@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="skip images with more pixels (decompression-bomb guard)")
     _add_allow_outside(p)
     p.add_argument("--neighbours", type=_positive_int, default=10, help="neighbours searched per image (default: 10)")
-    for name, default in (("near-duplicates", "0.90 for small images, 0.94 for photos: a cosine similarity; leakage too"), ("pixel-correlation", "0.90 small, 0.95 photos: of 16 px colour thumbnails confirming a weaker candidate"), ("outliers", "robust z-score"), ("label-issues", "cleanlab's own rule"),
+    for name, default in (("near-duplicates", "0.90 for small images, 0.96 for photos: a cosine similarity; leakage too"), ("pixel-correlation", "0.93 small, 0.99 photos: of 16 px colour thumbnails confirming a weaker candidate"), ("outliers", "robust z-score"), ("label-issues", "cleanlab's own rule"),
                           ("blurry", "0.10"), ("dark", "0.10"), ("bright", "0.92"), ("low-information", "2.0 bits"), ("odd-aspect", "3.0"),
                           ("odd-size", "16x the median area"), ("grayscale", "2.0")):  # fmt: skip
         p.add_argument(f"--{name}-threshold", type=float, help=f"threshold of the {name} check (default: {default})")
