@@ -232,7 +232,8 @@ def run_train(data: SetData, args) -> dict:
         shutil.rmtree(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    clf = Classifier(time_budget=args.time_budget, seed=args.seed).fit(str(data.root), out=run_dir, progress=False)
+    params = dict(_parse_param(p) for p in args.train_param)
+    clf = Classifier(time_budget=args.time_budget, seed=args.seed, **params).fit(str(data.root), out=run_dir, progress=False)
     train_s = time.perf_counter() - started
     started = time.perf_counter()
     report = clf.evaluate(str(data.root), split="test")
@@ -248,9 +249,20 @@ def run_train(data: SetData, args) -> dict:
         "temperature": float(s.get("temperature", 1.0)), "test_images": int(s.get("images", len(data.test))),
         "train_s": round(train_s, 1), "eval_s": round(eval_s, 1), "epochs_run": len(history),
         "input_size": int(clf.preprocessing_.input_size), "train_images": len(data.train), "plan": _small(plan),
+        "params": dict(_parse_param(p) for p in args.train_param),
+        "val_curve": [[row.get("epoch"), row.get("stage"), row.get("val_acc"), row.get("train_loss")] for row in history],
     }  # fmt: skip
     peer = train_peer(data, args.seed)
     return {"imagerec": ours, "peer": peer}
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of --train-param, the value read as JSON where it parses (numbers, true/false), else a string."""
+    key, _, value = text.partition("=")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
 
 
 def _small(plan) -> dict:
@@ -740,6 +752,9 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.05, help="label_issues: share of train labels moved")
     parser.add_argument("--work", default="/tmp/imagerec-suite", help="caches, CIFAR subset links, planted copies, runs")
     parser.add_argument("--results", default=str(RESULTS), help="folder for suite_<capability>.json")
+    parser.add_argument("--train-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="train: a TrainConfig value other than its default (repeatable), to measure a candidate default")
+    parser.add_argument("--tag", default="", help="written to suite_<capability>_<tag>.json (a candidate's run beside the defaults')")
     args = parser.parse_args()
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = sorted(set(sets) - set(SETS))
@@ -779,7 +794,7 @@ def main() -> None:
         out["loadavg_end"] = os.getloadavg()
         out["summary"] = summary(capability, out["sets"])
         out["markdown"] = markdown(capability, out["sets"])
-        path = Path(args.results) / f"suite_{capability}.json"
+        path = Path(args.results) / f"suite_{capability}{'_' + args.tag if args.tag else ''}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         if set(sets) != set(SETS) and path.exists():  # a partial run updates the sets it ran
             old = json.loads(path.read_text())

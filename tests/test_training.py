@@ -75,7 +75,7 @@ def test_same_seed_same_metrics(colour_folder, tmp_path):
 @pytest.mark.learned
 def test_transfer_recipe_learns(tmp_path):
     data = make_colour_dataset(tmp_path / "d", per_class=40)
-    config = TrainConfig(epochs=2, head_epochs=1, image_size=64, batch_size=16, val_fraction=0.2, save_every=0, device="cpu")
+    config = TrainConfig(epochs=2, head_epochs=1, image_size=64, batch_size=16, val_fraction=0.2, save_every=0, device="cpu", probe=False)
     result = train(data, tmp_path / "run", config, progress=False)
     assert result.plan.head_steps > 0
     assert [r["stage"] for r in result.history] == [1, 2, 2]
@@ -84,7 +84,8 @@ def test_transfer_recipe_learns(tmp_path):
 
 def test_stage_two_keeps_the_early_layer_groups_frozen(tmp_path):
     data = make_colour_dataset(tmp_path / "d", per_class=16)
-    config = TrainConfig(epochs=1, head_epochs=0, image_size=64, batch_size=16, val_fraction=0, save_every=0, device="cpu", freeze_groups=2)
+    config = TrainConfig(epochs=1, head_epochs=0, image_size=64, batch_size=16, val_fraction=0, save_every=0, device="cpu", freeze_groups=2,
+                         norm_stats="adapt")
     result = train(data, tmp_path / "run", config, progress=False)
     assert result.plan.freeze_groups == 2
     before = create_backbone("efficientnet_lite0", num_classes=3).state_dict()
