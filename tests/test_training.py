@@ -363,7 +363,7 @@ def test_the_input_size_for_prediction_is_chosen_on_the_validation_split(tmp_pat
 
     data = make_colour_dataset(tmp_path / "d", per_class=12)
     config = TrainConfig(epochs=1, head_epochs=0, image_size=48, batch_size=8, val_fraction=0.25, save_every=0, device="cpu")
-    monkeypatch.setattr(loop, "TEST_SIZE_MARGIN", -1.0)
+    monkeypatch.setattr(loop, "size_margin", lambda accuracy, images: -1.0)
     train(data, tmp_path / "run", config, progress=False)
     best = load_checkpoint(tmp_path / "run" / "best.safetensors")
     last = load_checkpoint(tmp_path / "run" / "last.safetensors")
@@ -376,10 +376,18 @@ def test_the_input_size_for_prediction_is_chosen_on_the_validation_split(tmp_pat
     clf = Classifier.load(tmp_path / "run")
     assert clf.preprocessing_.input_size == chosen and len(clf.predict(str(data / "red"))) == 12
 
-    monkeypatch.setattr(loop, "TEST_SIZE_MARGIN", 0.005)
+    monkeypatch.undo()
     off = train(data, tmp_path / "off", TrainConfig(**{**config.to_dict(), "test_size": False}), progress=False)
     assert "test_size" not in load_checkpoint(off.run_dir).meta
     assert load_checkpoint(off.run_dir).meta["preprocessing"]["input_size"] == 48
+
+
+def test_a_larger_input_size_must_win_by_more_than_noise():
+    from imagerec.training._loop import TEST_SIZE_MARGIN, size_margin
+
+    assert size_margin(0.875, 32) == pytest.approx(math.sqrt(0.875 * 0.125 / 32))  # 0.058: one of 32 photos is not enough
+    assert size_margin(0.88, 5000) == TEST_SIZE_MARGIN  # CIFAR-10's validation split: the fixed margin
+    assert size_margin(1.0, 30) == TEST_SIZE_MARGIN and size_margin(0.5, 0) == TEST_SIZE_MARGIN
 
 
 def test_the_budget_keeps_time_for_the_images_predicted_after_training():
