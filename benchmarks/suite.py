@@ -232,8 +232,8 @@ def run_train(data: SetData, args) -> dict:
         shutil.rmtree(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    params = dict(_parse_param(p) for p in args.train_param)
-    clf = Classifier(time_budget=args.time_budget, seed=args.seed, **params).fit(str(data.root), out=run_dir, progress=False)
+    params = {"time_budget": args.time_budget, "seed": args.seed, **dict(_parse_param(p) for p in args.train_param)}
+    clf = Classifier(**params).fit(str(data.root), out=run_dir, progress=False)
     train_s = time.perf_counter() - started
     started = time.perf_counter()
     report = clf.evaluate(str(data.root), split="test")
