@@ -790,24 +790,33 @@ def main() -> None:
             result["wall_s"] = round(time.perf_counter() - t, 1)
             out["sets"][name] = result
             print(f"[{capability}] {name} done in {result['wall_s']} s: " + json.dumps(_brief(capability, result)), flush=True)
-        out["wall_s"] = round(time.perf_counter() - started, 1)
-        out["loadavg_end"] = os.getloadavg()
-        out["summary"] = summary(capability, out["sets"])
-        out["markdown"] = markdown(capability, out["sets"])
-        path = Path(args.results) / f"suite_{capability}{'_' + args.tag if args.tag else ''}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if set(sets) != set(SETS) and path.exists():  # a partial run updates the sets it ran
-            old = json.loads(path.read_text())
-            old_sets = {n: r for n, r in old.get("sets", {}).items() if n not in out["sets"]}
-            if old_sets:
-                out["sets_from_earlier_runs"] = {n: {"date": old.get("date"), "command": old.get("command")} for n in old_sets}
-                out["sets"] = {n: out["sets"].get(n) or old_sets[n] for n in SETS if n in out["sets"] or n in old_sets}
-                out["summary"] = summary(capability, out["sets"])
-                out["markdown"] = markdown(capability, out["sets"])
-        path.write_text(json.dumps(out, indent=1, default=_jsonable) + "\n")
+            write_results(out, args, sets, capability, started)  # after every set: a run stopped early keeps what it measured
+        path = write_results(out, args, sets, capability, started)
         print(f"\n## {capability} ({out['wall_s'] / 60:.1f} min, {meta['machine']}, {out['date']})\n")
         print(out["markdown"] + "\n", flush=True)
         print(f"wrote {path}", flush=True)
+
+
+def write_results(out: dict, args, sets: list[str], capability: str, started: float) -> Path:
+    """``suite_<capability>[_<tag>].json`` with the sets measured so far; a partial run updates
+    the sets it ran and keeps the others from the file (named in ``sets_from_earlier_runs``)."""
+    out["wall_s"] = round(time.perf_counter() - started, 1)
+    out["loadavg_end"] = os.getloadavg()
+    path = Path(args.results) / f"suite_{capability}{'_' + args.tag if args.tag else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = dict(out)
+    if set(sets) != set(SETS) and path.exists():
+        old = json.loads(path.read_text())
+        old_sets = {n: r for n, r in old.get("sets", {}).items() if n not in out["sets"]}
+        if old_sets:
+            earlier = old.get("sets_from_earlier_runs", {})
+            merged["sets_from_earlier_runs"] = {n: earlier.get(n) or {"date": old.get("date"), "command": old.get("command")} for n in old_sets}
+            merged["sets"] = {n: out["sets"].get(n) or old_sets[n] for n in SETS if n in out["sets"] or n in old_sets}
+    merged["summary"] = summary(capability, merged["sets"])
+    merged["markdown"] = markdown(capability, merged["sets"])
+    path.write_text(json.dumps(merged, indent=1, default=_jsonable) + "\n")
+    out["markdown"] = merged["markdown"]
+    return path
 
 
 def _brief(capability: str, r: dict) -> dict:
