@@ -236,7 +236,8 @@ def run_train(data: SetData, args) -> dict:
         shutil.rmtree(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    clf = Classifier(time_budget=args.time_budget, seed=args.seed).fit(str(data.root), out=run_dir, progress=False)
+    params = {"time_budget": args.time_budget, "seed": args.seed, **dict(_parse_param(p) for p in args.train_param)}
+    clf = Classifier(**params).fit(str(data.root), out=run_dir, progress=False)
     train_s = time.perf_counter() - started
     started = time.perf_counter()
     report = clf.evaluate(str(data.root), split="test")
@@ -252,9 +253,20 @@ def run_train(data: SetData, args) -> dict:
         "temperature": float(s.get("temperature", 1.0)), "test_images": int(s.get("images", len(data.test))),
         "train_s": round(train_s, 1), "eval_s": round(eval_s, 1), "epochs_run": len(history),
         "input_size": int(clf.preprocessing_.input_size), "train_images": len(data.train), "plan": _small(plan),
+        "params": dict(_parse_param(p) for p in args.train_param),
+        "val_curve": [[row.get("epoch"), row.get("stage"), row.get("val_acc"), row.get("train_loss")] for row in history],
     }  # fmt: skip
     peer = train_peer(data, args.seed)
     return {"imagerec": ours, "peer": peer}
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of --train-param, the value read as JSON where it parses (numbers, true/false), else a string."""
+    key, _, value = text.partition("=")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
 
 
 def _small(plan) -> dict:
@@ -810,6 +822,9 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.05, help="label_issues: share of train labels moved")
     parser.add_argument("--work", default="/tmp/imagerec-suite", help="caches, CIFAR subset links, planted copies, runs")
     parser.add_argument("--results", default=str(RESULTS), help="folder for suite_<capability>.json")
+    parser.add_argument("--train-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="train: a TrainConfig value other than its default (repeatable), to measure a candidate default")
+    parser.add_argument("--tag", default="", help="written to suite_<capability>_<tag>.json (a candidate's run beside the defaults')")
     args = parser.parse_args()
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = sorted(set(sets) - set(SETS))
@@ -845,24 +860,33 @@ def main() -> None:
             result["wall_s"] = round(time.perf_counter() - t, 1)
             out["sets"][name] = result
             print(f"[{capability}] {name} done in {result['wall_s']} s: " + json.dumps(_brief(capability, result)), flush=True)
-        out["wall_s"] = round(time.perf_counter() - started, 1)
-        out["loadavg_end"] = os.getloadavg()
-        out["summary"] = summary(capability, out["sets"])
-        out["markdown"] = markdown(capability, out["sets"])
-        path = Path(args.results) / f"suite_{capability}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if set(sets) != set(SETS) and path.exists():  # a partial run updates the sets it ran
-            old = json.loads(path.read_text())
-            old_sets = {n: r for n, r in old.get("sets", {}).items() if n not in out["sets"]}
-            if old_sets:
-                out["sets_from_earlier_runs"] = {n: {"date": old.get("date"), "command": old.get("command")} for n in old_sets}
-                out["sets"] = {n: out["sets"].get(n) or old_sets[n] for n in SETS if n in out["sets"] or n in old_sets}
-                out["summary"] = summary(capability, out["sets"])
-                out["markdown"] = markdown(capability, out["sets"])
-        path.write_text(json.dumps(out, indent=1, default=_jsonable) + "\n")
+            write_results(out, args, sets, capability, started)  # after every set: a run stopped early keeps what it measured
+        path = write_results(out, args, sets, capability, started)
         print(f"\n## {capability} ({out['wall_s'] / 60:.1f} min, {meta['machine']}, {out['date']})\n")
         print(out["markdown"] + "\n", flush=True)
         print(f"wrote {path}", flush=True)
+
+
+def write_results(out: dict, args, sets: list[str], capability: str, started: float) -> Path:
+    """``suite_<capability>[_<tag>].json`` with the sets measured so far; a partial run updates
+    the sets it ran and keeps the others from the file (named in ``sets_from_earlier_runs``)."""
+    out["wall_s"] = round(time.perf_counter() - started, 1)
+    out["loadavg_end"] = os.getloadavg()
+    path = Path(args.results) / f"suite_{capability}{'_' + args.tag if args.tag else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = dict(out)
+    if set(sets) != set(SETS) and path.exists():
+        old = json.loads(path.read_text())
+        old_sets = {n: r for n, r in old.get("sets", {}).items() if n not in out["sets"]}
+        if old_sets:
+            earlier = old.get("sets_from_earlier_runs", {})
+            merged["sets_from_earlier_runs"] = {n: earlier.get(n) or {"date": old.get("date"), "command": old.get("command")} for n in old_sets}
+            merged["sets"] = {n: out["sets"].get(n) or old_sets[n] for n in SETS if n in out["sets"] or n in old_sets}
+    merged["summary"] = summary(capability, merged["sets"])
+    merged["markdown"] = markdown(capability, merged["sets"])
+    path.write_text(json.dumps(merged, indent=1, default=_jsonable) + "\n")
+    out["markdown"] = merged["markdown"]
+    return path
 
 
 def _brief(capability: str, r: dict) -> dict:
