@@ -80,7 +80,8 @@ def test_add_to_the_on_disk_index_embeds_nothing_twice(tmp_path):
     done = add_to_index(tmp_path / "idx", new)
     assert done.added == 300 and done.already == 0 and len(done.index) == 2300 and done.index.kind == "ivfpq"
     meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
-    assert len(meta["blocks"]) == 2 and meta["trained"] == first["trained"]  # one more block, same training
+    assert meta["trained"] == first["trained"] and meta["lists"] != first["lists"]  # same training, lists merged again
+    assert not list((tmp_path / "idx").rglob("block-*.faiss"))  # the blocks of codes are in the lists now
     assert not (tmp_path / "idx" / first["lists"]).exists()  # the old generation's lists are gone
     hits = done.index.search_features(new.features[:5], new.paths[:5], top_k=1)
     assert hits["path"].tolist() == new.paths[:5]

@@ -10,18 +10,19 @@ Past ``exact_max`` vectors :func:`~imagerec.build_index` writes this kind (``"iv
    quantizer, product-quantised residuals) on a sample drawn uniformly across all the vectors
    (rows of the float16 file, so across every part).
 3. **Add** the vectors a block at a time, each block's codes written to ``blocks-B/block-NNNNN.faiss``,
-   then merge every block's inverted lists into one on-disk file (FAISS ``OnDiskInvertedLists``
-   through ``faiss.contrib.ondisk.merge_ondisk``): ``lists-G.ivfdata``, named by ``index-G.faiss``.
+   then merge every block's inverted lists into one on-disk file (FAISS ``OnDiskInvertedLists``,
+   merged as ``faiss.contrib.ondisk.merge_ondisk`` does): ``lists-G.ivfdata``, named by
+   ``index-G.faiss``; the block files are deleted once the new generation is committed.
 4. **Search**: the IVF-PQ codes give ``rerank`` candidates per query; their float16 vectors are
    read from the memory-mapped file and the candidates re-ranked by exact cosine.
 
 Peak memory is one block (``BLOCK_ROWS`` vectors), the training sample, the coarse centroids and
 the path hashes (8 bytes a vector); the inverted lists, the vectors and the items stay on disk.
 
-``--add`` appends to the float16 and items files and writes one more block, then merges again
-into a new generation; ``meta.json`` (the commit point) records how many rows and which blocks
-are valid, so a killed build or add leaves the previous index whole: rows past the count and
-blocks not listed are discarded by the next write.
+``--add`` appends to the float16 and items files, writes the new vectors' block of codes, and
+merges the index's current lists with it into a new generation; ``meta.json`` (the commit
+point) records how many rows are valid, so a killed build or add leaves the previous index
+whole: rows past the count and files no committed meta names are discarded by the next write.
 
 Why FAISS's own on-disk lists rather than autofaiss or LanceDB: FAISS is already the index
 engine here (no new dependency; the same ``index_factory`` strings people tune elsewhere), and
@@ -284,11 +285,10 @@ def build(folder: Path, blocks: Blocks, dim: int, meta: dict, *,
     trained = f"trained-{g}.faiss"
     faiss.write_index(index, str(folder / trained))
     meta.update({"faiss_index": factory, "nlist": nlist, "pq_bytes": m, "nprobe": min(NPROBE, nlist), "rerank": RERANK,
-                 "trained": trained, "blocks": [], "train_rows": int(size)})  # fmt: skip
+                 "trained": trained, "train_rows": int(size)})  # fmt: skip
 
     # 3. add, a block of codes at a time, then merge the lists into one file on disk
-    meta["blocks"] = _add_blocks(folder, meta, 0, n, progress)
-    return _merge_and_commit(folder, meta, g, progress)
+    return _merge_and_commit(folder, meta, g, _add_blocks(folder, meta, 0, n, progress), progress)
 
 
 def add(folder: Path, meta: dict, blocks: Blocks, known: np.ndarray,
@@ -311,8 +311,8 @@ def add(folder: Path, meta: dict, blocks: Blocks, known: np.ndarray,
     if len(np.intersect1d(hashes, known)) or len(np.unique(hashes)) < len(hashes):
         raise ImagerecError("an added image is already in the index or listed twice; remove the repeat from the data")
     meta = {**meta, **names}
-    meta["blocks"] = meta["blocks"] + _add_blocks(folder, meta, start, meta["count"], progress)
-    return _merge_and_commit(folder, meta, next_generation(folder), progress)
+    blocks = _add_blocks(folder, meta, start, meta["count"], progress)
+    return _merge_and_commit(folder, meta, next_generation(folder), blocks, progress, merged=f"index-{meta['generation']}.faiss")
 
 
 def indexed_hashes(folder: Path, meta: dict) -> np.ndarray:
@@ -340,21 +340,36 @@ def _add_blocks(folder: Path, meta: dict, start: int, stop: int, progress: bool)
     return written
 
 
-def _merge_and_commit(folder: Path, meta: dict, g: int, progress: bool) -> dict:
+def _merge_and_commit(folder: Path, meta: dict, g: int, blocks: list[str], progress: bool, merged: str | None = None) -> dict:
+    """Merge the lists of ``blocks`` (and of the ``merged`` index already on disk, for --add) into
+    ``lists-G.ivfdata``, write ``index-G.faiss``, commit; the block files are deleted with the commit."""
     import faiss  # noqa: PLC0415
-    from faiss.contrib.ondisk import merge_ondisk  # noqa: PLC0415
 
     from ._store import commit  # noqa: PLC0415
 
-    index = faiss.read_index(str(folder / meta["trained"]))
+    sources = []  # (index kept alive while its lists are read)
+    with _quiet_stdout():
+        if merged is not None:
+            sources.append(faiss.read_index(str(folder / merged), faiss.IO_FLAG_ONDISK_SAME_DIR))
+        sources += [faiss.read_index(str(folder / b), faiss.IO_FLAG_MMAP) for b in blocks]
     lists = folder / f"lists-{g}.ivfdata"
     lists.unlink(missing_ok=True)
-    _say(progress, f"merging {len(meta['blocks'])} block(s) of codes into {lists.name}")
-    with _quiet_stdout():  # FAISS prints each file it resizes
-        merge_ondisk(index, [str(folder / b) for b in meta["blocks"]], str(lists))
+    _say(progress, f"merging {len(sources)} set(s) of inverted lists into {lists.name}")
+    index = faiss.read_index(str(folder / meta["trained"]))
+    ivf = faiss.extract_index_ivf(index)
+    target = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists))
+    inputs = faiss.InvertedListsPtrVector()
+    for source in sources:
+        inputs.push_back(faiss.extract_index_ivf(source).invlists)
+    with _quiet_stdout():  # FAISS prints each time it grows the file
+        total = target.merge_from_multiple(inputs.data(), inputs.size(), False)  # as faiss.contrib.ondisk.merge_ondisk does
+    index.ntotal = ivf.ntotal = total
+    ivf.replace_invlists(target, True)
+    target.this.disown()
     faiss.write_index(index, str(folder / f"index-{g}.faiss"))
-    del index
+    del index, sources
     meta = {**meta, "lists": lists.name}
+    meta.pop("blocks", None)
     return commit(folder, meta, g, count=meta["count"], dim=meta["dim"], labelled=meta["labelled"])
 
 
@@ -423,7 +438,7 @@ def exact_scores(vectors: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> n
 def files_of(meta: dict) -> set[str]:
     """The files (relative to the folder) a committed on-disk meta names."""
     names = {meta[k] for k in ("vectors", "items", "offsets", "trained", "lists")}
-    return names | set(meta["blocks"]) | {f"index-{meta['generation']}.faiss"}
+    return names | {f"index-{meta['generation']}.faiss"}
 
 
 def remove_stale(folder: Path, keep: set[str]) -> None:
