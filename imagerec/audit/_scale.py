@@ -100,11 +100,13 @@ def audit_index(
         start += len(paths)
 
     # 2. every row's neighbours, a block at a time; only the accepted edges are kept
+    stored = _stored(index)
     rows, cols, sims = [], [], []
     kk = max(1, min(k, n - 1))
     for start in tqdm(range(0, n, block), desc="near-duplicates", unit="block", disable=not progress):
-        q = _rows(index, start, min(n, start + block))
+        q = _rows(index, stored, start, min(n, start + block))
         s, i = index.search_vectors(q, kk + 1, nprobe=nprobe, rerank=rerank)
+        _release(index, stored)
         own = i == np.arange(start, start + len(i))[:, None]
         accept = (i >= 0) & ~own & (s >= threshold)
         r, c = np.nonzero(accept)
@@ -121,7 +123,7 @@ def audit_index(
     members = np.flatnonzero(sizes[label] > 1)
     names = np.asarray(SPLITS)
     local = label[members]
-    vectors = _rows(index, members) if len(members) else np.zeros((0, 1), np.float32)
+    vectors = _rows(index, stored, members) if len(members) else np.zeros((0, 1), np.float32)
     groups = group_table(local, vectors, np.ones(len(members)), names[split[members]], "near")
     groups["index"] = members[groups["index"].to_numpy(dtype=np.int64)] if len(groups) else groups["index"]
     paths, _ = index.items.take(groups["index"].tolist())
@@ -163,13 +165,29 @@ def _path_blocks(items, block: int = 100_000):
             yield items.paths[start : start + block]
 
 
-def _rows(index, start, stop=None) -> np.ndarray:
-    """float32 vectors of rows ``start:stop`` (or the rows ``start``, an array) of the index."""
-    if index.kind == "ivfpq":
+def _stored(index):
+    """The float16 rows of an on-disk index (memory-mapped), or None for an in-memory one."""
+    if index.kind != "ivfpq":
+        return None
+    from ..index import _ondisk  # noqa: PLC0415
+
+    return _ondisk.vectors_of(index.folder, index.meta)
+
+
+def _release(index, stored) -> None:
+    """Keep the resident memory to a block: unmap the float16 rows read so far (the page cache keeps them)."""
+    if stored is not None:
         from ..index import _ondisk  # noqa: PLC0415
 
-        vectors = _ondisk.vectors_of(index.folder, index.meta)
-        x = np.asarray(vectors[start:stop] if stop is not None else vectors[np.sort(start)], dtype=np.float32)
+        for vectors in (stored, index._vectors):
+            if vectors is not None:
+                _ondisk.release(vectors)
+
+
+def _rows(index, stored, start, stop=None) -> np.ndarray:
+    """float32 unit vectors of rows ``start:stop`` (or of the sorted rows ``start``, an array) of the index."""
+    if stored is not None:
+        x = np.asarray(stored[start:stop] if stop is not None else stored[start], dtype=np.float32)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     if stop is not None:
         return index.faiss_index.reconstruct_n(int(start), int(stop - start))

@@ -40,6 +40,7 @@ import hashlib
 import io
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -235,6 +236,14 @@ def vectors_of(folder: Path, meta: dict) -> np.ndarray:
 Blocks = Iterable[tuple]  # (features float (b, D), absolute paths, label names or None[, file identities or None])
 
 
+def release(vectors: np.ndarray) -> None:
+    """Unmap the pages of a memory-mapped file this process has read (the page cache keeps them):
+    reading every row once would otherwise count the whole file in the process's resident memory."""
+    mapped = getattr(vectors, "_mmap", None)
+    if mapped is not None and hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_DONTNEED)
+
+
 def build(folder: Path, blocks: Blocks, dim: int, meta: dict, *,
           transform: str = "auto", pq_bytes: int | None = None, seed: int = 0, progress: bool = True) -> dict:  # fmt: skip
     """Write a new on-disk IVF-PQ index of ``blocks`` into ``folder`` (the caller holds its lock).
@@ -282,6 +291,7 @@ def build(folder: Path, blocks: Blocks, dim: int, meta: dict, *,
     sample = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
     _say(progress, f"training {factory} on {size:,} of {n:,} vectors")
     index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
+    release(vectors)
     trained = f"trained-{g}.faiss"
     faiss.write_index(index, str(folder / trained))
     meta.update({"faiss_index": factory, "nlist": nlist, "pq_bytes": m, "nprobe": min(NPROBE, nlist), "rerank": RERANK,
@@ -332,6 +342,7 @@ def _add_blocks(folder: Path, meta: dict, start: int, stop: int, progress: bool)
         for s in range(first, last, BLOCK_ROWS):
             e = min(last, s + BLOCK_ROWS)
             index.add_with_ids(np.ascontiguousarray(vectors[s:e], dtype=np.float32), np.arange(s, e, dtype=np.int64))
+            release(vectors)
             _say(progress, f"added {e:,} of {stop:,} vectors")
         name = f"{meta['blocks_dir']}/block-{first:012d}.faiss"
         faiss.write_index(index, str(folder / name))
