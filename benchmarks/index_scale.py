@@ -194,9 +194,39 @@ def audit(args) -> dict:
     }  # fmt: skip
 
 
+def plot(results: list[str], out: str) -> None:
+    """The cost curve: build seconds, peak RSS, disk per vector, p50 and recall against N (log axes)."""
+    from imagerec._plot import pyplot, save_figure  # noqa: PLC0415
+
+    runs = sorted((json.loads(Path(r).read_text()) for r in results), key=lambda r: r["n"])
+    n = [r["n"] for r in runs]
+    default = [next(x for x in r["search"]["sweep"] if (x["nprobe"], x["rerank"]) == (32, 200)) for r in runs]
+    panels = [
+        ("build seconds", [r["build"]["seconds"] for r in runs]),
+        ("build peak RSS (MB)", [r["build"]["peak_rss_mb"] for r in runs]),
+        ("disk bytes per vector", [r["build"]["disk_bytes_per_vector"] for r in runs]),
+        ("p50 ms, one query (nprobe 32, rerank 200)", [d["single_p50_ms"] for d in default]),
+        ("recall@10 (nprobe 32, rerank 200)", [d["recall_at_10"] for d in default]),
+        ("audit seconds (blocked grouping)", [r.get("audit", {}).get("seconds", float("nan")) for r in runs]),
+    ]
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (title, values) in zip(axes.ravel(), panels):
+        ax.plot(n, values, "o-")
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("vectors")
+        for x, y in zip(n, values):
+            ax.annotate(f"{y:,.3g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    fig.suptitle("imagerec on-disk IVF-PQ index: cost by size (benchmarks/index_scale.py, 2-core shared VM)")
+    fig.tight_layout()
+    save_figure(fig, Path(out))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("phase", choices=["generate", "build", "search", "audit", "all"])
+    parser.add_argument("phase", choices=["generate", "build", "search", "audit", "all", "plot"])
+    parser.add_argument("--results", nargs="*", default=[], help="phase plot: the JSON files of 'all' runs")
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--exact-max", type=int, default=100_000)
@@ -210,6 +240,8 @@ def main() -> None:
     parser.add_argument("--out", help="the JSON of all phases (phase all)")
     parser.add_argument("--skip", default="", help="phases 'all' leaves out, comma-separated (e.g. generate when the parts exist)")
     args = parser.parse_args()
+    if args.phase == "plot":
+        return plot(args.results, args.out or "docs/index_scale.png")
     if args.phase != "all":
         result = {"generate": generate, "build": build, "search": search, "audit": audit}[args.phase](args)
         print("RESULT " + json.dumps(result), flush=True)

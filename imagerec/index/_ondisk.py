@@ -45,6 +45,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -503,7 +504,10 @@ def _quiet_stdout():
         os.close(saved)
 
 
+_STARTED = time.perf_counter()
+
+
 def _say(progress: bool, message: str) -> None:
     if progress:
-        print(f"imagerec index: {message}", file=sys.stderr, flush=True)
+        print(f"imagerec index: {message} ({time.perf_counter() - _STARTED:.1f} s)", file=sys.stderr, flush=True)
 
