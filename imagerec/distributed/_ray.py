@@ -245,7 +245,7 @@ def _run(rows, model, pp, name, source, address, actors, cpus, gpus, device, eng
                 "model": model, "pp": pp.to_dict(), "name": name, "classes": source.classes, "device": device,
                 "engine": engine, "batch_size": batch_size, "max_pixels": max_pixels, "workers": max(0, int(cpus) - 1),
             },  # fmt: skip
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),  # a fixed pool (concurrency= is deprecated since Ray 2.51)
             num_cpus=cpus,
             num_gpus=gpus or None,
         )
