@@ -11,7 +11,7 @@ import imagerec.index._build as build_module
 from imagerec import Embeddings, ImagerecError, Preprocessing, build_index, load_index
 from imagerec.index import _ondisk, add_to_index
 
-from .conftest import assert_user_error, run_cli
+from .conftest import run_cli
 
 PP = Preprocessing(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 1.0)
 

@@ -38,7 +38,6 @@ import contextlib
 import csv
 import hashlib
 import io
-import json
 import math
 import mmap
 import os
