@@ -181,7 +181,7 @@ def scan_parts(parts: list[str | os.PathLike]) -> tuple[int, int, str, Preproces
                 meta = json.loads(str(d["meta"]))
                 metas.append((meta["backbone"], Preprocessing.from_dict(meta["preprocessing"]), meta.get("shard")))
         except FileNotFoundError:
-            raise ImagerecError(f"{path}: no such part file; give the .npz parts of 'imagerec embed'") from None
+            raise ImagerecError(f"{path}: no such embeddings file; make one with 'imagerec embed'") from None
         except (KeyError, ValueError, TypeError, OSError) as e:
             raise ImagerecError(f"{path}: not an imagerec embeddings file ({e}); make it again with 'imagerec embed'") from None
         n, dim = part_shape(path)
