@@ -29,7 +29,7 @@ from ..data import Preprocessing
 from ..errors import ImagerecError
 
 META_FILE = "meta.json"
-FORMAT = 1
+FORMAT = 2  # 2: the on-disk IVF-PQ kind; flat and IVF folders are still written as 1, readable by older versions
 EXACT_MAX = 1_000_000  # up to this many vectors the search is exact (IndexFlatIP); IVF beyond
 NPROBE = 32  # IVF lists visited per query (recall@10 measured in docs/BENCHMARKS.md)
 TRAIN_PER_LIST = 50  # IVF k-means training sample: this many vectors per list (FAISS wants >= 39)
@@ -57,6 +57,10 @@ class Items:
         if self.labels is not None or other.labels is not None:
             labels = (self.labels or [""] * len(self)) + (other.labels or [""] * len(other))
         return Items(self.paths + other.paths, labels, self.identities + other.identities)
+
+    def take(self, ids) -> tuple[list[str], list[str] | None]:
+        """The paths of rows ``ids``, and their labels (None for an unlabelled index)."""
+        return [self.paths[i] for i in ids], (None if self.labels is None else [self.labels[i] for i in ids])
 
     @classmethod
     def from_embeddings(cls, paths, labels, classes) -> Items:
@@ -106,6 +110,9 @@ def describe(meta: dict) -> str:
     """One line: what kind of search the index does, over how many vectors, made how."""
     if meta["kind"] == "flat":
         how = "exact inner-product search (FAISS IndexFlatIP)"
+    elif meta["kind"] == "ivfpq":
+        how = (f"approximate IVF-PQ search on disk (FAISS {meta['faiss_index']}, {meta['nprobe']} lists probed per query, "
+               f"{meta['rerank']} candidates re-ranked by exact cosine on float16 vectors)")  # fmt: skip
     else:
         how = f"approximate IVF search (FAISS IndexIVFFlat, {meta['nlist']:,} lists, {meta['nprobe']} probed per query)"
     pp = meta["preprocessing"]
@@ -147,6 +154,11 @@ def read(folder: str | os.PathLike) -> tuple[dict, object, Items]:
 
     folder = Path(folder)
     meta = read_meta(folder)
+    if meta["kind"] == "ivfpq":
+        from . import _ondisk  # noqa: PLC0415
+
+        index, _, items = _ondisk.read(folder, meta)
+        return meta, index, items
     g = meta["generation"]
     try:
         index = faiss.read_index(str(folder / f"index-{g}.faiss"))
@@ -165,8 +177,15 @@ def read(folder: str | os.PathLike) -> tuple[dict, object, Items]:
     return meta, index, items
 
 
+def next_generation(folder: str | os.PathLike) -> int:
+    """The generation the next write of ``folder`` makes (1 for a new folder)."""
+    folder = Path(folder)
+    old = (folder / META_FILE).is_file() and read_meta(folder)["generation"]
+    return (old or 0) + 1
+
+
 def write(folder: str | os.PathLike, index, items: Items, meta: dict) -> dict:
-    """Write a new generation of the index folder (the caller holds its lock); returns the meta.
+    """Write a new generation of an in-memory index (flat, IVF) to its folder (the caller holds its lock).
 
     ``meta`` needs ``backbone``, ``preprocessing`` and the keys of :func:`make_faiss`'s
     description; this fills in the rest (count, dim, generation, version...).
@@ -174,26 +193,31 @@ def write(folder: str | os.PathLike, index, items: Items, meta: dict) -> dict:
     import faiss  # noqa: PLC0415
 
     folder = Path(folder)
-    old = (folder / META_FILE).is_file() and read_meta(folder)["generation"]
-    g = (old or 0) + 1
+    g = next_generation(folder)
     with atomic_path(folder / f"index-{g}.faiss", suffix=".faiss") as tmp:
         faiss.write_index(index, str(tmp))
     table = pd.DataFrame({"path": items.paths, "label": items.labels or [""] * len(items), "identity": items.identities})
     with atomic_path(folder / f"items-{g}.csv", suffix=".csv") as tmp:
         table.to_csv(tmp, index=False)
+    return commit(folder, meta, g, count=int(index.ntotal), dim=int(index.d), labelled=items.labels is not None)
+
+
+def commit(folder: Path, meta: dict, g: int, *, count: int, dim: int, labelled: bool) -> dict:
+    """Replace ``meta.json`` with generation ``g``'s (the commit point), then delete older files."""
+    from . import _ondisk  # noqa: PLC0415
+
     meta = {
         **meta,
-        "format": FORMAT,
+        "format": FORMAT if meta.get("kind") == "ivfpq" else 1,
         "generation": g,
         "imagerec_version": __version__,
         "metric": "inner_product",
         "normalization": "l2",
-        "count": int(index.ntotal),
-        "dim": int(index.d),
-        "labelled": items.labels is not None,
+        "count": count,
+        "dim": dim,
+        "labelled": labelled,
     }
     write_text_atomic(folder / META_FILE, json.dumps(meta, indent=2) + "\n")  # the commit point
-    for stale in [*folder.glob("index-*.faiss"), *folder.glob("items-*.csv")]:
-        if stale.stem.rpartition("-")[2] != str(g):
-            stale.unlink(missing_ok=True)
+    keep = _ondisk.files_of(meta) if meta.get("kind") == "ivfpq" else {f"index-{g}.faiss", f"items-{g}.csv"}
+    _ondisk.remove_stale(folder, keep)
     return meta
