@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=20.0, help="larger request bodies get a 413 (default: 20)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request, else 504 (default: 30)")
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="refuse images with more pixels (decompression-bomb guard)")
+    p.add_argument("--watch", action="store_true", help="serve each new best checkpoint of the run folder: exported, checked against PyTorch, warmed up, swapped in without downtime")
+    p.add_argument("--watch-interval", type=float, default=2.0, help="seconds between looks at the watched checkpoint (default: 2)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
     p.set_defaults(run=_run_serve)
 
@@ -602,7 +604,7 @@ def _run_serve(args) -> None:
     config = ServeConfig(
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_images=args.max_images, max_body_mb=args.max_body_mb, timeout_s=args.timeout,
-        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, watch=args.watch, watch_interval_s=args.watch_interval,
     )
     serve(
         args.model, host=args.host, port=args.port, token=args.token, insecure_no_token=args.insecure_no_token,
