@@ -37,6 +37,7 @@ from ..errors import ImagerecError
 from ._batcher import Batcher
 from ._engines import Engine, load_engine, reload_source
 from ._images import decode_bytes
+from ._precision import PRECISIONS, pick_precision
 from ._reload import Refused, Reloader, Version
 from ._web import HttpMetrics, base_app, log
 
@@ -65,6 +66,12 @@ class ServeConfig:
         watch: reload the run folder's best checkpoint (or the checkpoint served) whenever it
             changes, as ``POST /admin/reload`` does; needs a run folder or checkpoint.
         watch_interval_s: how often the watched checkpoint's time and size are looked at.
+        precision: ``"auto"``: when the run folder holds the int8 file made from its checkpoint,
+            time both at start-up (and at each reload) and serve the faster, int8 only if it keeps
+            fp32's top class on at least ``min_int8_agreement`` of its calibration images;
+            ``"fp32"``; ``"int8"`` (the file must be there). See :mod:`imagerec.serve._precision`.
+        min_int8_agreement: the share of calibration images on which the int8 file must give
+            fp32's top class (as ``imagerec compress`` recorded it) to be chosen for speed.
     """
 
     max_batch_size: int = 32
@@ -78,6 +85,8 @@ class ServeConfig:
     blas_threads: int | None = 1
     watch: bool = False
     watch_interval_s: float = 2.0
+    precision: str = "auto"
+    min_int8_agreement: float = 0.99
 
     def check(self) -> ServeConfig:
         """Raise ImagerecError naming the first value out of range; else return self."""
@@ -92,6 +101,8 @@ class ServeConfig:
             ("decode_threads", self.decode_threads is None or self.decode_threads >= 1, ">= 1 thread, or None"),
             ("blas_threads", self.blas_threads is None or self.blas_threads >= 1, ">= 1 thread, or None"),
             ("watch_interval_s", self.watch_interval_s > 0, "> 0 seconds, e.g. 2"),
+            ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+            ("min_int8_agreement", 0 <= self.min_int8_agreement <= 1, "a share in [0, 1], e.g. 0.99"),
         ]
         for name, ok, rule in rules:
             if not ok:
@@ -304,10 +315,12 @@ def create_app(
         )
     if not isinstance(model, Engine):
         model = load_engine(model, engine=engine, device=device, threads=threads)
+        model = pick_precision(model, config.precision, config.min_int8_agreement, config.max_batch_size, threads)
     kind = model.name  # a new version runs on the engine the server started with
 
     def build(path: os.PathLike) -> Engine:
-        return load_engine(path, engine=kind, device=device, threads=threads)
+        fp32 = load_engine(path, engine=kind, device=device, threads=threads)
+        return pick_precision(fp32, config.precision, config.min_int8_agreement, config.max_batch_size, threads)
 
     reloader = Reloader(source, build) if source is not None else None
     metrics = ServeMetrics()

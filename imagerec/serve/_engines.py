@@ -50,6 +50,7 @@ class Engine:
     embed_dim: int | None = None
     device = "cpu"
     temperature = 1.0  # calibration: probabilities are softmax(logits / temperature)
+    precision: dict | None = None  # fp32 or int8, and why (see imagerec.serve._precision)
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         """One RGB image as the model's input: float32 (3, S, S). Thread-safe."""
@@ -76,6 +77,7 @@ class Engine:
             "embedding_dim": self.embed_dim,
             "model_imagerec_version": self.version,
             "imagerec_version": __version__,
+            "precision": self.precision,
         }
 
 
@@ -103,6 +105,8 @@ class OnnxEngine(Engine):
         self.backbone = self._model.backbone
         self.version = self._model.version
         self.temperature = self._model.temperature
+        self.compression = dict(self._model.compression)
+        self.features_path = features_path
         self._features = None
         if features_path is not None:
             self._features = runtime._model._session(features_path, threads)
