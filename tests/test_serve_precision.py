@@ -87,3 +87,21 @@ def test_fp32_and_int8_can_be_asked_for(int8_run):
         ServeConfig(min_int8_agreement=1.5).check()
     with pytest.raises(ImagerecError, match="--precision fp32: .*int8 model"):
         create_app(int8_run / "model.int8.onnx", config=ServeConfig(precision="fp32"))
+
+
+def test_batches_stop_where_larger_ones_no_longer_run_faster_per_image(int8_run):
+    from imagerec.serve import load_engine
+    from imagerec.serve._precision import BATCH_TOLERANCE, pick_batch_size
+
+    chosen, report = pick_batch_size(load_engine(int8_run), 16, threads=1)
+    timed = {int(b): ms for b, ms in report["ms_per_image_by_batch"].items()}
+    assert set(timed) <= {1, 2, 4, 8, 16} and 1 in timed and report["chosen"] == chosen
+    best = min(timed.values())
+    # whatever this CPU's figures: the largest batch timed within the tolerance of the best
+    assert chosen == max(b for b, ms in timed.items() if ms <= (1 + BATCH_TOLERANCE) * best)
+    with running(create_app(int8_run, config=ServeConfig(max_batch_size=16))) as url:
+        wait_ready(url)
+        batching = httpx.get(f"{url}/model").json()["batching"]
+    assert 1 <= batching["chosen"] <= 16 and "ms_per_image_by_batch" in batching
+    off = create_app(int8_run, config=ServeConfig(max_batch_size=16, tune_batch=False))
+    assert off.state.server.batcher.max_batch_size == 16

@@ -1,4 +1,6 @@
-"""int8 or fp32 by measurement: ONNX Runtime's int8 is not faster on every CPU.
+"""Decided by measurement at start-up: int8 or fp32, and how large a batch pays.
+
+**int8 or fp32**: ONNX Runtime's int8 is not faster on every CPU.
 
 A run folder served with the ONNX engine may hold, beside its checkpoint, the int8 file
 ``imagerec compress RUN --quantize int8`` wrote from it (``model.int8.onnx``, or
@@ -7,6 +9,11 @@ A run folder served with the ONNX engine may hold, beside its checkpoint, the in
 this machine at start-up (and at each reload) and serves the faster, but int8 only when the file
 records that it keeps fp32's top class on at least ``min_int8_agreement`` of its calibration
 images. The figures are logged and answered on ``GET /model`` (``precision``).
+
+**Batch size**: the server batches concurrent requests up to ``max_batch_size``, but a batch
+only pays where the CPU runs it faster per image. :func:`pick_batch_size` times the model at
+batch sizes 1, 2, 4, ... up to the ceiling and serves at the largest within 5 % of the best time
+per image (``GET /model``: ``batching``).
 """
 
 from __future__ import annotations
@@ -118,3 +125,47 @@ def pick_precision(engine: Engine, precision: str, min_agreement: float, max_bat
         fp32_ms, int8_ms, batch, TIMING_REPEATS, reason, served.precision["served"],
     )
     return served
+
+
+BATCH_TOLERANCE = 0.05  # a larger batch is taken while its time per image is within 5 % of the best
+
+
+def pick_batch_size(engine: Engine, ceiling: int, threads: int | None) -> tuple[int, dict]:
+    """The batch size to serve at: the largest power of two up to ``ceiling`` whose time per image
+    is within 5 % of the best, timed here on a session of its own (so that the large batches
+    timed leave no memory arena behind in the one that serves).
+
+    A batch is worth waiting for only where the CPU runs it faster per image: on one core a
+    convolutional net at 224 px may run batches of 32 slower per image than single images.
+
+    Returns:
+        (the batch size, {"ms_per_image_by_batch": {size: ms}, "chosen": size, "rule": ...}).
+    """
+    if not isinstance(engine, OnnxEngine):
+        return ceiling, {"chosen": ceiling, "rule": "not measured: the torch engine (a GPU batches well)"}
+    from .. import runtime  # noqa: PLC0415
+
+    probe = runtime.load(engine._model.path, threads=threads)
+    size = probe.preprocessing.input_size
+    sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < ceiling] + [ceiling]
+    timed: dict[int, float] = {}
+    rng = np.random.default_rng(0)
+    for b in sizes:
+        images = rng.standard_normal((b, 3, size, size), dtype=np.float32)
+        probe.logits(images)  # the first pass of a shape allocates
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            probe.logits(images)
+            runs.append((time.perf_counter() - start) * 1000 / b)
+        timed[b] = statistics.median(runs)
+        if b >= 4 and timed[b] > (1 + 2 * BATCH_TOLERANCE) * min(timed.values()):
+            break  # getting slower per image: larger batches will not pay
+    best = min(timed.values())
+    chosen = max(b for b, ms in timed.items() if ms <= (1 + BATCH_TOLERANCE) * best)
+    del probe
+    report = {"ms_per_image_by_batch": {str(b): round(ms, 3) for b, ms in timed.items()}, "chosen": chosen,
+              "rule": f"the largest batch within {BATCH_TOLERANCE:.0%} of the best time per image, at most --max-batch-size {ceiling}"}
+    log.info("batch size: %s ms per image by batch size; serving batches of at most %d",
+             ", ".join(f"{b}: {ms:.3g}" for b, ms in timed.items()), chosen)
+    return chosen, report
