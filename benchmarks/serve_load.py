@@ -259,6 +259,10 @@ def run_cells(args, onnx: Path, bodies: Path, count: int, photos: list[Path], re
                 r.raise_for_status()
                 answers.append(top_class(name, r.json()))
             report["answers"][name] = answers
+            if name == "imagerec":  # what start-up measured and chose (batch size, precision)
+                info = httpx.get(f"{server.url}/model", timeout=30).json()
+                report["imagerec_startup"] = {"batching": info.get("batching"), "precision": info.get("precision")}
+                print(f"imagerec start-up: {json.dumps(report['imagerec_startup'])}", flush=True)
             print(f"{name}: ready in {server.start_s:.1f} s, answers {answers}, RSS {rss_mb(server.proc.pid):.0f} MB", flush=True)
             for clients in args.clients:
                 wrk(server.url, bodies, count, clients, args.warmup_seconds, args.load_core)

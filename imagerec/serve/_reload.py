@@ -4,7 +4,8 @@ A server started on a run folder or a checkpoint can take a new version of it, b
 ``POST /admin/reload`` (behind the token) or by watching the file (``--watch``). A reload:
 
 1. hashes the checkpoint the source names now (a run folder: its best checkpoint); the same
-   SHA-256 as the version serving, or as a candidate already refused, does nothing;
+   SHA-256 as the version serving does nothing, the same as the last candidate refused is
+   refused again for the reason kept (not rebuilt);
 2. builds a candidate engine from it in the reload thread, as the server's start did:
    :func:`~imagerec.serve._engines.load_engine` reads the checkpoint (its checksum verified) and,
    for the ONNX engine, exports it with :func:`imagerec.export.export_model`, which runs the
@@ -146,8 +147,10 @@ class Reloader:
             sha = file_sha256(path)
         except (ImagerecError, OSError) as e:
             raise self._refuse("", str(self.source), f"no checkpoint to read ({e})") from None
-        if sha == serving or sha == self._refused:
+        if sha == serving:
             return None
+        if sha == self._refused and self.last is not None:  # the same bytes again: not rebuilt
+            raise Refused(f"{self.last.reason} (refused at {self.last.at}; not tried again until the file changes)")
         try:
             engine = self._build(path)
             check_candidate(engine, self._batch_sizes)
