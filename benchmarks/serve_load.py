@@ -250,7 +250,10 @@ def summarize_profile(path: Path, top: int = 25) -> dict:
 
 
 def run_cells(args, onnx: Path, bodies: Path, count: int, photos: list[Path], report: dict) -> None:
-    for name, (label, argv, ready, env, cwd) in servers(onnx, args.servers, args.server_core, args.max_batch_size, args.max_wait_ms).items():
+    batch = {name: args.max_batch_size for name in args.servers}
+    report["peer_batch"] = args.peer_batch
+    for name in args.servers:  # imagerec first: with --peer-batch imagerec, the peers take its batch size
+        label, argv, ready, env, cwd = servers(onnx, [name], args.server_core, batch[name], args.max_wait_ms)[name]
         server = Server(label, argv, ready, args.server_core, env, cwd)
         try:
             answers = []
@@ -263,6 +266,8 @@ def run_cells(args, onnx: Path, bodies: Path, count: int, photos: list[Path], re
                 info = httpx.get(f"{server.url}/model", timeout=30).json()
                 report["imagerec_startup"] = {"batching": info.get("batching"), "precision": info.get("precision")}
                 print(f"imagerec start-up: {json.dumps(report['imagerec_startup'])}", flush=True)
+                if args.peer_batch == "imagerec" and info.get("batching"):
+                    batch.update({peer: int(info["batching"]["chosen"]) for peer in batch if peer != "imagerec"})
             print(f"{name}: ready in {server.start_s:.1f} s, answers {answers}, RSS {rss_mb(server.proc.pid):.0f} MB", flush=True)
             for clients in args.clients:
                 wrk(server.url, bodies, count, clients, args.warmup_seconds, args.load_core)
@@ -271,7 +276,7 @@ def run_cells(args, onnx: Path, bodies: Path, count: int, photos: list[Path], re
                     # taskset execs the server, so its pid is the Python process
                     spy = profile(server.proc.pid, args.seconds, Path(args.out).with_suffix(f".{name}.c{clients}.pyspy.txt"))
                 cell = wrk(server.url, bodies, count, clients, args.seconds, args.load_core)
-                cell.update(server=name, rss_mb=rss_mb(server.proc.pid), load=load_average())
+                cell.update(server=name, max_batch=batch[name], rss_mb=rss_mb(server.proc.pid), load=load_average())
                 if spy is not None:
                     _, err = spy.communicate(timeout=60)
                     out = Path(args.out).with_suffix(f".{name}.c{clients}.pyspy.txt")
@@ -333,10 +338,10 @@ def batch_sizes(url: str) -> dict[str, float]:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| server | clients | requests | errors | req/s | p50 ms | p99 ms | RSS MB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| server | max batch | clients | requests | errors | req/s | p50 ms | p99 ms | RSS MB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c in report["cells"]:
-        lines.append(f"| {c['server']} | {c['clients']} | {c['requests']} | {c['errors']} | {c['rps']:.1f} | "
+        lines.append(f"| {c['server']} | {c.get('max_batch', '')} | {c['clients']} | {c['requests']} | {c['errors']} | {c['rps']:.1f} | "
                      f"{c['p50_ms']:.1f} | {c['p99_ms']:.1f} | {c['rss_mb']:.0f} |")
     mine = {c["clients"]: c for c in report["cells"] if c["server"] == "imagerec"}
     peers = [c for c in report["cells"] if c["server"] != "imagerec"]
@@ -362,6 +367,8 @@ def main() -> None:
     parser.add_argument("--warmup-seconds", type=float, default=3.0, help="unmeasured load before each cell")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--peer-batch", choices=["same", "imagerec"], default="same",
+                        help="the peers' max batch size: --max-batch-size (same), or the one imagerec's start-up chose")
     parser.add_argument("--server-core", default="0")
     parser.add_argument("--load-core", default="1")
     parser.add_argument("--profile", type=int, default=None, metavar="CLIENTS", help="py-spy the imagerec server in this cell")
