@@ -292,6 +292,7 @@ def run_memory(args, onnx: Path, photos: list[Path], bodies: Path, report: dict)
     label, argv, ready, env, cwd = servers(onnx, ["imagerec"], args.server_core, args.max_batch_size, args.max_wait_ms)["imagerec"]
     server = Server(label, argv, ready, args.server_core, env, cwd)
     samples = [{"requests": 0, "rss_mb": rss_mb(server.proc.pid)}]
+    answered = 0
     hey = shutil.which("hey") or "/usr/bin/hey"
     held = None
     try:
@@ -307,7 +308,8 @@ def run_memory(args, onnx: Path, photos: list[Path], bodies: Path, report: dict)
                                   f"{server.url}/predict"], capture_output=True, text=True, timeout=600)
             codes = {line.split("]")[0].strip("[ "): int(line.split()[1]) for line in out.stdout.splitlines()
                      if line.strip().startswith("[") and "responses" in line}
-            sample = {"requests": (block + 1) * 1000, "rss_mb": rss_mb(server.proc.pid), "statuses": codes,
+            answered += sum(codes.values())  # hey splits -n among -c workers: 1000 at 32 clients is 992
+            sample = {"requests": answered, "rss_mb": rss_mb(server.proc.pid), "statuses": codes,
                       "batches": batch_sizes(server.url),
                       "time": time.strftime("%H:%M:%S", time.gmtime()), "load": load_average()}
             samples.append(sample)

@@ -38,9 +38,11 @@ class Classifier(ls.LitAPI):
         return np.stack(inputs)
 
     def predict(self, batch):
-        logits = self.model.logits(batch) / self.model.temperature
+        single = batch.ndim == 3  # with max_batch_size=1 LitServe calls neither batch nor unbatch
+        logits = self.model.logits(batch[None] if single else batch) / self.model.temperature
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return exp / exp.sum(axis=1, keepdims=True)
+        proba = exp / exp.sum(axis=1, keepdims=True)
+        return proba[0] if single else proba
 
     def unbatch(self, output):
         return list(output)
