@@ -231,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=20.0, help="larger request bodies get a 413 (default: 20)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request, else 504 (default: 30)")
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="refuse images with more pixels (decompression-bomb guard)")
+    p.add_argument("--watch", action="store_true", help="serve each new best checkpoint of the run folder: exported, checked against PyTorch, warmed up, swapped in without downtime")
+    p.add_argument("--watch-interval", type=float, default=2.0, help="seconds between looks at the watched checkpoint (default: 2)")
+    p.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto", help="auto: with the run's int8 file (imagerec compress) beside its checkpoint, time both here and serve the faster within --min-int8-agreement (default: auto)")
+    p.add_argument("--no-tune-batch", action="store_true", help="batch up to --max-batch-size whatever the timing (by default, start-up times batch sizes and stops where larger batches no longer run faster per image)")
+    p.add_argument("--min-int8-agreement", type=float, default=0.99, help="int8 is chosen only if it keeps fp32's top class on this share of its calibration images (default: 0.99)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
     p.set_defaults(run=_run_serve)
 
@@ -667,7 +672,8 @@ def _run_serve(args) -> None:
     config = ServeConfig(
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_images=args.max_images, max_body_mb=args.max_body_mb, timeout_s=args.timeout,
-        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, watch=args.watch, watch_interval_s=args.watch_interval,
+        precision=args.precision, min_int8_agreement=args.min_int8_agreement, tune_batch=not args.no_tune_batch,
     )
     serve(
         args.model, host=args.host, port=args.port, token=args.token, insecure_no_token=args.insecure_no_token,
