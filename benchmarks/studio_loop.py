@@ -25,6 +25,7 @@ the machine's (the studio's own work plus the page loads).
 
     flock /tmp/imagerec-cpu.lock python benchmarks/studio_loop.py [--data intel|SET_FOLDER] [--per-class 100]
         [--flow review|groups] [--budget 0] [--out benchmarks/results/studio_loop_NAME.json]
+    python benchmarks/studio_loop.py --table benchmarks/results/studio_loop_*.json   # the tables of docs/BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -296,7 +297,31 @@ def machine() -> str:
         return platform.processor() or "unknown"
 
 
+def table(files: list[str]) -> None:
+    """The markdown tables of docs/BENCHMARKS.md from the JSONs of earlier runs."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    print("| set | photos | classes | purity | clicks | typed | clicks an image | manifest right | pages | wrong shown "
+          "(one click / class button / new class) | clicks when first >= 99% (+ export) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+    for r in runs:
+        v = r["review"] or {}
+        print(f"| {Path(r['data']).name} | {r['photos']} | {r['classes']} | {r['cluster_purity']:.3f} | {r['clicks']} | {r['typed']} | "
+              f"{r['clicks_per_image']:.3f} | {r['manifest_right']}/{r['manifest_rows']} ({r['manifest_accuracy']:.1%}) | {v.get('pages', '')} | "
+              f"{v.get('wrong shown', '')} ({v.get('fixed with one click', '')} / {v.get('fixed with a class button', '')} / {v.get('new classes', '')}) | "
+              f"{r['clicks_to_99_with_export']} |")
+    print()
+    print("| set | images | right after naming: the groups (cluster labels) | the suggestions |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in runs:
+        a = (r["review"] or {}).get("after naming")
+        if a:
+            print(f"| {Path(r['data']).name} | {a['images']} | {a['groups_right'] / a['images']:.3f} | {a['suggestions_right'] / a['images']:.3f} |")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--table"]:
+        table(sys.argv[2:])
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="intel", help="'intel' (intel-scenes-small's train split) or a set folder with train/ and test/")
     ap.add_argument("--per-class", type=int, default=None, help="photos a class (default: 100 for intel, all for a set folder)")

@@ -71,7 +71,7 @@ class Reviewer:
         """Compute (or read back from the cache) every image's features, in a background thread."""
         if self._ids is not None:
             return
-        self.job.run("suggestions", self._prepare)
+        self.job.run("suggestion job", self._prepare)
 
     def _prepare(self) -> None:
         from ..data import ImageSource  # noqa: PLC0415
@@ -222,8 +222,9 @@ def body(reviewer: Reviewer, order: str, group_id: int | None, queue: bool = Fal
         job = reviewer.job
         words = {"idle": "starting", "running": "computing the features of every image (once; a clustered project reuses them)",
                  "done": "ready", "failed": "failed"}[job.state]
+        retry = '<p><button id="reviewstart">Try again</button></p>' if job.state == "failed" else ""
         return (f'<p id="reviewstate" data-state="{esc(job.state)}">Suggestions: {esc(words)}{": " + esc(job.message) if job.message else ""}</p>'
-                "<p>The review shows the images the model suggests for each class, a page at a time; every decision refits it.</p>")
+                + retry + "<p>The review shows the images the model suggests for each class, a page at a time; every decision refits it.</p>")
     try:
         s, state = reviewer.current()
     except ImagerecError as e:

@@ -193,6 +193,7 @@
   const reviewstate = $("#reviewstate");
   if (reviewstate && reviewstate.dataset.state === "idle") post("/api/review/start", {}).then(() => location.reload(), () => {});
   else if (reviewstate && reviewstate.dataset.state === "running") setTimeout(() => location.reload(), 1000);
+  on("#reviewstart", () => act("/api/review/start", {}, () => "computing the suggestions again"));
   if (reviewgrid) {
     const names = JSON.parse(reviewgrid.dataset.names);
     const cards = () => $$("#reviewgrid figure[data-id]");
