@@ -36,10 +36,10 @@ PROVISIONAL_UNTIL = 20  # decided images of a class from which its undecided ima
 PAGE_SIZE = 60  # images on a review page: one screen of thumbnails at 1280 x 900
 NEXT_SIZE = 24  # images in the "label next" queue
 ORDERS = ("most", "least")
-# the linear probe alone: with the person script's review (most certain pages first, PROVISIONAL_UNTIL 20)
-# on cached Lite0 features it needed fewer clicks than the probe and propagation averaged, on each set
-# tried (intel 600: 108 vs 119 in a simulation of the loop; weather: 149 vs 160; corn: 166 vs 194),
-# mostly because its second choice is more often the right class (a one-click fix)
+# the linear probe alone: in benchmarks/review_simulate.py (this loop, most certain pages first, on cached
+# Lite0 features) it needed fewer review clicks than the probe and propagation averaged on each set tried
+# (intel 600: 102 vs 116; weather: 143 vs 156; corn: 164 vs 190), mostly because its second choice is more
+# often the right class (a one-click fix)
 METHOD = "probe"
 
 
