@@ -280,7 +280,8 @@ def review(person: Person, url: str, project: Path, truth: dict[str, str], order
                 person.click("#picknew")
                 new_class = want
                 stats["new classes"] += 1
-        person.click("#accept")
+        with page.expect_navigation():  # the page reloads with the next page of suggestions
+            person.click("#accept")
         person.wait_ok()
         stats["pages"] += 1
         stats["shown"] += len(seen["cards"])
