@@ -94,10 +94,16 @@ def main() -> None:
     ap.add_argument("--sets", default="intel-scenes-small", help="comma-separated: intel-scenes-small or photo-suite set names")
     ap.add_argument("--method", default=_review.METHOD, help="comma-separated suggester methods (probe, auto, propagation)")
     ap.add_argument("--cache", default=os.environ.get("SUITE_CACHE", "/tmp/imagerec-suite/cache"))
+    ap.add_argument("--floor", action="store_true", help="only the floor: out-of-fold accuracy with every other image's true label")
     args = ap.parse_args()
     for name in args.sets.split(","):
         x, truth = load(name, Path(args.cache))
         for method in args.method.split(","):
+            if args.floor:  # a rough floor: what the model gets wrong even when it knows every other image's label
+                right = float((_review.suggested_names(suggest(x, list(truth), method=method)) == truth).mean())
+                print(f"{name} method={method}: out-of-fold right with all other labels {right:.3f}, "
+                      f"{round((1 - right) * len(x))} of {len(x)} suggestions wrong even then", flush=True)
+                continue
             t0 = time.perf_counter()
             r = play(x, truth, method)
             print(f"{name} method={method} provisional_until={_review.PROVISIONAL_UNTIL}: {r} ({time.perf_counter() - t0:.0f} s)", flush=True)
