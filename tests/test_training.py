@@ -181,7 +181,7 @@ def _imagerec(*args: str, env_extra=None) -> list[str]:
 def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
     data = make_colour_dataset(tmp_path / "d", per_class=32)
     args = [str(data), "--backbone", "efficientnet_lite0", "--image-size", "32", "--batch-size", "8", "--epochs", "4",
-            "--head-epochs", "0", "--val-fraction", "0.25", "--save-every", "2", "--precision", "fp32", "--device", "cpu", "--no-progress"]
+            "--head-epochs", "0", "--no-probe", "--val-fraction", "0.25", "--save-every", "2", "--precision", "fp32", "--device", "cpu", "--no-progress"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     subprocess.run(_imagerec("train", *args, "--out", str(tmp_path / "whole")), check=True, env=env, capture_output=True)
 
