@@ -1,0 +1,117 @@
+"""Property-based fuzz of the files ``imagerec index``, ``search`` and ``audit`` read (Hypothesis):
+embeddings ``.npz`` files with wrong keys, dtypes, shapes, values, names and damaged or forged
+bytes; index folders with tampered meta, swapped or truncated FAISS files and edited item lists;
+``--parts`` of other models; CSV manifests that climb out of their folder; ``--out`` of the
+wrong kind.
+
+Whatever is given: exit 0, or exit 2 with one line naming the problem and a fix (no traceback,
+no exception class name), checked before the work starts; nothing written outside ``--out``; a
+refused ``--add`` leaves the index byte for byte; search results name only indexed images.
+No model: the embeddings are numpy arrays under a registry backbone's name.
+
+Brief and deterministic here (``derandomize``); ``benchmarks/fuzz_files.py`` runs the same
+properties (``tests/_file_strategies.py``) at length with fresh seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from . import _file_strategies as fz
+
+CI = dict(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+
+
+def _fresh(tmp_path, name: str):
+    folder = tmp_path / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    return folder
+
+
+# ------------------------------------------------------------------------- embeddings files
+
+BAD_NPZ = {
+    "nan": lambda a: a.update(features=np.full_like(a["features"], np.nan)),
+    "inf": lambda a: a["features"].__setitem__((0, 0), np.inf),
+    "int paths": lambda a: a.update(paths=np.arange(len(a["paths"]))),
+    "bytes paths": lambda a: a.update(paths=np.asarray([p.encode() for p in a["paths"].tolist()])),
+    "2-D paths": lambda a: a.update(paths=a["paths"].reshape(-1, 1)),
+    "empty path": lambda a: a["paths"].__setitem__(0, ""),
+    "NUL in a path": lambda a: a.update(paths=np.asarray(["/v/a\x00b.png", *a["paths"].tolist()[1:]])),
+    "no features": lambda a: a.update(features=np.zeros((len(a["paths"]), 0), np.float32)),
+    "meta a list": lambda a: a.update(meta=np.asarray("[1, 2]")),
+    "backbone a number": lambda a: a.update(meta=np.asarray(json.dumps({"backbone": 5, "preprocessing": fz.PREPROCESSING}))),
+    "int classes": lambda a: a.update(labels=np.zeros(len(a["paths"]), np.int64), classes=np.asarray([3])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_NPZ))
+@pytest.mark.parametrize("command", ["index", "search", "audit"])
+def test_a_bad_embeddings_file_is_one_line(tmp_path, name, command):
+    arrays = fz.good_arrays(5)
+    BAD_NPZ[name](arrays)
+    data = fz.npz_bytes(arrays)
+    if command == "index":
+        problems = fz.prop_index_from_npz(tmp_path, data)
+    elif command == "search":
+        fz.build_good_index(tmp_path / "good")
+        problems = fz.prop_search_with_npz(tmp_path, tmp_path / "good", data)
+    else:
+        problems = fz.prop_audit_npz(tmp_path, data)
+    assert not problems
+    npz = tmp_path / ("given.npz" if command != "search" else "query.npz")
+    assert fz.run_cli(command, *(["x"] if command == "search" else []), npz, "--out", tmp_path / "o").code == 2
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        (lambda d: d[: len(d) // 2], "damaged embeddings file"),
+        (lambda d: b"", "not an .npz"),
+        (lambda d: fz.forged_header(d, (10**9, 10**4)), "declares shape (1000000000, 10000)"),
+    ],
+    ids=["truncated", "empty", "forged-shape"],
+)
+def test_a_damaged_or_forged_archive_is_one_line(tmp_path, damage, fragment):
+    data = damage(fz.npz_bytes(fz.good_arrays(5)))
+    assert not fz.prop_index_from_npz(tmp_path, data)
+    o = fz.run_cli("index", tmp_path / "given.npz", "--out", tmp_path / "idx")
+    assert o.code == 2 and fragment in o.err
+
+
+def test_a_bad_crc_is_one_line(tmp_path):
+    data = bytearray(fz.npz_bytes(fz.good_arrays(5)))
+    data[data.find(b"NUMPY") + 150] ^= 0xFF  # inside the features' data: the zip CRC no longer matches
+    assert not fz.prop_index_from_npz(tmp_path, bytes(data))
+    assert "CRC" in fz.run_cli("index", tmp_path / "given.npz", "--out", tmp_path / "idx").err
+
+
+@settings(max_examples=60, **CI)
+@given(file=fz.embeddings_files())
+def test_any_embeddings_file_indexes_exactly_its_images_or_is_refused(tmp_path_factory, file):
+    data, _how = file
+    assert not fz.prop_index_from_npz(tmp_path_factory.mktemp("npz"), data)
+
+
+@settings(max_examples=40, **CI)
+@given(file=fz.embeddings_files())
+def test_any_query_file_searches_the_index_or_is_refused(tmp_path_factory, file):
+    tmp = tmp_path_factory.mktemp("query")
+    fz.build_good_index(tmp / "good")
+    data, _how = file
+    assert not fz.prop_search_with_npz(tmp, tmp / "good", data)
+
+
+@settings(max_examples=25, **CI)
+@given(file=fz.embeddings_files())
+def test_any_embeddings_file_is_audited_or_refused(tmp_path_factory, file):
+    data, _how = file
+    assert not fz.prop_audit_npz(tmp_path_factory.mktemp("audit"), data)
+
