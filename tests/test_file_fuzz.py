@@ -115,3 +115,57 @@ def test_any_embeddings_file_is_audited_or_refused(tmp_path_factory, file):
     data, _how = file
     assert not fz.prop_audit_npz(tmp_path_factory.mktemp("audit"), data)
 
+
+# ----------------------------------------------------------------------------- index folders
+
+TAMPERED_META = {
+    "generation a string": ("meta-key", ("generation", "1")),
+    "generation climbing out": ("meta-key", ("generation", "/../../outside")),
+    "count a string": ("meta-key", ("count", "5")),
+    "unknown kind": ("meta-key", ("kind", "hnsw")),
+    "ivf without lists": ("meta-key", ("kind", "ivf")),
+    "format a string": ("meta-key", ("format", "x")),
+    "exact_max null": ("meta-key", ("exact_max", None)),
+    "meta a list": ("meta-key", ("preprocessing", [1])),
+    "no checksums": ("meta-drop", "sha256"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TAMPERED_META))
+def test_a_tampered_meta_is_one_line_and_a_rebuild_fixes_it(tmp_path, name):
+    kind, detail = TAMPERED_META[name]
+    assert not fz.prop_damaged_index(tmp_path, kind, detail)
+    fz.build_good_index(_fresh(tmp_path, "again"))
+    fz.damage_index(tmp_path / "again", kind, detail)
+    o = fz.run_cli("search", tmp_path / "again", tmp_path / "q.npz")
+    assert o.code == 2 and "meta.json" in o.err and "rebuild the index" in o.err
+
+
+def test_a_damaged_faiss_file_is_caught_by_its_checksum(tmp_path):
+    fz.build_good_index(tmp_path / "idx")
+    faiss_file = tmp_path / "idx" / "index-1.faiss"
+    data = bytearray(faiss_file.read_bytes())
+    data[-5] ^= 0x40  # one bit of the last vector: FAISS itself would read it without a word
+    faiss_file.write_bytes(bytes(data))
+    o = fz.run_cli("search", tmp_path / "idx", fz.save_arrays(tmp_path / "q.npz", fz.good_arrays(2, seed=1)))
+    assert not fz.user_error_problems(o, "search")
+    assert o.code == 2 and "index-1.faiss: its SHA-256 is not the one meta.json recorded" in o.err
+    assert not fz.prop_damaged_index(_fresh(tmp_path, "prop"), "faiss-bytes", 3)
+
+
+def test_the_checksums_are_recorded_and_cover_both_files(tmp_path):
+    fz.build_good_index(tmp_path / "idx")
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    from imagerec.index._store import file_sha256  # noqa: PLC0415
+
+    assert meta["sha256"] == {"index": file_sha256(tmp_path / "idx" / "index-1.faiss"), "items": file_sha256(tmp_path / "idx" / "items-1.csv")}
+    (tmp_path / "idx" / "items-1.csv").write_text("path,label,identity\n/etc/passwd,,x\n" * 6)
+    o = fz.run_cli("search", tmp_path / "idx", fz.save_arrays(tmp_path / "q.npz", fz.good_arrays(2, seed=1)))
+    assert o.code == 2 and "items-1.csv: its SHA-256" in o.err and "/etc/passwd" not in o.out
+
+
+@settings(max_examples=45, **CI)
+@given(damage=fz.index_damage())
+def test_any_damaged_index_is_refused_or_searched_and_a_rebuild_fixes_it(tmp_path_factory, damage):
+    kind, detail = damage
+    assert not fz.prop_damaged_index(tmp_path_factory.mktemp("damaged"), kind, detail)
