@@ -478,3 +478,95 @@ def index_folder_problems(folder: Path) -> list[str]:
     left = sorted(set(os.listdir(folder)) - {"meta.json", ".lock", f"index-{g}.faiss", f"items-{g}.csv"})
     missing = [name for name in (f"index-{g}.faiss", f"items-{g}.csv") if not (folder / name).is_file()]
     return ([f"the index folder also holds {left}"] if left else []) + ([f"the index folder lacks {missing}"] if missing else [])
+
+
+# ------------------------------------------------------------------------- parts and --out
+
+
+@st.composite
+def part_sets(draw) -> list[tuple[dict, object]]:
+    """2 or 3 part files: (arrays, shard record or None), some from another model, dimension or run."""
+    count = draw(st.integers(2, 3))
+    parts = []
+    for i in range(count):
+        arrays = good_arrays(3, seed=10 + i, prefix=f"/parts/{i}")
+        meta = {"backbone": BACKBONE, "preprocessing": dict(PREPROCESSING), "shard": {"index": i, "count": count, "images": 3 * count}}
+        edit = draw(st.sampled_from(["none", "none", "none", "dim", "backbone", "size", "no-shard", "shard-value", "same-index", "overlap", "drop"]))
+        if edit == "dim":
+            arrays["features"] = np.ones((3, DIM // 2), np.float32)
+        elif edit == "backbone":
+            meta["backbone"] = "efficientnet_lite2"
+        elif edit == "size":
+            meta["preprocessing"]["input_size"] = 96
+        elif edit == "no-shard":
+            del meta["shard"]
+        elif edit == "shard-value":
+            meta["shard"] = draw(st.one_of(_json_values(), st.just({"index": count, "count": count, "images": 1})))
+        elif edit == "same-index":
+            meta["shard"]["index"] = 0
+        elif edit == "overlap":
+            arrays["paths"] = np.asarray([f"/parts/0/{10}_{j:03d}.png" for j in range(3)])
+        if edit == "drop" and i:
+            continue
+        arrays["meta"] = np.asarray(json.dumps(meta))
+        parts.append(arrays)
+    return parts
+
+
+def prop_parts(tmp: Path, parts: list[dict]) -> list[str]:
+    """``imagerec index --parts ...``: the union of the parts, or one line and no --out."""
+    files = [save_arrays(tmp / f"part-{i}.npz", arrays) for i, arrays in enumerate(parts)]
+    out = tmp / "idx"
+    before = tree(tmp)
+    o = run_cli("index", "--parts", *files, "--out", out)
+    found = user_error_problems(o, "index")
+    stray = [p for p in changes(before, tree(tmp)) if not p.startswith(os.fspath(out))]
+    found += [f"wrote outside --out: {stray[:3]}"] if stray else []
+    if o.code == 2 and out.exists():
+        found.append(f"refused, yet --out was created: {sorted(os.listdir(out))}")
+    if o.code == 0:
+        from imagerec import load_index  # noqa: PLC0415
+
+        paths = set(load_index(out).items.paths)
+        wanted = set().union(*(expected_paths(f) for f in files))
+        found += [] if paths == wanted else [f"the merged index holds {len(paths)} images, not the parts' {len(wanted)}"]
+    return found
+
+
+OUT_KINDS = ["file", "under-a-file", "folder-of-photos", "folder-with-notes", "empty-folder", "an-index", "new", "nested-new"]
+
+
+def prop_out_kind(tmp: Path, kind: str) -> list[str]:
+    """``imagerec index E.npz --out OUT``: OUT of every kind either becomes the index or is refused
+    in one line, before any work, with nothing of the user's changed."""
+    npz = save_arrays(tmp / "e.npz", good_arrays(4, seed=3))
+    out = {"file": tmp / "notes.txt", "under-a-file": tmp / "notes.txt" / "idx", "folder-of-photos": tmp / "photos",
+           "folder-with-notes": tmp / "mixed", "empty-folder": tmp / "empty", "an-index": tmp / "old",
+           "new": tmp / "idx", "nested-new": tmp / "a" / "b" / "idx"}[kind]  # fmt: skip
+    (tmp / "notes.txt").write_text("mine")
+    (tmp / "photos").mkdir()
+    (tmp / "photos" / "cat.png").write_bytes(b"not really a png")
+    (tmp / "photos" / "index-keep.faiss").write_bytes(b"a file of the user's that looks like ours")
+    (tmp / "mixed").mkdir()
+    (tmp / "mixed" / "meta.json").write_text("{}")
+    (tmp / "mixed" / "README").write_text("mine")
+    (tmp / "empty").mkdir()
+    build_good_index(tmp / "old")
+    before = tree(tmp)
+    o = run_cli("index", npz, "--out", out)
+    found = user_error_problems(o, "index")
+    after = tree(tmp)
+    touched = [p for p in changes(before, after) if not (p.startswith(os.fspath(out) + os.sep) or p == os.fspath(out))]
+    touched = [p for p in touched if not (kind == "nested-new" and p in (os.fspath(tmp / "a"), os.fspath(tmp / "a" / "b")))]
+    found += [f"changed outside --out: {touched[:3]}"] if touched else []
+    should_refuse = kind in ("file", "under-a-file", "folder-of-photos", "folder-with-notes")
+    if should_refuse and o.code != 2:
+        found.append(f"--out {kind} was not refused (exit {o.code})")
+    if should_refuse and changes(before, after):
+        found.append(f"a refused --out {kind} changed files: {changes(before, after)[:3]}")
+    if not should_refuse:
+        if o.code != 0:
+            found.append(f"--out {kind} failed: {o.err.strip()[-300:]}")
+        else:
+            found += index_folder_problems(out)
+    return found

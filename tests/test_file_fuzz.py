@@ -169,3 +169,44 @@ def test_the_checksums_are_recorded_and_cover_both_files(tmp_path):
 def test_any_damaged_index_is_refused_or_searched_and_a_rebuild_fixes_it(tmp_path_factory, damage):
     kind, detail = damage
     assert not fz.prop_damaged_index(tmp_path_factory.mktemp("damaged"), kind, detail)
+
+
+# ------------------------------------------------------------------------- parts and --out
+
+
+@pytest.mark.parametrize("kind", fz.OUT_KINDS)
+def test_out_of_every_kind_becomes_the_index_or_is_refused_first(tmp_path, kind):
+    assert not fz.prop_out_kind(tmp_path, kind)
+
+
+def test_a_folder_of_the_users_files_is_not_an_index_to_replace(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "index-keep.faiss").write_text("mine")
+    o = fz.run_cli("index", fz.save_arrays(tmp_path / "e.npz", fz.good_arrays(3)), "--out", tmp_path / "photos")
+    assert o.code == 2 and "holds files that are not an index's (index-keep.faiss)" in o.err
+    assert (tmp_path / "photos" / "index-keep.faiss").read_text() == "mine" and len(list((tmp_path / "photos").iterdir())) == 1
+
+
+def test_embeddings_of_another_dimension_are_refused_by_add_search_and_parts(tmp_path):
+    fz.build_good_index(tmp_path / "idx")
+    other = fz.save_arrays(tmp_path / "d4.npz", fz.good_arrays(3, dim=4, seed=4))
+    before = fz.tree(tmp_path / "idx", skip=(tmp_path / "idx" / ".lock",))
+    for argv in (["index", other, "--out", tmp_path / "idx", "--add"], ["search", tmp_path / "idx", other]):
+        o = fz.run_cli(*argv)
+        assert not fz.user_error_problems(o, argv[0]) and o.code == 2 and "4-dim features" in o.err
+    assert not fz.changes(before, fz.tree(tmp_path / "idx", skip=(tmp_path / "idx" / ".lock",)))
+    o = fz.run_cli("index", "--parts", fz.save_arrays(tmp_path / "p.npz", fz.good_arrays(3, seed=5)), other, "--out", tmp_path / "merged")
+    assert o.code == 2 and "(4 dims)" in o.err and not (tmp_path / "merged").exists()
+
+
+def test_embeddings_of_no_images_are_nothing_to_index(tmp_path):
+    arrays = fz.good_arrays(1)
+    arrays.update(features=np.zeros((0, fz.DIM), np.float32), paths=np.asarray([], dtype=str))
+    assert not fz.prop_index_from_npz(tmp_path, fz.npz_bytes(arrays))
+    assert "nothing to index" in fz.run_cli("index", tmp_path / "given.npz", "--out", tmp_path / "idx").err
+
+
+@settings(max_examples=40, **CI)
+@given(parts=fz.part_sets())
+def test_any_parts_merge_into_their_union_or_are_refused(tmp_path_factory, parts):
+    assert not fz.prop_parts(tmp_path_factory.mktemp("parts"), parts)
