@@ -570,3 +570,87 @@ def prop_out_kind(tmp: Path, kind: str) -> list[str]:
         else:
             found += index_folder_problems(out)
     return found
+
+
+# --------------------------------------------------------------------------------- manifests
+
+MANIFEST_ROWS = [
+    "a.png",
+    "sub/b.png",
+    "sub/../a.png",  # inside once normalised
+    "../outside.png",
+    "sub/../../outside.png",
+    "{abs_outside}",
+    "{abs_inside}",
+    "link.png",  # a link inside the folder to a file outside: the folder owner's choice, followed
+    "missing.png",
+    "tab\tname.png",
+    "n" * 200 + ".png",
+    "./a.png",
+    "",
+    "/",
+    "..",
+    "a.png\x00x",
+]
+
+
+def make_manifest_folder(tmp: Path) -> Path:
+    """``tmp/data`` with a few small images (odd names among them) and ``tmp/outside.png`` beside it."""
+    from PIL import Image  # noqa: PLC0415
+
+    data = tmp / "data"
+    (data / "sub").mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(["a.png", "sub/b.png", "tab\tname.png", "n" * 200 + ".png"]):
+        Image.new("RGB", (16, 16), (40 * i, 200 - 30 * i, 90)).save(data / name)
+    Image.new("RGB", (16, 16), (250, 0, 0)).save(tmp / "outside.png")
+    link = data / "link.png"
+    if not link.is_symlink():
+        link.symlink_to(tmp / "outside.png")
+    return data
+
+
+@st.composite
+def manifests(draw) -> tuple[list[str], bool, bool]:
+    """(rows, labelled, with a header)."""
+    rows = draw(st.lists(st.sampled_from(MANIFEST_ROWS), min_size=1, max_size=8))
+    return rows, draw(st.booleans()), draw(st.booleans())
+
+
+def prop_manifest(tmp: Path, rows: list[str], labelled: bool, header: bool) -> list[str]:
+    """``imagerec audit MANIFEST`` (pixel checks only, no model): no row outside the manifest's
+    folder is read (it is a reported skip), or one line; nothing written outside --out."""
+    import csv  # noqa: PLC0415
+
+    data = make_manifest_folder(tmp)
+    manifest, out = data / "list.csv", tmp / "audit"
+    lines = [r.format(abs_outside=tmp / "outside.png", abs_inside=data / "a.png") for r in rows]
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        if header:
+            writer.writerow(["path", "label"] if labelled else ["path"])
+        for n, line in enumerate(lines):
+            writer.writerow([line, f"c{n % 2}"] if labelled else [line])
+    before = tree(tmp, skip=(out,))
+    o = run_cli("audit", manifest, "--out", out, "--checks", "exact_duplicates,quality", "--no-progress")
+    found = user_error_problems(o, "audit")
+    stray = changes(before, tree(tmp, skip=(out,)))
+    found += [f"wrote outside --out: {stray[:3]}"] if stray else []
+    if o.code == 0:
+        images = pd.read_csv(out / "images.csv", dtype=str, keep_default_na=False)
+        inside = os.path.abspath(data)
+        outside = [p for p in images["path"] if os.path.commonpath([inside, os.path.abspath(p)]) != inside]
+        found += [f"read rows outside the manifest's folder: {outside[:3]}"] if outside else []
+        wanted = {os.path.normpath(os.path.join(inside, r)) for r in lines}
+        extra = sorted(set(images["path"]) - wanted)
+        found += [f"audited files the manifest does not list: {extra[:3]}"] if extra else []
+        skipped = set(pd.read_csv(out / "skipped.csv", dtype=str, keep_default_na=False)["path"]) if (out / "skipped.csv").is_file() else set()
+        unread = set(pd.read_csv(out / "unreadable.csv", dtype=str, keep_default_na=False)["path"]) if (out / "unreadable.csv").is_file() else set()
+        from imagerec.data import is_image_file  # noqa: PLC0415
+
+        as_header = not header and not is_image_file(lines[0])  # a first row naming no image is a header
+        for r in lines[1:] if as_header else lines:
+            file = os.path.normpath(os.path.join(inside, r))
+            if os.path.commonpath([inside, file]) != inside and file not in skipped | unread:
+                found.append(f"the row {r!r} outside the folder is not reported as skipped")
+                break
+    return found

@@ -210,3 +210,13 @@ def test_embeddings_of_no_images_are_nothing_to_index(tmp_path):
 @given(parts=fz.part_sets())
 def test_any_parts_merge_into_their_union_or_are_refused(tmp_path_factory, parts):
     assert not fz.prop_parts(tmp_path_factory.mktemp("parts"), parts)
+
+
+# --------------------------------------------------------------------------------- manifests
+
+
+@settings(max_examples=10, **CI)
+@given(manifest=fz.manifests())
+def test_a_manifest_never_reads_outside_its_folder(tmp_path_factory, manifest):
+    rows, labelled, header = manifest
+    assert not fz.prop_manifest(tmp_path_factory.mktemp("manifest"), rows, labelled, header)
