@@ -645,10 +645,8 @@ def prop_manifest(tmp: Path, rows: list[str], labelled: bool, header: bool) -> l
         found += [f"audited files the manifest does not list: {extra[:3]}"] if extra else []
         skipped = set(pd.read_csv(out / "skipped.csv", dtype=str, keep_default_na=False)["path"]) if (out / "skipped.csv").is_file() else set()
         unread = set(pd.read_csv(out / "unreadable.csv", dtype=str, keep_default_na=False)["path"]) if (out / "unreadable.csv").is_file() else set()
-        from imagerec.data import is_image_file  # noqa: PLC0415
-
-        as_header = not header and not is_image_file(lines[0])  # a first row naming no image is a header
-        for r in lines[1:] if as_header else lines:
+        rows_read = [r for r in lines if r.strip()]  # blank rows are not rows
+        for r in rows_read if header else rows_read[1:]:  # without a header, the first row may be taken for one
             file = os.path.normpath(os.path.join(inside, r))
             if os.path.commonpath([inside, file]) != inside and file not in skipped | unread:
                 found.append(f"the row {r!r} outside the folder is not reported as skipped")
