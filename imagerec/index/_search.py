@@ -204,8 +204,7 @@ class SearchIndex:
                                max_pixels=max_pixels, batch_size=batch_size, device=device, engine=engine)  # fmt: skip
                 self.check_compatible(result.backbone, result.preprocessing, "query")
                 paths, features, skipped = result.paths, result.features, []
-        if not paths:
-            report_skipped(skipped, None)
+        if not paths:  # one line, like embed's: the error names the count and the first reason
             raise ImagerecError(f"none of the {len(source) + len(source.skipped)} query image(s) could be read (e.g. {skipped[0].path}: {skipped[0].reason})")
         report_skipped(skipped, None)
         return paths, features
