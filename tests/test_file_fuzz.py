@@ -252,3 +252,24 @@ def test_broken_query_images_are_skips_and_results_stay_in_the_index(tmp_path):
     assert o.code == 0, o.err
     assert not fz.outside_results(o.out, tmp_path / "idx")
     assert set(__import__("pandas").read_csv(__import__("io").StringIO(o.out))["query"]) == {str(queries / "good.png")}
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["search", "{idx}", "{q}", "--out", "{tmp}"], "is a folder; give a file name for the table result, e.g. --out hits.table"),
+        (["search", "{idx}", "{q}", "--sheet", "{q}"], "is a file; give a folder for the contact sheets"),
+        (["search", "{idx}", "{q}", "--format", "json", "--out", "{idx}/meta.json"], "is inside the index"),
+        (["search", "{idx}", "{q}", "--sheet", "{idx}/sheets"], "is inside the index"),
+        (["index", "{q}", "--out", "{tmp}/nowhere", "--add"], "no such folder"),
+    ],
+    ids=["search-out-folder", "sheet-a-file", "search-out-in-index", "sheet-in-index", "add-to-nothing"],
+)
+def test_a_bad_result_place_is_refused_before_the_search_and_writes_nothing(tmp_path, argv, fragment):
+    fz.build_good_index(tmp_path / "idx")
+    q = fz.save_arrays(tmp_path / "q.npz", fz.good_arrays(2, seed=1))
+    before = fz.tree(tmp_path)
+    o = fz.run_cli(*[a.format(idx=tmp_path / "idx", q=q, tmp=tmp_path) for a in argv])
+    assert not fz.user_error_problems(o, argv[0])
+    assert o.code == 2 and fragment in o.err and not o.out
+    assert not fz.changes(before, fz.tree(tmp_path))

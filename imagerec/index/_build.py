@@ -212,6 +212,7 @@ def add_to_index(
     Raises:
         ImagerecError: not an index, another backbone, changed files, or unreadable data.
     """
+    _store.read_meta(index_dir)  # not an index: refused before the lock creates the folder
     with run_lock(index_dir, "index"):
         current = load_index(index_dir)
         pp = current.preprocessing
