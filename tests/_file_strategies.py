@@ -533,7 +533,8 @@ def prop_parts(tmp: Path, parts: list[dict]) -> list[str]:
     return found
 
 
-OUT_KINDS = ["file", "under-a-file", "folder-of-photos", "folder-with-notes", "empty-folder", "an-index", "new", "nested-new"]
+OUT_KINDS = ["file", "under-a-file", "folder-of-photos", "folder-with-notes", "empty-folder", "an-index", "new", "nested-new", "odd-name"]
+ODD_FOLDER = os.fsdecode(b"caf\xe9 \t\x01 idx")  # a byte that is not UTF-8, a tab, a control character
 
 
 def prop_out_kind(tmp: Path, kind: str) -> list[str]:
@@ -542,7 +543,7 @@ def prop_out_kind(tmp: Path, kind: str) -> list[str]:
     npz = save_arrays(tmp / "e.npz", good_arrays(4, seed=3))
     out = {"file": tmp / "notes.txt", "under-a-file": tmp / "notes.txt" / "idx", "folder-of-photos": tmp / "photos",
            "folder-with-notes": tmp / "mixed", "empty-folder": tmp / "empty", "an-index": tmp / "old",
-           "new": tmp / "idx", "nested-new": tmp / "a" / "b" / "idx"}[kind]  # fmt: skip
+           "new": tmp / "idx", "nested-new": tmp / "a" / "b" / "idx", "odd-name": tmp / ODD_FOLDER}[kind]  # fmt: skip
     (tmp / "notes.txt").write_text("mine")
     (tmp / "photos").mkdir()
     (tmp / "photos" / "cat.png").write_bytes(b"not really a png")
@@ -569,6 +570,8 @@ def prop_out_kind(tmp: Path, kind: str) -> list[str]:
             found.append(f"--out {kind} failed: {o.err.strip()[-300:]}")
         else:
             found += index_folder_problems(out)
+            o = run_cli("search", out, npz, "--format", "csv")
+            found += [f"search: {p}" for p in user_error_problems(o, "search")] + ([] if o.code else outside_results(o.out, out))
     return found
 
 

@@ -219,7 +219,8 @@ def read(folder: str | os.PathLike) -> tuple[dict, object, Items]:
     files = {"index": folder / f"index-{g}.faiss", "items": folder / f"items-{g}.csv"}
     _check_sums(folder, meta, files)
     try:
-        index = faiss.read_index(str(files["index"]))
+        with open(files["index"], "rb") as f:  # a name that is not UTF-8 too (see write)
+            index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
         table = pd.read_csv(files["items"], dtype=str, keep_default_na=False)
     except (OSError, RuntimeError, ValueError) as e:
         raise ImagerecError(f"{folder}: index files of generation {g} are unreadable ({' '.join(str(e).split())[:200]}); rebuild the index") from None
@@ -248,7 +249,8 @@ def write(folder: str | os.PathLike, index, items: Items, meta: dict) -> dict:
     folder = Path(folder)
     g = current_generation(folder) + 1
     with atomic_path(folder / f"index-{g}.faiss", suffix=".faiss") as tmp:
-        faiss.write_index(index, str(tmp))
+        with open(tmp, "wb") as f:  # through Python's file: FAISS's own open() takes no name that is not UTF-8
+            faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
         index_sum = file_sha256(tmp)
     table = pd.DataFrame({"path": items.paths, "label": items.labels or [""] * len(items), "identity": items.identities})
     with atomic_path(folder / f"items-{g}.csv", suffix=".csv") as tmp:
