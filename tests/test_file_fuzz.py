@@ -273,3 +273,20 @@ def test_a_bad_result_place_is_refused_before_the_search_and_writes_nothing(tmp_
     assert not fz.user_error_problems(o, argv[0])
     assert o.code == 2 and fragment in o.err and not o.out
     assert not fz.changes(before, fz.tree(tmp_path))
+
+
+def test_an_index_from_before_the_checksums_loads_with_a_warning_and_add_records_them(tmp_path):
+    fz.build_good_index(tmp_path / "idx")
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    meta["format"] = 1
+    del meta["sha256"]
+    (tmp_path / "idx" / "meta.json").write_text(json.dumps(meta))
+    from imagerec import ImagerecWarning, add_to_index, load_index  # noqa: PLC0415
+
+    with pytest.warns(ImagerecWarning, match="before imagerec recorded checksums"):
+        assert len(load_index(tmp_path / "idx")) == 6
+    with pytest.warns(ImagerecWarning):
+        add_to_index(tmp_path / "idx", fz.save_arrays(tmp_path / "new.npz", fz.good_arrays(2, seed=7)))
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    assert meta["format"] == 2 and set(meta["sha256"]) == {"index", "items"}
+    assert len(load_index(tmp_path / "idx")) == 8
