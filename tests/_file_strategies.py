@@ -533,7 +533,7 @@ def prop_parts(tmp: Path, parts: list[dict]) -> list[str]:
     return found
 
 
-OUT_KINDS = ["file", "under-a-file", "folder-of-photos", "folder-with-notes", "empty-folder", "an-index", "new", "nested-new", "odd-name"]
+OUT_KINDS = ["file", "under-a-file", "folder-of-photos", "folder-with-notes", "empty-folder", "an-index", "new", "nested-new", "odd-name", "long-name"]
 ODD_FOLDER = os.fsdecode(b"caf\xe9 \t\x01 idx")  # a byte that is not UTF-8, a tab, a control character
 
 
@@ -543,7 +543,8 @@ def prop_out_kind(tmp: Path, kind: str) -> list[str]:
     npz = save_arrays(tmp / "e.npz", good_arrays(4, seed=3))
     out = {"file": tmp / "notes.txt", "under-a-file": tmp / "notes.txt" / "idx", "folder-of-photos": tmp / "photos",
            "folder-with-notes": tmp / "mixed", "empty-folder": tmp / "empty", "an-index": tmp / "old",
-           "new": tmp / "idx", "nested-new": tmp / "a" / "b" / "idx", "odd-name": tmp / ODD_FOLDER}[kind]  # fmt: skip
+           "new": tmp / "idx", "nested-new": tmp / "a" / "b" / "idx", "odd-name": tmp / ODD_FOLDER,
+           "long-name": tmp / "new" / ("l" * 300)}[kind]  # fmt: skip
     (tmp / "notes.txt").write_text("mine")
     (tmp / "photos").mkdir()
     (tmp / "photos" / "cat.png").write_bytes(b"not really a png")
@@ -560,7 +561,7 @@ def prop_out_kind(tmp: Path, kind: str) -> list[str]:
     touched = [p for p in changes(before, after) if not (p.startswith(os.fspath(out) + os.sep) or p == os.fspath(out))]
     touched = [p for p in touched if not (kind == "nested-new" and p in (os.fspath(tmp / "a"), os.fspath(tmp / "a" / "b")))]
     found += [f"changed outside --out: {touched[:3]}"] if touched else []
-    should_refuse = kind in ("file", "under-a-file", "folder-of-photos", "folder-with-notes")
+    should_refuse = kind in ("file", "under-a-file", "folder-of-photos", "folder-with-notes", "long-name")
     if should_refuse and o.code != 2:
         found.append(f"--out {kind} was not refused (exit {o.code})")
     if should_refuse and changes(before, after):

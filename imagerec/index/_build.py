@@ -134,6 +134,12 @@ def check_out(out: str | os.PathLike) -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise ImagerecError(f"{shown}: {display_path(folder)} is a file, not a folder; pick another --out")
+    longest = max(out.parts[len(folder.parts) :] or ("",), key=lambda part: len(os.fsencode(part)))
+    if len(os.fsencode(longest)) > os.pathconf(folder, "PC_NAME_MAX"):
+        raise ImagerecError(
+            f"{shown}: a name of {len(os.fsencode(longest))} bytes is longer than this file system allows "
+            f"({os.pathconf(folder, 'PC_NAME_MAX')}); pick a shorter --out"
+        )
     try:  # the one sure test (permissions, read-only file systems, quotas): write a file there
         with tempfile.TemporaryFile(dir=folder):
             pass
