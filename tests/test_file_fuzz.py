@@ -21,7 +21,6 @@ import shutil
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from . import _file_strategies as fz
 
@@ -66,8 +65,11 @@ def test_a_bad_embeddings_file_is_one_line(tmp_path, name, command):
     else:
         problems = fz.prop_audit_npz(tmp_path, data)
     assert not problems
-    npz = tmp_path / ("given.npz" if command != "search" else "query.npz")
-    assert fz.run_cli(command, *(["x"] if command == "search" else []), npz, "--out", tmp_path / "o").code == 2
+    if command == "search":
+        o = fz.run_cli("search", tmp_path / "good", tmp_path / "query.npz")
+    else:
+        o = fz.run_cli(command, tmp_path / "given.npz", "--out", tmp_path / "o")
+    assert o.code == 2 and "embeddings file" in o.err  # refused, naming the file's problem
 
 
 @pytest.mark.parametrize(
@@ -126,7 +128,7 @@ TAMPERED_META = {
     "ivf without lists": ("meta-key", ("kind", "ivf")),
     "format a string": ("meta-key", ("format", "x")),
     "exact_max null": ("meta-key", ("exact_max", None)),
-    "meta a list": ("meta-key", ("preprocessing", [1])),
+    "preprocessing a list": ("meta-key", ("preprocessing", [1])),
     "no checksums": ("meta-drop", "sha256"),
 }
 
