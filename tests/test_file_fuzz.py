@@ -7,7 +7,8 @@ wrong kind.
 Whatever is given: exit 0, or exit 2 with one line naming the problem and a fix (no traceback,
 no exception class name), checked before the work starts; nothing written outside ``--out``; a
 refused ``--add`` leaves the index byte for byte; search results name only indexed images.
-No model: the embeddings are numpy arrays under a registry backbone's name.
+No model but in one test (broken query images): the embeddings are numpy arrays under a
+registry backbone's name.
 
 Brief and deterministic here (``derandomize``); ``benchmarks/fuzz_files.py`` runs the same
 properties (``tests/_file_strategies.py``) at length with fresh seeds.
