@@ -74,7 +74,11 @@ def run_round(root, name, strategy, prop, examples: int, round_seed: int, deadli
                 if key not in stats["first"]:
                     stats["first"][key] = repr(args)[:1500]
 
-    one()
+    try:
+        one()
+    except Exception:  # noqa: BLE001 - a strategy that cannot draw is counted, and the run goes on
+        stats["failures"][name] += 1
+        stats["first"].setdefault((name, "the strategy itself raised"), traceback.format_exc(limit=6)[-1500:])
 
 
 def main(argv=None) -> int:

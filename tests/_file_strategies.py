@@ -183,7 +183,7 @@ def _array_edit(draw, arrays: dict) -> str:
         return "feature values"
     if kind == "paths":
         choice = draw(st.sampled_from(["int", "bytes", "2d", "short", "long", "dupe"]))
-        paths = arrays.get("paths", np.asarray([f"/v/{i}" for i in range(n)]))
+        paths = [str(p) for p in np.asarray(arrays.get("paths", [f"/v/{i}" for i in range(n)])).reshape(-1)][:n]  # after any earlier edit
         arrays["paths"] = {
             "int": lambda: np.arange(n),
             "bytes": lambda: np.asarray([os.fsencode(str(p)) for p in paths]),
