@@ -46,6 +46,7 @@ def properties(h: fz.Harness) -> dict:
         "form": (st.tuples(fz.multiparts(), st.sampled_from(["/predict", "/embed"])), fz.prop_form),
         "query": (st.tuples(fz.queries()), fz.prop_query),
         "content_type": (st.tuples(fz.content_types()), fz.prop_content_type),
+        "admin_reload": (st.tuples(fz.admin_requests()), fz.prop_admin_reload),
         "socket": (st.tuples(fz.requests(h.routes, big=fz.BIG), st.one_of(st.none(), st.none(), st.binary(max_size=200))), fz.prop_socket),
     }
 

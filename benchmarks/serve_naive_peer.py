@@ -1,4 +1,5 @@
-"""The peer of ``benchmarks/serve_load.py``: the endpoint a user writes by hand.
+"""The hand-written peer of the first ``benchmarks/serve_load.py`` (docs/BENCHMARKS.md, "Serving
+over HTTP"; the script now measures LitServe and BentoML instead): the endpoint a user writes by hand.
 
 FastAPI, the PyTorch model, one forward pass per request, as the FastAPI + PyTorch tutorials
 show it: an ``async def`` route that reads the upload, decodes it with Pillow, applies the

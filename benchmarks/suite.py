@@ -31,30 +31,34 @@ Capabilities:
     above (the same as imagerec's for photos; for CIFAR the JSON also holds the peer on imagerec's
     Lite2@160 features).
 ``near_duplicates``
-    ``--copies`` transformed copies (seeded) of distinct train images are written under
+    ``--copies`` (36) transformed copies (seeded) of distinct train images are written under
     ``--work``: the six transforms (resize to 50-80%, JPEG quality 20-40, crop 85-95%, mirror,
-    brightness +-5..20%, rotation +-1..5 degrees) alone and in pairs, alternately.
+    brightness +-5..20%, rotation +-1..5 degrees) alone and in pairs, alternately (36: each
+    transform three times alone, each of the 15 pairs at least once).
     ``imagerec.audit(train + copies, checks=["near_duplicates"])`` at its defaults gives
     precision and recall of the planted (original, copy) pairs, where the predicted pairs are all
     pairs inside each reported group (so a chain that merges unrelated images costs precision).
+    A copy paired with an exact duplicate of its original (same decoded pixels) is right too.
     Two precisions: ``P`` over the predicted pairs that hold a planted copy (pairs of two
     original images are left out: whether they are real duplicates is not known), and ``P_all``
-    over every predicted pair (duplicates the set already holds count as false positives; with
-    24 planted pairs, two such pairs put ``P_all`` under 0.95 at any threshold). Then the
-    thresholds are swept (the cosine that suffices alone, and the thumbnail correlation that
-    confirms weaker candidates, with imagerec's own kNN/edge/group functions on the audit's
-    features; the sweep reproduces the audit's groups at the defaults, checked) for the best
-    recall at P >= 0.95 (and at P_all >= 0.95). Peer: imagededup PHash with its best distance, or imagehash's
-    ``phash`` where imagededup is missing; where neither is installed the peer is reported as
-    unavailable. A second, plain peer is always run: cosine of the Lite0@224 features above with
-    one global threshold, swept likewise.
+    over every predicted pair (duplicates the set already holds count as false positives).
+    Then the audit's rule is swept (the cosine that suffices alone, the thumbnail correlation
+    and its cosine floor, the mutual-nearest-neighbour floor and margin, with imagerec's own
+    kNN/edge/group functions on the audit's features; the sweep reproduces the audit's groups at
+    the defaults, checked) for the best recall at P >= 0.95 (and at P_all >= 0.95). Peer:
+    imagededup PHash at its best distance, scored both as imagededup's ``find_duplicates``
+    pairs (checked against it) and as their connected components, the better kept; imagehash's
+    ``phash`` where imagededup is missing; unavailable where neither is installed. A second,
+    plain peer is always run: cosine of the Lite0@224 features above with one global
+    threshold, swept likewise.
 ``label_issues``
     5% of the train labels moved to another class (seeded, uniform), then
     ``imagerec.audit(train with noisy labels, checks=["label_issues"])``: precision and recall of
     its flags at the defaults and P@k (k = the number of flips) of its ``label_quality`` ranking.
     Peer: ``cleanlab.filter.find_label_issues`` (its defaults) on the out-of-fold probabilities of
-    ``cross_val_predict(LogisticRegression(max_iter=5000), Lite0@224 features, 5 stratified
-    folds)``; P@k of ``cleanlab.rank.get_label_quality_scores``. The JSON also holds the same peer
+    ``cross_val_predict(LogisticRegression(C, max_iter=5000), Lite0@224 features, 5 stratified
+    folds)``, C chosen as the train peer's (``LogisticRegressionCV`` over ``PEER_CS``, log loss;
+    C=1 kept as ``peer_C1``); P@k of ``cleanlab.rank.get_label_quality_scores``. The JSON also holds the same peer
     on the audit's own (flip-averaged, whole-image, L2-normalised) features.
 
 Embeddings are cached by file content with imagerec's own cache (a run folder per set and
@@ -232,7 +236,8 @@ def run_train(data: SetData, args) -> dict:
         shutil.rmtree(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    clf = Classifier(time_budget=args.time_budget, seed=args.seed).fit(str(data.root), out=run_dir, progress=False)
+    params = {"time_budget": args.time_budget, "seed": args.seed, **dict(_parse_param(p) for p in args.train_param)}
+    clf = Classifier(**params).fit(str(data.root), out=run_dir, progress=False)
     train_s = time.perf_counter() - started
     started = time.perf_counter()
     report = clf.evaluate(str(data.root), split="test")
@@ -248,9 +253,20 @@ def run_train(data: SetData, args) -> dict:
         "temperature": float(s.get("temperature", 1.0)), "test_images": int(s.get("images", len(data.test))),
         "train_s": round(train_s, 1), "eval_s": round(eval_s, 1), "epochs_run": len(history),
         "input_size": int(clf.preprocessing_.input_size), "train_images": len(data.train), "plan": _small(plan),
+        "params": dict(_parse_param(p) for p in args.train_param),
+        "val_curve": [[row.get("epoch"), row.get("stage"), row.get("val_acc"), row.get("train_loss")] for row in history],
     }  # fmt: skip
     peer = train_peer(data, args.seed)
     return {"imagerec": ours, "peer": peer}
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of --train-param, the value read as JSON where it parses (numbers, true/false), else a string."""
+    key, _, value = text.partition("=")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
 
 
 def _small(plan) -> dict:
@@ -404,36 +420,60 @@ def planted_copies(data: SetData, n_copies: int, seed: int) -> tuple[list[str], 
     return files, plan
 
 
-def component_pairs(n: int, a: np.ndarray, b: np.ndarray) -> set:
-    """All pairs inside the connected components of the edges (a, b)."""
+def component_labels(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Group id per image (-1: alone) of the connected components of the edges (a, b)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
     _, label = connected_components(graph, directed=False)
-    return groups_to_pairs(label, min_size=2)
+    sizes = np.bincount(label)
+    return np.where(sizes[label] > 1, label, -1)
 
 
-def groups_to_pairs(group: np.ndarray, min_size: int = 2) -> set:
-    pairs = set()
-    sizes = np.bincount(group[group >= 0]) if (group >= 0).any() else np.zeros(0, int)
-    for g in np.flatnonzero(sizes >= min_size):
-        members = np.flatnonzero(group == g).tolist()
-        pairs |= {(i, j) for i, j in itertools.combinations(sorted(members), 2)}
-    return pairs
-
-
-def score_pairs(pairs: set, truth: set, n_originals: int) -> dict:
-    """Recall of the planted pairs; precision over all predicted pairs (``precision_all``: pairs
-    the set held before planting, its own duplicates, count as false) and over the pairs with a
-    planted copy in them (``precision``: pairs of two original images are left out, since which
-    of them are real duplicates is not known)."""
+def score_pairs(pairs: set, truth: set, n_originals: int, also_true: frozenset = frozenset()) -> dict:
+    """Recall of the planted pairs ``truth``; precision over all predicted pairs (``precision_all``:
+    pairs the set held before planting, its own duplicates, count as false) and over the pairs with
+    a planted copy in them (``precision``: pairs of two original images are left out, since which
+    of them are real duplicates is not known). A pair of a copy and an exact duplicate (same
+    decoded pixels) of its original is right too (``also_true``); it adds to neither recall's
+    numerator nor its denominator."""
     tp = len(pairs & truth)
+    right = tp + len(pairs & also_true)
     with_copy = sum(1 for p in pairs if max(p) >= n_originals)
     return {
-        "precision": tp / with_copy if with_copy else 1.0, "precision_all": tp / len(pairs) if pairs else 1.0,
+        "precision": right / with_copy if with_copy else 1.0, "precision_all": right / len(pairs) if pairs else 1.0,
         "recall": tp / len(truth), "pairs": len(pairs), "pairs_with_copy": with_copy, "true_positives": tp,
     }  # fmt: skip
+
+
+def score_groups(group: np.ndarray, truth: set, n_originals: int, also_true: frozenset = frozenset()) -> dict:
+    """:func:`score_pairs` of all pairs inside the groups (``group``: id per image, -1 alone),
+    counted from the group sizes rather than listed (a chain of hundreds of look-alikes is
+    100,000 pairs)."""
+    grouped = group[group >= 0]
+    size = np.bincount(grouped).astype(np.int64) if len(grouped) else np.zeros(0, np.int64)
+    copies = np.bincount(group[n_originals:][group[n_originals:] >= 0], minlength=len(size)).astype(np.int64)
+    pairs = int((size * (size - 1) // 2).sum())
+    with_copy = pairs - int(((size - copies) * (size - copies - 1) // 2).sum())
+    same = lambda p: group[p[0]] >= 0 and group[p[0]] == group[p[1]]  # noqa: E731
+    tp = sum(map(same, truth))
+    right = tp + sum(map(same, also_true))
+    return {
+        "precision": right / with_copy if with_copy else 1.0, "precision_all": right / pairs if pairs else 1.0,
+        "recall": tp / len(truth), "pairs": pairs, "pairs_with_copy": with_copy, "true_positives": tp,
+    }  # fmt: skip
+
+
+def exact_partners(pixel_hash, plan: list[dict], n: int) -> frozenset:
+    """(original's exact duplicate, copy) pairs: a copy is a near-duplicate of those too."""
+    h = np.asarray(pixel_hash)
+    out = set()
+    for i, p in enumerate(plan):
+        o = p["original"]
+        if h[o]:
+            out |= {(int(j), n + i) for j in np.flatnonzero(h[:n] == h[o]) if j != o}
+    return frozenset(out)
 
 
 def best_at(rows: list[dict], precision: float = 0.95, key: str = "precision") -> dict:
@@ -448,7 +488,7 @@ def run_near_duplicates(data: SetData, args) -> dict:
     from imagerec.audit import knn
     from imagerec.audit._duplicates import NEAR_DUPLICATE_DEFAULTS, edges, exact_groups, near_groups
     from imagerec.audit._scan import scan_images
-    from imagerec.data import ImageSource
+    from imagerec.data import SMALL_IMAGE_MAX_SIDE, ImageSource
 
     copies, plan = planted_copies(data, args.copies, args.seed)
     n = len(data.train)
@@ -466,47 +506,58 @@ def run_near_duplicates(data: SetData, args) -> dict:
     group = np.full(len(source), -1, np.int64)
     if len(table):
         group[row_to_source[table["index"].to_numpy(dtype=np.int64)]] = table["group"].to_numpy()
-    default_pairs = groups_to_pairs(group)
-    at_default = {**score_pairs(default_pairs, truth, n), "thresholds": {k: result.summary["thresholds"][k] for k in ("near_duplicates", "pixel_correlation")}}
+
+    # the audit's own inputs again, rows in source order, for the sweep and the exact partners
+    started = time.perf_counter()
+    order = np.argsort(row_to_source)
+    x = np.ascontiguousarray(result.features[order])
+    figures, _, thumbs = scan_images(source.subset(row_to_source[order]), progress=False)
+    exact = exact_groups(figures["pixel_hash"])
+    also = exact_partners(figures["pixel_hash"], plan, n)
+    kind = "small" if np.nanmedian(np.maximum(figures["width"], figures["height"])) <= SMALL_IMAGE_MAX_SIDE else "photos"
+    default_rule = NEAR_DUPLICATE_DEFAULTS[kind]
+    used = {k: result.summary["thresholds"][k] for k in ("near_duplicates", "pixel_correlation")}
+    at_default = {**score_groups(group, truth, n, also), "thresholds": used, "rule": dict(zip(("threshold", "pixel_correlation", "floor", "mutual", "margin"), default_rule))}
     per_transform: dict[str, list[int]] = {}
     for p in sorted(truth):
         per_transform.setdefault(kinds[p], [0, 0])
         per_transform[kinds[p]][1] += 1
-        per_transform[kinds[p]][0] += p in default_pairs
+        per_transform[kinds[p]][0] += bool(group[p[0]] >= 0 and group[p[0]] == group[p[1]])
 
-    # the sweep, with the audit's own functions on the audit's features (rows in source order)
-    started = time.perf_counter()
-    order = np.argsort(row_to_source)
-    x = np.ascontiguousarray(result.features[order])
-    in_order = source.subset(row_to_source[order])
-    figures, _, thumbs = scan_images(in_order, progress=False)
-    exact = exact_groups(figures["pixel_hash"])
-    sims, ids, _ = knn(x, 10)
-    kind = "small" if np.nanmedian(np.maximum(figures["width"], figures["height"])) <= 64 else "photos"
-    cosine0, pixel0, floor = NEAR_DUPLICATE_DEFAULTS[kind]
+    # the sweep, with the audit's own functions on the audit's features: the cosine that suffices
+    # alone, the thumbnail rule (correlation, candidate floor) and the mutual-nearest-neighbour
+    # rule (floor, margin), each also switched off
+    sims, ids, _ = knn(x, result.summary["features"]["neighbours"])
     rows = []
-    for pixel in (0.85, 0.88, 0.90, 0.92, 0.95, 0.97, 2.0):  # 2.0: embeddings alone
-        for t in np.round(np.arange(0.80, 0.996, 0.01), 3):
-            accept = edges(sims, ids, float(t), thumbs, pixel, floor)
-            pairs = groups_to_pairs(near_groups(sims, ids, accept, exact))
-            rows.append({"threshold": float(t), "pixel_correlation": pixel, **score_pairs(pairs, truth, n)})
-    replicated = groups_to_pairs(near_groups(sims, ids, edges(sims, ids, cosine0, thumbs, pixel0, floor), exact)) == default_pairs
+    pixel_rules = ((2.0, 1.0), (0.90, 0.70), (0.95, 0.85), (0.97, 0.50), (0.98, 0.50), (0.99, 0.50), default_rule[1:3])  # 2.0: no thumbnails
+    mutual_rules = ((None, 0.0), (0.80, 0.02), (0.80, 0.04), (0.85, 0.02), (0.85, 0.04), default_rule[3:5])
+    for (pixel, floor), (mutual, margin) in itertools.product(dict.fromkeys(pixel_rules), dict.fromkeys(mutual_rules)):
+        for t in sorted({*np.round(np.arange(0.88, 0.996, 0.01), 3).tolist(), default_rule[0]}):
+            accept = edges(sims, ids, float(t), thumbs, pixel, floor, mutual, margin)
+            rule = {"threshold": float(t), "pixel_correlation": pixel, "floor": floor, "mutual": mutual, "margin": margin}
+            rows.append({**rule, **score_groups(near_groups(sims, ids, accept, exact), truth, n, also)})
+    again = near_groups(sims, ids, edges(sims, ids, default_rule[0], thumbs, *default_rule[1:]), exact)
+    replicated = score_groups(again, truth, n, also) == {k: v for k, v in at_default.items() if k not in ("thresholds", "rule")}
     sweep_s = time.perf_counter() - started
     ours = {
         "at_default": at_default, "best": best_at(rows), "best_all_pairs": best_at(rows, key="precision_all"),
-        "exact_duplicate_pairs_in_set": len(groups_to_pairs(exact[:n])), "per_transform_at_default": {k: f"{a}/{b}" for k, (a, b) in per_transform.items()},
+        "exact_duplicate_pairs_in_set": score_groups(exact[:n], set(), n)["pairs"] if (exact[:n] >= 0).any() else 0,
+        "copies_with_an_exact_partner": len({c for _, c in also}), "per_transform_at_default": {k: f"{a}/{b}" for k, (a, b) in per_transform.items()},
         "sweep_reproduces_default": bool(replicated), "kind": kind, "features": result.summary["features"]["backbone"],
         "audit_s": round(audit_s, 1), "sweep_s": round(sweep_s, 1), "sweep": rows,
     }  # fmt: skip
     return {
         "train_images": n, "copies": len(copies), "plan": plan, "imagerec": ours,
-        "peer_phash": phash_peer(source, truth, n), "peer_plain_cosine": plain_cosine_peer(data, copies, truth, n),
+        "peer_phash": phash_peer(source, truth, n, also), "peer_plain_cosine": plain_cosine_peer(data, copies, truth, n, also),
     }  # fmt: skip
 
 
-def phash_peer(source, truth: set, n: int) -> dict:
-    """imagededup PHash (or imagehash's phash) at its best Hamming distance; unavailable when
-    neither package is installed."""
+def phash_peer(source, truth: set, n: int, also: frozenset = frozenset()) -> dict:
+    """imagededup PHash at its best Hamming distance (or imagehash's phash where imagededup is
+    missing; unavailable when neither is installed), scored two ways: the pairs imagededup's
+    ``find_duplicates`` returns (every pair within the distance, no chaining: the tool's own
+    output) and all pairs inside their connected components (how imagerec's groups are scored).
+    ``best`` is the better of the two, so the peer gets its best reading."""
     try:
         from imagededup.methods import PHash  # noqa: F401
     except ImportError:
@@ -515,27 +566,48 @@ def phash_peer(source, truth: set, n: int) -> dict:
         try:
             import imagehash
         except ImportError:
-            return {"available": False, "reason": "neither imagededup nor imagehash is installed in the venv (not installed, per the brief)"}
+            return {"available": False, "reason": "neither imagededup nor imagehash is installed in the venv"}
     from PIL import Image
 
     started = time.perf_counter()
     if PHash is not None:
         method = PHash(verbose=False)
-        bits = np.asarray([[int(b) for b in bin(int(method.encode_image(image_file=p), 16))[2:].zfill(64)] for p in source.paths], np.uint8)
+        codes = [method.encode_image(image_file=p) for p in source.paths]
+        bits = np.asarray([[int(b) for b in bin(int(c or "0", 16))[2:].zfill(64)] for c in codes], np.uint8)
         name = "imagededup PHash"
     else:
+        codes = None
         bits = np.asarray([imagehash.phash(Image.open(p).convert("RGB")).hash.reshape(-1) for p in source.paths], np.uint8)
         name = "imagehash phash"
     dist = (bits[:, None, :] != bits[None, :, :]).sum(-1)
     np.fill_diagonal(dist, 99)
-    rows = []
-    for d in range(0, 21):
+    if codes is not None:
+        dist[[i for i, c in enumerate(codes) if c is None]] = 99  # unreadable by imagededup: no pair
+        dist[:, [i for i, c in enumerate(codes) if c is None]] = 99
+    direct, chained = [], []
+    for d in range(0, 33):
         a, b = np.nonzero(np.triu(dist <= d, 1))
-        rows.append({"threshold": d, **score_pairs(component_pairs(len(bits), a, b), truth, n)})
-    return {"available": True, "method": name, "best": best_at(rows), "best_all_pairs": best_at(rows, key="precision_all"), "seconds": round(time.perf_counter() - started, 1), "sweep": rows}
+        direct.append({"threshold": d, **score_pairs(set(zip(a.tolist(), b.tolist())), truth, n, also)})
+        chained.append({"threshold": d, **score_groups(component_labels(len(bits), a, b), truth, n, also)})
+    best = {mode: best_at(rows) for mode, rows in (("direct", direct), ("components", chained))}
+    best_all = {mode: best_at(rows, key="precision_all") for mode, rows in (("direct", direct), ("components", chained))}
+    out = {
+        "available": True, "method": name, "unencodable": sum(c is None for c in codes) if codes is not None else 0,
+        "best": {**max(best.values(), key=lambda r: r["recall"]), "mode": max(best, key=lambda m: best[m]["recall"])},
+        "best_all_pairs": {**max(best_all.values(), key=lambda r: r["recall"]), "mode": max(best_all, key=lambda m: best_all[m]["recall"])},
+        "best_direct": best["direct"], "best_components": best["components"],
+    }  # fmt: skip
+    if codes is not None and out["best_direct"]["threshold"] is not None:  # our distances are imagededup's own
+        d = out["best_direct"]["threshold"]
+        found = method.find_duplicates(encoding_map={str(i): c for i, c in enumerate(codes) if c}, max_distance_threshold=d, num_dist_workers=0)
+        theirs = {tuple(sorted((int(q), int(r)))) for q, rs in found.items() for r in rs}
+        out["direct_pairs_match_find_duplicates"] = theirs == set(zip(*[v.tolist() for v in np.nonzero(np.triu(dist <= d, 1))]))
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    out["sweep_direct"], out["sweep_components"] = direct, chained
+    return out
 
 
-def plain_cosine_peer(data: SetData, copies: list[str], truth: set, n: int) -> dict:
+def plain_cosine_peer(data: SetData, copies: list[str], truth: set, n: int, also: frozenset = frozenset()) -> dict:
     """Cosine of the Lite0@224 features (no TTA, centre crop), one global threshold, all pairs."""
     from imagerec.data import ImageSource
     from imagerec.embedding import embed
@@ -550,7 +622,7 @@ def plain_cosine_peer(data: SetData, copies: list[str], truth: set, n: int) -> d
     rows = []
     for t in np.round(np.arange(0.80, 0.996, 0.005), 3):
         a, b = np.nonzero(np.triu(sim >= t, 1))
-        rows.append({"threshold": float(t), **score_pairs(component_pairs(len(x), a, b), truth, n)})
+        rows.append({"threshold": float(t), **score_groups(component_labels(len(x), a, b), truth, n, also)})
     return {"features": f"{PLAIN[0]} @ {PLAIN[1]} px", "best": best_at(rows), "best_all_pairs": best_at(rows, key="precision_all"), "seconds": round(time.perf_counter() - started, 1), "sweep": rows}
 
 
@@ -594,27 +666,37 @@ def run_label_issues(data: SetData, args) -> dict:
     plain = data.train_rows(data.plain())
     assert list(plain.paths) == list(source.paths)
     peer = cleanlab_peer(plain.features, noisy, flipped, args.seed)
+    peer_c1 = cleanlab_peer(plain.features, noisy, flipped, args.seed, C=1.0)
     feats = np.empty_like(result.features)
     feats[[where[p] for p in result.images["path"]]] = result.features
     control = cleanlab_peer(feats, noisy, flipped, args.seed)
-    return {"train_images": len(noisy), "flipped": int(len(flipped)), "imagerec": ours, "peer": peer, "peer_on_audit_features": control}
+    return {
+        "train_images": len(noisy), "flipped": int(len(flipped)), "imagerec": ours, "peer": peer,
+        "peer_C1": peer_c1, "peer_on_audit_features": control,
+    }  # fmt: skip
 
 
-def cleanlab_peer(x: np.ndarray, noisy: np.ndarray, flipped: np.ndarray, seed: int) -> dict:
+def cleanlab_peer(x: np.ndarray, noisy: np.ndarray, flipped: np.ndarray, seed: int, C: float | str = "cv") -> dict:
+    """cleanlab's ``find_label_issues`` (its defaults) on the out-of-fold probabilities of the
+    linear probe. ``C="cv"``: the probe of the train peer, C from ``PEER_CS`` by stratified 5-fold
+    cross-validation (log loss) on the noisy labels, then ``cross_val_predict`` at that C; a number:
+    that C."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     started = time.perf_counter()
     folds = StratifiedKFold(n_splits=min(5, int(np.bincount(noisy).min())), shuffle=True, random_state=seed)
     with one_blas_thread(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        probs = cross_val_predict(LogisticRegression(max_iter=5000, random_state=seed), x, noisy, cv=folds, method="predict_proba")
+        if C == "cv":
+            C = float(np.atleast_1d(LogisticRegressionCV(Cs=PEER_CS, cv=folds, scoring="neg_log_loss", max_iter=5000, random_state=seed).fit(x, noisy).C_)[0])
+        probs = cross_val_predict(LogisticRegression(C=C, max_iter=5000, random_state=seed), x, noisy, cv=folds, method="predict_proba")
         issues = find_label_issues(noisy, probs)
         quality = get_label_quality_scores(noisy, probs)
     ranking = np.argsort(quality, kind="stable")
-    return {**score_flags(np.flatnonzero(issues), ranking, flipped), "oof_accuracy": float(np.mean(probs.argmax(1) == noisy)), "seconds": round(time.perf_counter() - started, 1)}
+    return {**score_flags(np.flatnonzero(issues), ranking, flipped), "C": C, "oof_accuracy": float(np.mean(probs.argmax(1) == noisy)), "seconds": round(time.perf_counter() - started, 1)}
 
 
 RUNNERS = {"train": run_train, "cluster": run_cluster, "near_duplicates": run_near_duplicates, "label_issues": run_label_issues}
@@ -736,10 +818,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the CIFAR draws, copies, flips, training and folds")
     parser.add_argument("--seeds", type=int, default=3, help="cluster: seeds 0..S-1 per method (figures are their mean)")
     parser.add_argument("--time-budget", type=float, default=4.0, help="train: minutes per set")
-    parser.add_argument("--copies", type=int, default=24, help="near_duplicates: planted copies per set")
+    parser.add_argument("--copies", type=int, default=36, help="near_duplicates: planted copies per set (36: each single transform 3 times, each of the 15 pairs at least once)")
     parser.add_argument("--noise", type=float, default=0.05, help="label_issues: share of train labels moved")
     parser.add_argument("--work", default="/tmp/imagerec-suite", help="caches, CIFAR subset links, planted copies, runs")
     parser.add_argument("--results", default=str(RESULTS), help="folder for suite_<capability>.json")
+    parser.add_argument("--train-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="train: a TrainConfig value other than its default (repeatable), to measure a candidate default")
+    parser.add_argument("--tag", default="", help="written to suite_<capability>_<tag>.json (a candidate's run beside the defaults')")
     args = parser.parse_args()
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = sorted(set(sets) - set(SETS))
@@ -775,24 +860,33 @@ def main() -> None:
             result["wall_s"] = round(time.perf_counter() - t, 1)
             out["sets"][name] = result
             print(f"[{capability}] {name} done in {result['wall_s']} s: " + json.dumps(_brief(capability, result)), flush=True)
-        out["wall_s"] = round(time.perf_counter() - started, 1)
-        out["loadavg_end"] = os.getloadavg()
-        out["summary"] = summary(capability, out["sets"])
-        out["markdown"] = markdown(capability, out["sets"])
-        path = Path(args.results) / f"suite_{capability}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if set(sets) != set(SETS) and path.exists():  # a partial run updates the sets it ran
-            old = json.loads(path.read_text())
-            old_sets = {n: r for n, r in old.get("sets", {}).items() if n not in out["sets"]}
-            if old_sets:
-                out["sets_from_earlier_runs"] = {n: {"date": old.get("date"), "command": old.get("command")} for n in old_sets}
-                out["sets"] = {n: out["sets"].get(n) or old_sets[n] for n in SETS if n in out["sets"] or n in old_sets}
-                out["summary"] = summary(capability, out["sets"])
-                out["markdown"] = markdown(capability, out["sets"])
-        path.write_text(json.dumps(out, indent=1, default=_jsonable) + "\n")
+            write_results(out, args, sets, capability, started)  # after every set: a run stopped early keeps what it measured
+        path = write_results(out, args, sets, capability, started)
         print(f"\n## {capability} ({out['wall_s'] / 60:.1f} min, {meta['machine']}, {out['date']})\n")
         print(out["markdown"] + "\n", flush=True)
         print(f"wrote {path}", flush=True)
+
+
+def write_results(out: dict, args, sets: list[str], capability: str, started: float) -> Path:
+    """``suite_<capability>[_<tag>].json`` with the sets measured so far; a partial run updates
+    the sets it ran and keeps the others from the file (named in ``sets_from_earlier_runs``)."""
+    out["wall_s"] = round(time.perf_counter() - started, 1)
+    out["loadavg_end"] = os.getloadavg()
+    path = Path(args.results) / f"suite_{capability}{'_' + args.tag if args.tag else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = dict(out)
+    if set(sets) != set(SETS) and path.exists():
+        old = json.loads(path.read_text())
+        old_sets = {n: r for n, r in old.get("sets", {}).items() if n not in out["sets"]}
+        if old_sets:
+            earlier = old.get("sets_from_earlier_runs", {})
+            merged["sets_from_earlier_runs"] = {n: earlier.get(n) or {"date": old.get("date"), "command": old.get("command")} for n in old_sets}
+            merged["sets"] = {n: out["sets"].get(n) or old_sets[n] for n in SETS if n in out["sets"] or n in old_sets}
+    merged["summary"] = summary(capability, merged["sets"])
+    merged["markdown"] = markdown(capability, merged["sets"])
+    path.write_text(json.dumps(merged, indent=1, default=_jsonable) + "\n")
+    out["markdown"] = merged["markdown"]
+    return path
 
 
 def _brief(capability: str, r: dict) -> dict:

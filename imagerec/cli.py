@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="embed only shard I of N (I from 0; every N-th image by sorted path), or auto (Slurm array, torchrun); "
         "{shard} in --out becomes I",
     )
+    p.add_argument(
+        "--ray", nargs="?", const="local", metavar="ADDRESS",
+        help="embed on a Ray cluster into content-keyed parts in the folder --out (a rerun embeds only missing parts): "
+        "no ADDRESS starts a local one, auto joins this machine's cluster, or ray://HOST:10001",
+    )
+    p.add_argument("--actors", type=_positive_int, help="with --ray: embedding actors (default: the cluster's CPUs / --cpus-per-actor)")
+    p.add_argument("--cpus-per-actor", type=_positive_float, default=1, help="with --ray: CPUs each actor reserves (default: 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=0, help="with --ray: GPUs each actor reserves (default: 0, CPU actors)")
+    p.add_argument("--part-size", type=_positive_int, default=None, help="with --ray: images per part file (default: 4,096)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_embed)
 
@@ -94,7 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test"], help="one split of the data (default: all images)")
     p.add_argument("--backbone", default="auto", help="registry name, or auto: Lite2 at 160 px for small images, Lite0 for photos")
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
-    p.add_argument("--exact-max", type=_positive_int, default=None, help="largest count searched exactly; IVF above (default: 1,000,000)")
+    p.add_argument(
+        "--exact-max", type=_positive_int, default=None,
+        help="largest count searched exactly in RAM; above it IVF-PQ with the lists and vectors on disk (default: 1,000,000)",
+    )
+    p.add_argument("--transform", choices=["auto", "pca", "opq", "none"], default="auto",
+                   help="IVF-PQ only: before the codes, PCA to 256 dims (auto: when wider), OPQ, or none")  # fmt: skip
+    p.add_argument("--pq-bytes", type=_positive_int, help="IVF-PQ only: bytes per code (default: one per 8 dims)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto", help="embedding engine, as for 'embed'")
@@ -111,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the results to this file instead of the screen")
     p.add_argument("--sheet", metavar="DIR", help="also write a contact sheet PNG per query (query, neighbours, scores) here")
     p.add_argument("--nprobe", type=_positive_int, help="IVF lists visited per query (default: the index's)")
+    p.add_argument("--rerank", type=_positive_int, help="on-disk IVF-PQ index: candidates re-ranked by exact cosine (default: 200)")
     p.add_argument("--device", default="cpu", help="device for embedding the queries (default: cpu)")
     p.set_defaults(run=_run_search)
 
@@ -215,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=20.0, help="larger request bodies get a 413 (default: 20)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request, else 504 (default: 30)")
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="refuse images with more pixels (decompression-bomb guard)")
+    p.add_argument("--watch", action="store_true", help="serve each new best checkpoint of the run folder: exported, checked against PyTorch, warmed up, swapped in without downtime")
+    p.add_argument("--watch-interval", type=float, default=2.0, help="seconds between looks at the watched checkpoint (default: 2)")
+    p.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto", help="auto: with the run's int8 file (imagerec compress) beside its checkpoint, time both here and serve the faster within --min-int8-agreement (default: auto)")
+    p.add_argument("--no-tune-batch", action="store_true", help="batch up to --max-batch-size whatever the timing (by default, start-up times batch sizes and stops where larger batches no longer run faster per image)")
+    p.add_argument("--min-int8-agreement", type=float, default=0.99, help="int8 is chosen only if it keeps fp32's top class on this share of its calibration images (default: 0.99)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
     p.set_defaults(run=_run_serve)
 
@@ -228,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="input side in pixels of that embedding (default: the backbone's)")
     p.set_defaults(run=_run_studio)
     p = commands.add_parser("audit", help="find duplicates, train/test leaks, outliers, wrong labels and bad images in a collection")
-    p.add_argument("data", help="images (a folder, DIR/<class>/*, a split root, a CSV manifest, 'cifar10') or a .npz from 'imagerec embed'")
+    p.add_argument("data", help="images (a folder, DIR/<class>/*, a split root, a CSV manifest, 'cifar10'), a .npz from 'imagerec embed', "
+                   "or an index folder from 'imagerec index' (near-duplicates and leakage of its vectors, in blocks)")  # fmt: skip
     p.add_argument("--out", required=True, help="run folder: summary.json, one CSV/Parquet per check, sheets/*.png, report.html")
     p.add_argument("--checks", help="comma-separated, from: exact_duplicates, near_duplicates, leakage, outliers, label_issues, quality (default: all that apply)")
     p.add_argument("--split", choices=["train", "val", "test"], help="audit one split only (default: all; leakage needs them all)")
@@ -240,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="skip images with more pixels (decompression-bomb guard)")
     _add_allow_outside(p)
     p.add_argument("--neighbours", type=_positive_int, default=10, help="neighbours searched per image (default: 10)")
-    for name, default in (("near-duplicates", "0.90 for small images, 0.94 for photos: a cosine similarity; leakage too"), ("pixel-correlation", "0.90 small, 0.95 photos: of 16 px colour thumbnails confirming a weaker candidate"), ("outliers", "robust z-score"), ("label-issues", "cleanlab's own rule"),
+    for name, default in (("near-duplicates", "0.90 for small images, 0.96 for photos: a cosine similarity; leakage too"), ("pixel-correlation", "0.93 small, 0.99 photos: of 16 px colour thumbnails confirming a weaker candidate"), ("outliers", "robust z-score"), ("label-issues", "cleanlab's own rule"),
                           ("blurry", "0.10"), ("dark", "0.10"), ("bright", "0.92"), ("low-information", "2.0 bits"), ("odd-aspect", "3.0"),
                           ("odd-size", "16x the median area"), ("grayscale", "2.0")):  # fmt: skip
         p.add_argument(f"--{name}-threshold", type=float, help=f"threshold of the {name} check (default: {default})")
@@ -326,6 +348,10 @@ def _run_embed(args) -> None:
     from .data import DEFAULT_MAX_PIXELS  # noqa: PLC0415
     from .embedding import embed  # noqa: PLC0415
 
+    if args.ray is not None:
+        return _run_embed_ray(args)
+    if args.actors or args.part_size or args.gpus_per_actor or args.cpus_per_actor != 1:
+        raise ImagerecError("--actors, --cpus-per-actor, --gpus-per-actor and --part-size apply to --ray only; add --ray or drop them")
     if args.shard:
         from .index import embed_shard, parse_shard, shard_path  # noqa: PLC0415
 
@@ -352,6 +378,26 @@ def _run_embed(args) -> None:
     print(f"wrote {args.out}: {len(result):,} x {result.features.shape[1]} float32 features ({result.backbone})")
 
 
+def _run_embed_ray(args) -> None:
+    from .data import DEFAULT_MAX_PIXELS  # noqa: PLC0415
+    from .distributed import embed_on_ray  # noqa: PLC0415
+    from .distributed._ray import PART_SIZE  # noqa: PLC0415
+
+    if args.shard:
+        raise ImagerecError("--ray splits the work itself; drop --shard (it is for Slurm arrays and torchrun)")
+    done = embed_on_ray(
+        args.data, args.out, args.backbone, address=args.ray, split=args.split, image_size=args.image_size,
+        batch_size=args.batch_size, device=None if args.device == "cpu" and args.gpus_per_actor else args.device,
+        engine=args.engine, actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+        part_size=args.part_size or PART_SIZE, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        allow_outside=args.allow_outside, progress=not args.no_progress,
+    )  # fmt: skip
+    print(f"wrote {len(done.parts):,} part(s) to {args.out}: {done.embedded:,} image(s) embedded now, {done.reused:,} part(s) "
+          f"reused from an earlier run" + (f", {done.skipped:,} unreadable skipped" if done.skipped else "")
+          + (f", {done.removed:,} stale part(s) removed" if done.removed else "") + f" in {done.seconds:.1f} s; "
+          f"index them with: imagerec index --parts {os.path.join(args.out, 'part-*.npz')} --out INDEX_DIR")  # fmt: skip
+
+
 def _run_index(args) -> None:
     from .data import DEFAULT_MAX_PIXELS  # noqa: PLC0415
     from .index import EXACT_MAX, add_to_index, build_index  # noqa: PLC0415
@@ -364,15 +410,19 @@ def _run_index(args) -> None:
     embedding["max_pixels"] = args.max_pixels or DEFAULT_MAX_PIXELS
     embedding["allow_outside"] = args.allow_outside
     if args.add:
-        if args.backbone != "auto" or args.image_size or args.exact_max:
-            raise ImagerecError("--add embeds with the index's own backbone and size; drop --backbone, --image-size and --exact-max")
+        if args.backbone != "auto" or args.image_size or args.exact_max or args.transform != "auto" or args.pq_bytes:
+            raise ImagerecError(
+                "--add embeds with the index's own backbone and size and keeps its kind; "
+                "drop --backbone, --image-size, --exact-max, --transform and --pq-bytes"
+            )
         done = add_to_index(args.out, args.data, split=args.split, **embedding)
         index = done.index
         print(f"added {done.added:,} image(s); {done.already:,} already indexed and unchanged, not embedded again"
               + (f"; {done.skipped:,} unreadable, skipped" if done.skipped else ""))
     else:
         index = build_index(args.parts or args.data, args.out, backbone=args.backbone, image_size=args.image_size,
-                            split=args.split, exact_max=args.exact_max or EXACT_MAX, **embedding)
+                            split=args.split, exact_max=args.exact_max or EXACT_MAX, transform=args.transform,
+                            pq_bytes=args.pq_bytes, **embedding)
         if index.skipped:
             print(f"{index.skipped:,} unreadable image(s) skipped")
     print(f"{args.out}: {index.describe()}")
@@ -390,7 +440,7 @@ def _run_search(args) -> None:
     if args.sheet is not None and _is_inside(args.index, args.sheet):
         raise ImagerecError(f"--sheet {args.sheet!r} is inside the index {args.index}; give a folder elsewhere, e.g. --sheet sheets")
     index = load_index(args.index)
-    table = index.search(args.queries, top_k=args.top_k, nprobe=args.nprobe, device=args.device)
+    table = index.search(args.queries, top_k=args.top_k, nprobe=args.nprobe, rerank=args.rerank, device=args.device)
     text = {
         "table": lambda: table.to_string(index=False, float_format=lambda v: f"{v:.4f}") + "\n",
         "csv": lambda: table.to_csv(index=False),
@@ -557,6 +607,8 @@ def _run_audit(args) -> None:
     from .data import DEFAULT_MAX_PIXELS  # noqa: PLC0415
 
     thresholds = {name: getattr(args, f"{name}_threshold") for name in THRESHOLD_NAMES}
+    if os.path.isfile(os.path.join(args.data, "meta.json")):  # an index folder: its vectors, in blocks
+        return _run_audit_index(args, thresholds)
     result = audit(
         args.data,
         out=args.out,
@@ -584,6 +636,24 @@ def _run_audit(args) -> None:
     for name, why in s["not_run"].items():
         print(f"  {name}: not run ({why})")
     print(f"run folder: {args.out}  (open {os.path.join(args.out, 'report.html')} in a browser)")
+
+
+def _run_audit_index(args, thresholds: dict) -> None:
+    from .audit import NEAR_DUPLICATE_THRESHOLD, audit_index  # noqa: PLC0415
+
+    others = [f"--{name.replace('_', '-')}-threshold" for name, v in thresholds.items() if v is not None and name != "near_duplicates"]
+    if args.checks or others or args.export_manifest:
+        raise ImagerecError(
+            f"{args.data} is an index: its audit checks near-duplicates and leakage of the vectors only; "
+            "drop --checks, --export-manifest and the other checks' thresholds (audit the images for the rest)"
+        )
+    done = audit_index(args.data, out=args.out, threshold=thresholds["near_duplicates"] or NEAR_DUPLICATE_THRESHOLD,
+                       k=args.neighbours, progress=not args.no_progress)  # fmt: skip
+    s = done.summary
+    print(f"{s['n_vectors']:,} vectors of the index audited in blocks ({s['search']})")
+    for name, counts in s["counts"].items():
+        print(f"  {name}: " + ", ".join(f"{value} {key}" for key, value in counts.items()))
+    print(f"run folder: {args.out}  (near_duplicates.csv, leakage.csv, summary.json)")
 
 
 def _cluster_params(args) -> dict:
@@ -622,7 +692,8 @@ def _run_serve(args) -> None:
     config = ServeConfig(
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_images=args.max_images, max_body_mb=args.max_body_mb, timeout_s=args.timeout,
-        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, watch=args.watch, watch_interval_s=args.watch_interval,
+        precision=args.precision, min_int8_agreement=args.min_int8_agreement, tune_batch=not args.no_tune_batch,
     )
     serve(
         args.model, host=args.host, port=args.port, token=args.token, insecure_no_token=args.insecure_no_token,

@@ -93,13 +93,19 @@ class Embeddings:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the ``.npz`` file atomically (see the module docstring for its layout)."""
+    def save(self, path: str | os.PathLike, meta: dict | None = None) -> Path:
+        """Write the ``.npz`` file atomically (see the module docstring for its layout).
+
+        Args:
+            path: the file.
+            meta: more entries for the file's ``meta`` JSON (e.g. a part's ``shard`` record),
+                written in the same atomic step.
+        """
         path = Path(path)
         arrays = {
             "features": self.features.astype(np.float32, copy=False),
             "paths": np.asarray(self.paths, dtype=str),
-            "meta": np.asarray(json.dumps(self._meta())),
+            "meta": np.asarray(json.dumps({**self._meta(), **(meta or {})})),
         }
         if self.labels is not None:
             arrays["labels"] = self.labels.astype(np.int64, copy=False)

@@ -95,9 +95,14 @@ def _export_torchscript(model: nn.Module, out: Path, example: torch.Tensor, meta
 
 
 def _check_parity(path: Path, expected: np.ndarray, got: np.ndarray) -> None:
+    kept = "the previous file there is kept" if path.exists() else "nothing was written"
+    if not np.isfinite(expected).all():  # a diverged run: the exporter is not to blame
+        raise ImagerecError(
+            f"{path}: the checkpoint's own logits in PyTorch are not finite (NaN or infinity) on a random batch, so "
+            f"{kept}; its weights are broken (a diverged training run?): export another checkpoint"
+        )
     error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-6))
     if not error <= PARITY_RTOL:
-        kept = "the previous file there is kept" if path.exists() else "nothing was written"
         raise ImagerecError(
             f"{path}: the exported model's logits differ from PyTorch's by {error:.2e} (relative; the rule is "
             f"<= {PARITY_RTOL:g}), so the new file was removed and {kept}; try another --opset or --format torchscript"

@@ -617,7 +617,7 @@ def _listing(folder) -> list[str]:
 
 class Harness:
     """Everything the properties need: the model (its ONNX export in ``ROOT/home``), an open app
-    and a token-guarded one driven in-process, a third under a real uvicorn on a free 127.0.0.1
+    and a token-guarded one on the run folder (reloadable) driven in-process, a third under a real uvicorn on a free 127.0.0.1
     port, the working directory (``ROOT/cwd``) and temp folder (``ROOT/tmp``) moved to empty
     folders watched for files left behind, and the error logs watched for unexpected exceptions.
     Counts every request sent and every status answered.
@@ -656,10 +656,12 @@ class Harness:
                 os.environ["IMAGEREC_HOME"] = saved_env
 
         self._stack.callback(restore)
-        engine = load_engine(make_run(self.scratch))
+        run = make_run(self.scratch)
+        engine = load_engine(run)
         self.engine = engine
         self.open = self._stack.enter_context(AsgiClient(create_app(engine, config=self.config)))
-        self.guarded = self._stack.enter_context(AsgiClient(create_app(engine, token=TOKEN, config=self.config)))
+        # on the run folder, so that POST /admin/reload with the token has a source to look at
+        self.guarded = self._stack.enter_context(AsgiClient(create_app(run, token=TOKEN, config=self.config)))
         self.url = self._stack.enter_context(running(create_app(engine, config=self.config)))
         self.port = int(self.url.rsplit(":", 1)[1])
         wait_ready(self.url)
@@ -860,6 +862,54 @@ def prop_content_type(h: Harness, ctype: bytes) -> list[str]:
     want = 200 if raw else 400 if media == "multipart/form-data" else 415
     if response.status != want:
         found.append(f"Content-Type {ctype!r} answered {response.status}, not {want}: {response.body[:200]!r}")
+    return found + h.after()
+
+
+@st.composite
+def admin_requests(draw) -> Request:
+    """Requests to ``/admin/reload``: any method, the token right, near or missing, any body and query."""
+    method = draw(st.sampled_from(["POST"] * 6 + list(METHODS)))
+    target = draw(st.sampled_from(["/admin/reload"] * 4 + ["/admin/reload/", "/admin", "/ADMIN/reload", "/admin/reload%00"]))
+    body, ctype = draw(bodies())
+    headers = draw(header_lists(TOKEN))
+    if ctype is not None and draw(st.booleans()):
+        headers.append((b"content-type", ctype))
+    query = draw(st.one_of(st.just(b""), queries()))
+    return Request(method, target, query, headers, split_chunks(draw, body))
+
+
+def prop_admin_reload(h: Harness, request: Request) -> list[str]:
+    """``POST /admin/reload``: with no token configured, 403 whatever is sent; with one, 401 unless
+    the exact bearer token came, else 200 "unchanged" (the checkpoint is the one serving); other
+    methods 405, a declared body over the limit 413, other paths never 200; no file written (the cache is watched by :meth:`Harness.after`)."""
+    found = []
+    path = urllib.parse.unquote(request.target.partition("?")[0])
+    exact = path == "/admin/reload"
+    post = request.method == "POST"
+    given = dict(request.headers).get(b"authorization")
+    declared = dict(request.headers).get(b"content-length", b"")
+    too_big = declared.isdigit() and int(declared) > BIG  # refused by the body limit before any route
+    for client, guarded in ((h.open, False), (h.guarded, True)):
+        response = h.send(request, client)
+        found += problems(request, response)
+        if guarded and given != f"Bearer {TOKEN}".encode():
+            want = 401
+        elif too_big:
+            want = 413
+        elif not exact:  # not found, or a redirect to the route without its trailing slash
+            if response.status == 200:
+                found.append(f"{request.method} {path!r} answered 200")
+            continue
+        elif not post:
+            want = 405
+        else:
+            want = 200 if guarded else 403
+        if response.status != want:
+            found.append(f"{request.method} {path!r} (token app: {guarded}, authorization {given!r}) answered {response.status}, not {want}")
+        elif want == 200 and response.json().get("status") != "unchanged":
+            found.append(f"a reload of the checkpoint serving answered {response.body[:200]!r}, not unchanged")
+        elif want == 403 and "--token" not in response.error():
+            found.append(f"the 403 does not say how to get a token: {response.body[:200]!r}")
     return found + h.after()
 
 

@@ -46,13 +46,13 @@ BAD_HOSTS = ("evil.example", f"evil.example:{PORT}", f"127.0.0.1.evil.example:{P
              f"localhost:{PORT}:{PORT}", "localhost:[x]", "localhost:][", f"LOCALHOST.:{PORT}", f"127.0.0.1:{PORT}/x",
              "localhost:8o", f"127.1:{PORT}", f"2130706433:{PORT}", f"[::ffff:127.0.0.1]:{PORT}")
 # actions that change the database when accepted (undo takes one back)
-ACTIONS = ("/api/rename", "/api/move", "/api/exclude", "/api/restore", "/api/merge", "/api/audit/decide")
-POSTS = (*ACTIONS, "/api/undo", "/api/export", "/predict", "/search", "/api/train", "/api/audit/run")
+ACTIONS = ("/api/rename", "/api/move", "/api/exclude", "/api/restore", "/api/merge", "/api/audit/decide", "/api/review/accept")
+POSTS = (*ACTIONS, "/api/undo", "/api/export", "/predict", "/search", "/api/train", "/api/audit/run", "/api/review/start")
 GETS = ("/", "/groups", "/groups/{g}", "/excluded/{reason}", "/history", "/thumb/{i}", "/img/{i}", "/export",
         "/export/labels.csv", "/train", "/api/train/status", "/train/{r}", "/train/{r}/cell", "/predict", "/audit",
-        "/search", "/static/studio.js", "/static/{x}")
+        "/search", "/static/studio.js", "/static/{x}", "/review", "/review?group={g}", "/review/next", "/api/review/suggestions")
 PAGES = ("/", "/groups", "/export", "/history", "/excluded/junk", "/excluded/duplicate", "/audit", "/train", "/train/1",
-         "/train/1/cell?true=red&predicted=blue", "/predict", "/search")
+         "/train/1/cell?true=red&predicted=blue", "/predict", "/search", "/review", "/review?order=least", "/review/next")
 TAGS = {"html", "head", "meta", "title", "link", "body", "header", "b", "nav", "a", "button", "main", "h1", "h2", "div", "p",
         "table", "thead", "tbody", "tr", "th", "td", "ol", "li", "section", "small", "form", "input", "label", "select",
         "option", "figure", "img", "figcaption", "span", "code", "script", "progress"}
@@ -102,13 +102,15 @@ class Studio:
         Path(self.project.image(self.unreadable)["path"]).write_bytes(b"\x89PNG\r\n\x1a\n not an image any more")
         self.files = {Path(self.project.image(i)["path"]).read_bytes(): i for i in self.image_ids}
         # nothing slow can start: a run is "running" (so /api/train refuses a valid request), and the
-        # audit and the index build are "running" (so /api/audit/run refuses, /search says "building")
+        # audit, the index build and the review's features are "running" (so /api/audit/run and
+        # /api/review/start refuse, /search says "building", /review says "computing")
         with self.project.tx() as con:
             con.execute("INSERT INTO runs(started_at, status, budget_min, backbone, run_dir, images) VALUES (0, 'running', 1,"
                         " 'seed_cnn', ?, 18)", (str(self.folder / "runs" / "run-0"),))
         for job in ("audit", "index_job"):
             setattr(self.app.state, job, _audit._Job())
             getattr(self.app.state, job).state = "running"
+        self.app.state.reviewer.job.state = "running"
         self.counts: collections.Counter = collections.Counter()
         secret, notes, db = self.root / "outside" / "secret.txt", self.data / "red" / "notes.txt", self.folder / "studio.sqlite"
         self.targets = ("studio.sqlite", "studio.sqlite-wal", "thumbs", "export/labels.csv", "../outside/secret.txt",
@@ -143,19 +145,20 @@ class Studio:
         con = sqlite3.connect(self.folder / "studio.sqlite")
         try:
             return {t: con.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall()  # noqa: S608 - our names
-                    for t in ("images", "groups", "actions", "changes", "audit_decisions", "runs", "meta")}
+                    for t in ("images", "groups", "actions", "changes", "audit_decisions", "reviews", "runs", "meta")}
         finally:
             con.close()
 
     def state(self) -> tuple:
-        """What undo must give back: each image's group and exclusion, the visible groups, the decisions."""
+        """What undo must give back: each image's group and exclusion, the visible groups, the decisions
+        (audit findings decided, images the person decided)."""
         con = sqlite3.connect(self.folder / "studio.sqlite")
         try:
             images = con.execute("SELECT id, group_id, excluded FROM images ORDER BY id").fetchall()
             groups = con.execute("SELECT id, name, kind FROM groups WHERE hidden=0 ORDER BY id").fetchall()
         finally:
             con.close()
-        return images, groups, sorted(self.project.decided().items())
+        return images, groups, sorted(self.project.decided().items()), sorted(self.project.reviewed())
 
     def active(self) -> int:
         return self.project.counts()["actions"]
@@ -198,8 +201,9 @@ class Studio:
         groups = self.project.groups()
         with self.project.connection() as con:
             hidden = tuple(r[0] for r in con.execute("SELECT id FROM groups WHERE hidden=1"))
+            in_use = tuple(r[0] for r in con.execute("SELECT id FROM images WHERE excluded IS NULL ORDER BY id"))
         return Ctx(self.secret, self.cookie, tuple(self.image_ids), tuple(g.id for g in groups), tuple(g.name for g in groups), hidden,
-                   self.targets)
+                   self.targets, in_use)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -233,6 +237,7 @@ class Ctx:
     group_names: tuple
     hidden: tuple = ()
     files: tuple = ()  # files a URL must never reach: the database, the planted secrets, by name and by path
+    in_use: tuple = ()  # image ids neither junk nor duplicate
 
 
 @dataclass
@@ -351,6 +356,8 @@ def action_body(ctx: Ctx, route: str) -> st.SearchStrategy:
         "/api/audit/decide": {"finding": st.one_of(names, scalars), "image_ids": ids,
                               "decision": st.one_of(st.sampled_from(["drop", "junk", "accept", "keep"]), scalars),
                               "label": st.one_of(names, st.sampled_from(ctx.group_names or ("x",)), scalars)},
+        "/api/review/accept": {"image_ids": ids, "group_ids": st.one_of(gids, st.lists(st.one_of(st.none(), id_value(ctx.group_ids)), max_size=6)),
+                               "new_name": st.one_of(names, scalars)},
         "/api/export": {"kind": st.one_of(st.sampled_from(["manifest", "copy", "link"]), st.sampled_from(["manifest", "copy", "link"]),
                                           st.sampled_from(["MANIFEST", "zip", "../x", ""]), scalars)},
         "/api/train": {"budget": st.one_of(st.floats(), weird_ints, any_text, st.sampled_from(["5", "1e400", "-1", "nan"])),
@@ -594,7 +601,7 @@ def actions(draw, ctx: Ctx) -> tuple[str, dict, bool | None]:
     accepted, False refused, None either. One in five is made wrong on purpose (an id that is not
     there, a bad name, reason or decision)."""
     kind = draw(st.sampled_from(["rename", "move", "move new", "junk", "duplicate", "restore", "merge", "keep", "drop", "accept", "undo",
-                                 "export"]))
+                                 "export", "review", "review new"]))
     if kind == "undo":
         return "/api/undo", {}, True
     if kind == "export":  # not an action: files in the project, nothing in the database
@@ -604,7 +611,7 @@ def actions(draw, ctx: Ctx) -> tuple[str, dict, bool | None]:
     while new.strip() in ctx.group_names:
         new += "+"
     expect = True
-    if draw(st.integers(0, 3)) == 0 and kind in ("rename", "move new"):
+    if draw(st.integers(0, 3)) == 0 and kind in ("rename", "move new", "review new"):
         new = draw(st.sampled_from([n for n in NASTY_NAMES if n.strip() not in ctx.group_names]))
         expect = None  # accepted or refused by the name rules; if accepted, later exports must work with it
     if kind == "rename":
@@ -618,6 +625,15 @@ def actions(draw, ctx: Ctx) -> tuple[str, dict, bool | None]:
         body, route = {"image_ids": ids, "group_id": draw(st.sampled_from(gids))}, "/api/move"
     elif kind == "move new":
         body, route = {"image_ids": ids, "new_name": new}, "/api/move"
+    elif kind in ("review", "review new"):  # a review page accepted: each image with its class, maybe one new class
+        if ctx.in_use:
+            ids = _some(ctx.in_use, draw, 6)
+        else:
+            expect = False  # every image is junk or a duplicate
+        body, route = {"image_ids": ids, "group_ids": [draw(st.sampled_from(gids)) for _ in ids]}, "/api/review/accept"
+        if kind == "review new":
+            body["group_ids"][draw(st.integers(0, len(ids) - 1))] = None
+            body["new_name"] = new
     elif kind in ("junk", "duplicate"):
         body, route = {"image_ids": ids, "reason": kind}, "/api/exclude"
     elif kind == "restore":
@@ -632,6 +648,7 @@ def actions(draw, ctx: Ctx) -> tuple[str, dict, bool | None]:
             body["label"] = draw(st.sampled_from([new, *ctx.group_names]))
     if draw(st.integers(0, 4)) == 0:
         key, value = draw(st.sampled_from([("image_ids", [max(ctx.image_ids) + 1000]), ("image_ids", []), ("image_ids", [2**64]),
+                                           ("group_ids", [10**6]), ("group_ids", [True]), ("group_ids", "1"), ("group_ids", []),
                                            ("image_ids", [True]), ("group_id", 10**6), ("group_id", True), ("group_id", "1"),
                                            ("target", 10**6), ("sources", [2**63]), ("name", "a/b"), ("name", None), ("new_name", "a\x00b"),
                                            ("reason", "gone"), ("decision", "maybe"), ("label", "x" * 81), ("finding", None)]))

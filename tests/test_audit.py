@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from imagerec import ImagerecError, audit, embed, load_images
 from imagerec.audit import exact_groups, knn, near_groups, quality_issues
-from imagerec.audit._duplicates import group_table, leak_table
+from imagerec.audit._duplicates import edges, group_table, leak_table
 from imagerec.audit._scan import image_figures
 
 from .conftest import run_cli
@@ -211,6 +211,23 @@ def test_near_groups_are_connected_components_of_knn_edges():
     assert table["index"].tolist()[0] == 3 and table["keep"].tolist() == [True, False, False]
     leaks = leak_table(sims, ids, 0.95, split, np.full(50, -1))
     assert leaks["index"].tolist() == [10] and leaks["train_index"].iloc[0] in (3, 20)
+
+
+def test_mutual_nearest_neighbours_that_stand_out_are_near_duplicates():
+    """The rank test of ``edges``, on hand-made neighbour lists (most similar first): 0 and 1 are
+    each other's nearest, at 0.90, and both images' second-nearest is at most 0.85; 2 and 3 are
+    each other's nearest at 0.90 too, but 2's second-nearest is at 0.89 (a look-alike);
+    4's nearest is 5, whose nearest is 0 (not mutual)."""
+    ids = np.array([[1, 4], [0, 3], [3, 1], [2, 0], [5, 0], [0, 4]])
+    sims = np.array([[0.90, 0.80], [0.90, 0.85], [0.90, 0.89], [0.90, 0.70], [0.93, 0.60], [0.95, 0.93]], np.float32)
+    strict = {"threshold": 0.99, "thumbs": None}
+    accept = edges(sims, ids, **strict, mutual=0.85, margin=0.04)
+    assert accept[0, 0] and accept[1, 0]  # 0.90 - max(0.80, 0.85) = 0.05 >= 0.04
+    assert not accept[2:].any()  # 2-3: margin 0.01 on 2's side; 4-5: not each other's nearest
+    assert not edges(sims, ids, **strict, mutual=0.85, margin=0.06).any()  # 0.05 < 0.06
+    assert not edges(sims, ids, **strict, mutual=0.95, margin=0.04).any()  # under the mutual floor
+    assert not edges(sims, ids, **strict, mutual=None).any()  # no rank test: the cosine alone
+    assert (edges(sims, ids, 0.90, None, mutual=None) == (sims >= 0.90)).all()
 
 
 def test_ivf_search_finds_the_same_close_pairs():

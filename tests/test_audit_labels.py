@@ -99,6 +99,28 @@ def test_threshold_flags_by_label_quality():
     assert df.attrs["threshold"] == 0.4
 
 
+@pytest.mark.parametrize("q", [0.4, 0.7])
+def test_min_confidence_keeps_only_flags_confidently_of_another_class(q):
+    x, y = blobs(spread=2.5)  # overlapping blobs: some flags are the probe's doubt
+    noisy, _ = flip(y, 9)
+    plain = find_label_issues(x, noisy, CLASSES, min_confidence=None)
+    gated = find_label_issues(x, noisy, CLASSES, min_confidence=q)
+    issues = gated[gated.is_issue]
+    assert (issues.suggested_label != issues.given_label).all() and (issues.confidence >= q).all()
+    before = set(plain.loc[plain.is_issue, "index"])
+    assert set(issues["index"]) <= before  # the gate only removes flags
+    kept = plain[plain.is_issue & (plain.suggested_label != plain.given_label) & (plain.confidence >= q)]
+    assert set(issues["index"]) == set(kept["index"])
+    assert gated.attrs["min_confidence"] == q
+
+
+def test_min_confidence_leaves_a_given_threshold_alone():
+    x, y = blobs(spread=2.5)
+    noisy, _ = flip(y, 9)
+    df = find_label_issues(x, noisy, CLASSES, threshold=0.4, min_confidence=0.9)
+    assert (df.is_issue == (df.label_quality < 0.4)).all()
+
+
 def test_quality_is_the_out_of_fold_probability_of_the_given_label():
     x, y = blobs()
     noisy, rows = flip(y, 9)
@@ -150,6 +172,7 @@ def test_bad_input_is_one_line(change, message):
         ({"C": 0}, "C=0 must be > 0"),
         ({"k_neighbors": -1}, "k_neighbors=-1 must be >= 0"),
         ({"filter_by": "magic"}, "filter_by='magic' is not one of cleanlab's low_self_confidence"),
+        ({"min_confidence": 1.5}, "min_confidence=1.5 must be a probability between 0 and 1"),
     ],
 )
 def test_bad_arguments_are_one_line(kwargs, message):

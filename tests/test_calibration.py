@@ -201,9 +201,34 @@ def test_training_fits_t_on_the_validation_split_unless_told_not_to(tmp_path, ca
     assert T_BOUNDS[0] < best.meta["temperature"] < T_BOUNDS[1]
     assert best.meta["calibration"]["images"] == 12
     assert best.meta["calibration"]["nll_after"] <= best.meta["calibration"]["nll_before"] + 1e-9
-    assert "calibration: temperature" in capsys.readouterr().err
+    assert best.meta["temperature"] in (1.0, best.meta["calibration"]["fitted"])  # kept, or refused by the held-out check
+    assert "calibration: T" in capsys.readouterr().err.replace("temperature", "T")
     train(data, tmp_path / "off", TrainConfig(epochs=1, val_fraction=0.25, calibrate=False, **FAST), progress=False)
     assert "temperature" not in load_checkpoint(tmp_path / "off").meta
     train(data, tmp_path / "noval", TrainConfig(epochs=1, val_fraction=0.0, **FAST), progress=False)
     assert "temperature" not in load_checkpoint(tmp_path / "noval").meta
     assert "no held-out images" in capsys.readouterr().err
+
+
+def test_a_temperature_is_kept_only_when_it_lowers_the_nll_of_images_it_was_not_fitted_on():
+    """Each half's fit is checked on the other half: a real miscalibration (500 images, 3x too
+    sharp) passes; a fit that would not carry to new images (one half sure and wrong, the other
+    sure and right) is refused and T stays 1."""
+    from imagerec.training._calibrate import held_out_gain
+
+    logits, labels = overconfident(n=500, sharpen=3.0, seed=5)
+    meta = calibration_meta(softmax(logits), labels)
+    assert meta["calibration"]["held_out_gain"] > 0 and meta["temperature"] == meta["calibration"]["fitted"] > 1.0
+
+    n = 20
+    order = np.random.default_rng(0).permutation(n)  # the split held_out_gain draws
+    first, second = order[: n // 2], order[n // 2 :]
+    labels = np.zeros(n, np.int64)
+    logits = np.zeros((n, 3))
+    logits[first, 1] = 8.0  # sure and wrong: this half alone would fit a large T
+    logits[first[:2], 0] = 9.0  # (two right, so the fit is well posed)
+    logits[second, 0] = 8.0  # every one sure and right: its own fit is T=1, and a large T only costs it
+    assert held_out_gain(logits, labels) < 0
+    meta = calibration_meta(softmax(logits), labels)
+    assert meta["calibration"]["fitted"] != 1.0 and meta["temperature"] == 1.0
+    assert "did not lower the NLL of the halves it was not fitted on" in describe(meta)

@@ -7,6 +7,7 @@ means something (a broken quantization that always answered one class would agre
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -125,11 +126,14 @@ def test_int8_static_qdq_keeps_predictions_metadata_and_shrinks(colour_run, tmp_
     compression = json.loads(after[KEY_COMPRESSION])
     assert compression["quantize"] == "int8-static-qdq-per-channel"
     assert compression["calibration"] == "minmax" and compression["calib_images"] == 40
+    assert compression["source_sha256"] == hashlib.sha256((run / "best.safetensors").read_bytes()).hexdigest()
 
     images, labels = onnx_inputs(fp32, data)
     reference, quantized = logits(fp32, images).argmax(1), logits(out, images).argmax(1)
     assert (reference == labels).mean() >= 0.9  # a model whose answers vary with the image
     assert (reference == quantized).mean() >= MIN_TOP1_AGREEMENT
+    # the agreement it records is measured on its 40 calibration images: a share of 40
+    assert 0 <= compression["fp32_top1_agreement"] <= 1 and round(compression["fp32_top1_agreement"] * 40, 2) % 1 == 0
 
 
 def test_int8_from_an_onnx_file_with_another_calibration_method(colour_run, tmp_path):
@@ -166,7 +170,8 @@ def test_dynamic_quantizes_the_linear_layers_only(colour_run, tmp_path):
     ops = op_counts(out)
     assert ops.get("MatMulInteger") == 3 and "Gemm" not in ops  # fc1, fc2, fc3
     assert ops.get("Conv") == 2 and "QuantizeLinear" not in ops  # convolutions stay fp32
-    assert json.loads(metadata(out)[KEY_COMPRESSION]) == {"quantize": "int8-dynamic-matmul", "weights": "int8"}
+    source = hashlib.sha256(fp32.read_bytes()).hexdigest()  # made from the fp32 .onnx given
+    assert json.loads(metadata(out)[KEY_COMPRESSION]) == {"quantize": "int8-dynamic-matmul", "weights": "int8", "source_sha256": source}
     assert out.stat().st_size < 0.5 * fp32.stat().st_size  # fc1 holds most of seed_cnn's weights
     images, _ = onnx_inputs(fp32, data)
     assert (logits(fp32, images).argmax(1) == logits(out, images).argmax(1)).mean() >= MIN_TOP1_AGREEMENT

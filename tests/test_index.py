@@ -129,23 +129,22 @@ def test_add_refuses_a_changed_file(collection, tmp_path):
     assert len(load_index(tmp_path / "idx")) == 13  # untouched
 
 
-def test_exact_up_to_the_threshold_ivf_above(tmp_path):
+def test_exact_up_to_the_threshold_ivf_pq_on_disk_above(tmp_path):
     data = _fake_embeddings(400)
     exact = build_index(data, tmp_path / "flat", exact_max=400)
-    ivf = build_index(data, tmp_path / "ivf", exact_max=399)
+    approx = build_index(data, tmp_path / "ivfpq", exact_max=399)
     assert exact.kind == "flat" and exact.meta["faiss_index"] == "IndexFlatIP"
-    assert ivf.kind == "ivf" and ivf.meta["faiss_index"] == "IndexIVFFlat"
-    assert ivf.meta["nlist"] == 80 and "approximate IVF" in ivf.describe()  # 4 sqrt(400)
-    reloaded = load_index(tmp_path / "ivf")
-    assert type(reloaded.faiss_index).__name__ == "IndexIVFFlat"
-    hits = reloaded.search_features(data.features[:20], data.paths[:20], top_k=1, nprobe=80)
-    assert hits["path"].tolist() == data.paths[:20]  # every list probed: exact
+    assert approx.kind == "ivfpq" and approx.meta["faiss_index"] == "IVF12_HNSW32,PQ8x8np"  # 400 / 32 lists at most
+    assert "IVF-PQ search on disk" in approx.describe()
+    reloaded = load_index(tmp_path / "ivfpq")
+    hits = reloaded.search_features(data.features[:20], data.paths[:20], top_k=1, nprobe=reloaded.meta["nlist"])
+    assert hits["path"].tolist() == data.paths[:20]  # every list probed, candidates re-ranked: exact
 
 
-def test_a_flat_index_grown_past_the_threshold_becomes_ivf(tmp_path):
+def test_a_flat_index_grown_past_the_threshold_goes_on_disk(tmp_path):
     build_index(_fake_embeddings(300), tmp_path / "idx", exact_max=350)
     done = add_to_index(tmp_path / "idx", _fake_embeddings(100, seed=1))
-    assert done.added == 100 and done.index.kind == "ivf" and len(load_index(tmp_path / "idx")) == 400
+    assert done.added == 100 and done.index.kind == "ivfpq" and len(load_index(tmp_path / "idx")) == 400
 
 
 def test_queries_from_another_model_are_refused(tmp_path):

@@ -31,8 +31,8 @@ def harness(tmp_path_factory):
 
 
 def test_routes_come_from_the_openapi_document(harness):
-    assert {"/predict", "/embed", "/model", "/health", "/ready", "/metrics"} <= set(harness.routes)
-    assert harness.routes["/predict"] == ["POST"]
+    assert {"/predict", "/embed", "/model", "/health", "/ready", "/metrics", "/admin/reload"} <= set(harness.routes)
+    assert harness.routes["/predict"] == harness.routes["/admin/reload"] == ["POST"]
 
 
 @settings(max_examples=150, **CI)
@@ -71,6 +71,12 @@ def test_query_values_give_what_they_ask_or_a_422(harness, query):
 @given(ctype=fz.content_types())
 def test_media_types_are_read_in_any_letter_case(harness, ctype):
     assert not fz.prop_content_type(harness, ctype)
+
+
+@settings(max_examples=60, **CI)
+@given(request=fz.admin_requests())
+def test_reload_is_closed_without_a_token_and_guarded_by_it(harness, request):
+    assert not fz.prop_admin_reload(harness, request)
 
 
 @settings(max_examples=40, **CI)

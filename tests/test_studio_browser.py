@@ -2,7 +2,8 @@
 
 One session over generated photos: open the project, rename a cluster, move three images, undo
 one move, mark a duplicate, export, check the manifest, kill -9 the server and restart it (state
-intact), train for a short budget and open the evaluation, predict, and search by example. Screenshots go to docs/studio/.
+intact), review the suggestions (accept a page, reject one image on the next, undo that page),
+train for a short budget and open the evaluation, predict, and search by example. Screenshots go to docs/studio/.
 
 Skipped where no Chromium is found, except under CI (env var CI set), where that is a failure.
 """
@@ -220,7 +221,11 @@ def _session(page, url, project, tmp_path, copy, servers, port):
     page.goto(url + "/groups")
     assert page.locator('h2 a:text-is("Reds & <friends>")').count() == 1
 
-    # 8. train for a short budget and read the evaluation; a confusion cell opens its images
+    # 8. review: accept a page of suggestions, reject one image of the next page (it takes its next
+    #    most likely class), then undo that page
+    _review(page, url, project, expected)
+
+    # 9. train for a short budget and read the evaluation; a confusion cell opens its images
     page.goto(url + "/train")
     page.fill("input[name=budget]", "0.4")
     page.select_option("select[name=backbone]", "seed_cnn")
@@ -236,14 +241,14 @@ def _session(page, url, project, tmp_path, copy, servers, port):
     cell.click()
     assert page.locator("#grid figure[data-id]").count() == count
 
-    # 9. predict: upload a photo, see its classes
+    # 10. predict: upload a photo, see its classes
     page.goto(url + "/predict")
     page.set_input_files("input[type=file]", str(copy.with_name("p100.png")))
     page.click("form.upload button")
     page.wait_for_selector("table.predictions")
     assert "%" in page.locator("table.predictions td").nth(2).inner_text()
 
-    # 10. search by example: a photo of the collection finds itself first (the first search builds the index)
+    # 11. search by example: a photo of the collection finds itself first (the first search builds the index)
     query = copy.with_name("p100.png")
     deadline = time.time() + 120
     while True:
@@ -259,6 +264,63 @@ def _session(page, url, project, tmp_path, copy, servers, port):
     assert first.get_attribute("src") == f"/thumb/{_image_id(project, query)}"
     assert float(page.locator("#results figcaption").first.inner_text()) > 0.99
     shot(page, "search")
+
+
+READ_PAGE = """() => ({names: JSON.parse(document.querySelector('#reviewgrid').dataset.names),
+  cards: Array.from(document.querySelectorAll('#reviewgrid figure[data-id]')).map(f => ({id: Number(f.dataset.id), group: f.dataset.group,
+                                                                                         choices: f.dataset.choices}))})"""
+
+
+def _review(page, url: str, project: Path, expected: dict[int, str]) -> None:
+    # name the other clusters: a named class's images are the suggestions' first labels
+    page.goto(url + "/groups")
+    for n in range(1, 10):
+        unnamed = page.locator("section.group", has=page.locator('h2 a:text-matches("^cluster ")'))
+        if not unnamed.count():
+            break
+        old = unnamed.first.locator("h2 a").inner_text()
+        unnamed.first.locator("input[name=name]").fill(f"colour {n}")
+        unnamed.first.locator("form.rename button").click()
+        wait_message(page, f"renamed to colour {n}")
+        expected.update({i: f"colour {n}" for i, g in expected.items() if g == old})
+    assert db_groups(project) == expected
+    page.click('header nav a[href="/review"]')
+    page.wait_for_selector("#reviewgrid", timeout=120_000)  # the page starts the features (the clustering's, cached), then reloads
+    assert page.locator("section.group img").count() >= 1  # the overview is pictures of each suggested class
+    shot(page, "review")
+    seen = page.evaluate(READ_PAGE)
+    names, cards = seen["names"], seen["cards"]
+    assert len({c["group"] for c in cards}) == 1  # one suggested class a page
+    decided_before = _reviewed(project)
+    page.click("#accept")
+    wait_message(page, f"reviewed {len(cards)} image(s), 0 corrected")
+    for c in cards:
+        expected[c["id"]] = names[c["group"]]
+    assert db_groups(project) == expected and _reviewed(project) == decided_before | {c["id"] for c in cards}
+    after_first = dict(expected)
+    # the next page: the first image is wrong; one click gives it the next most likely class
+    page.wait_for_selector("#reviewgrid")
+    seen = page.evaluate(READ_PAGE)
+    assert not {c["id"] for c in seen["cards"]} & {c["id"] for c in cards}  # decided images are not asked again
+    wrong = next(c for c in seen["cards"] if c["choices"])
+    other = seen["names"][wrong["choices"].split(",")[0]]
+    fig = page.locator(f'#reviewgrid figure[data-id="{wrong["id"]}"]')
+    fig.click()
+    assert "wrong" in fig.get_attribute("class") and fig.locator("figcaption").inner_text() == "\u2192 " + other
+    page.keyboard.press("Enter")
+    wait_message(page, f"reviewed {len(seen['cards'])} image(s), 1 corrected")
+    assert db_groups(project)[wrong["id"]] == other
+    # undo takes back the whole page, and only it
+    page.click("#undo")
+    wait_message(page, f"undone: reviewed {len(seen['cards'])} image(s)")
+    assert db_groups(project) == after_first and _reviewed(project) == decided_before | {c["id"] for c in cards}
+
+
+def _reviewed(project: Path) -> set[int]:
+    con = sqlite3.connect(project / "studio.sqlite")
+    rows = con.execute("SELECT r.image_id FROM reviews r JOIN actions a ON a.id = r.action_id WHERE a.undone_at IS NULL").fetchall()
+    con.close()
+    return {r[0] for r in rows}
 
 
 def _image_id(project: Path, path: Path) -> int:

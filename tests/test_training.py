@@ -75,7 +75,7 @@ def test_same_seed_same_metrics(colour_folder, tmp_path):
 @pytest.mark.learned
 def test_transfer_recipe_learns(tmp_path):
     data = make_colour_dataset(tmp_path / "d", per_class=40)
-    config = TrainConfig(epochs=2, head_epochs=1, image_size=64, batch_size=16, val_fraction=0.2, save_every=0, device="cpu")
+    config = TrainConfig(epochs=2, head_epochs=1, image_size=64, batch_size=16, val_fraction=0.2, save_every=0, device="cpu", probe=False)
     result = train(data, tmp_path / "run", config, progress=False)
     assert result.plan.head_steps > 0
     assert [r["stage"] for r in result.history] == [1, 2, 2]
@@ -84,7 +84,8 @@ def test_transfer_recipe_learns(tmp_path):
 
 def test_stage_two_keeps_the_early_layer_groups_frozen(tmp_path):
     data = make_colour_dataset(tmp_path / "d", per_class=16)
-    config = TrainConfig(epochs=1, head_epochs=0, image_size=64, batch_size=16, val_fraction=0, save_every=0, device="cpu", freeze_groups=2)
+    config = TrainConfig(epochs=1, head_epochs=0, image_size=64, batch_size=16, val_fraction=0, save_every=0, device="cpu", freeze_groups=2,
+                         norm_stats="adapt")
     result = train(data, tmp_path / "run", config, progress=False)
     assert result.plan.freeze_groups == 2
     before = create_backbone("efficientnet_lite0", num_classes=3).state_dict()
@@ -362,7 +363,7 @@ def test_the_input_size_for_prediction_is_chosen_on_the_validation_split(tmp_pat
 
     data = make_colour_dataset(tmp_path / "d", per_class=12)
     config = TrainConfig(epochs=1, head_epochs=0, image_size=48, batch_size=8, val_fraction=0.25, save_every=0, device="cpu")
-    monkeypatch.setattr(loop, "TEST_SIZE_MARGIN", -1.0)
+    monkeypatch.setattr(loop, "size_margin", lambda accuracy, images: -1.0)
     train(data, tmp_path / "run", config, progress=False)
     best = load_checkpoint(tmp_path / "run" / "best.safetensors")
     last = load_checkpoint(tmp_path / "run" / "last.safetensors")
@@ -375,10 +376,18 @@ def test_the_input_size_for_prediction_is_chosen_on_the_validation_split(tmp_pat
     clf = Classifier.load(tmp_path / "run")
     assert clf.preprocessing_.input_size == chosen and len(clf.predict(str(data / "red"))) == 12
 
-    monkeypatch.setattr(loop, "TEST_SIZE_MARGIN", 0.005)
+    monkeypatch.undo()
     off = train(data, tmp_path / "off", TrainConfig(**{**config.to_dict(), "test_size": False}), progress=False)
     assert "test_size" not in load_checkpoint(off.run_dir).meta
     assert load_checkpoint(off.run_dir).meta["preprocessing"]["input_size"] == 48
+
+
+def test_a_larger_input_size_must_win_by_more_than_noise():
+    from imagerec.training._loop import TEST_SIZE_MARGIN, size_margin
+
+    assert size_margin(0.875, 32) == pytest.approx(math.sqrt(0.875 * 0.125 / 32))  # 0.058: one of 32 photos is not enough
+    assert size_margin(0.88, 5000) == TEST_SIZE_MARGIN  # CIFAR-10's validation split: the fixed margin
+    assert size_margin(1.0, 30) == TEST_SIZE_MARGIN and size_margin(0.5, 0) == TEST_SIZE_MARGIN
 
 
 def test_the_budget_keeps_time_for_the_images_predicted_after_training():

@@ -127,9 +127,11 @@ def audit(
         allow_outside: read CSV manifest rows whose paths lead outside the manifest's folder.
         thresholds: overrides by check: ``near_duplicates`` (cosine similarity that suffices
             alone; leakage uses it too) and ``pixel_correlation`` (of the 16 px colour thumbnails
-            that confirm a weaker candidate; above 1: embeddings alone), by default 0.90 and 0.90
-            for small images (at most 64 px a side, candidates from cosine 0.70) and 0.94 and 0.95
-            for photos (candidates from 0.85): ``NEAR_DUPLICATE_DEFAULTS``; ``outliers`` (cosine distance;
+            that confirm a weaker candidate; above 1: embeddings alone), by default 0.90 and 0.93
+            for small images (at most 64 px a side, candidates from cosine 0.60) and 0.96 and 0.99
+            for photos (candidates from 0.50); besides, two images that are each other's nearest
+            neighbour from cosine 0.80, 0.08 above both images' second-nearest, are near-duplicates
+            (``NEAR_DUPLICATE_DEFAULTS``, chosen on the development suite); ``outliers`` (cosine distance;
             None: robust z-score), ``label_issues`` (label quality; None: cleanlab's own rule),
             and the quality ones of ``QUALITY_THRESHOLDS`` (``blurry``, ``dark``...).
         k: neighbours searched per image (near-duplicates, leakage, outliers).
@@ -234,10 +236,10 @@ def _audit(data, options: dict, plan: dict, run_dir: Path | None) -> AuditResult
     elif wants_knn:
         sims, ids, search = knn(x, k)
         kind = "small" if "width" in images and np.nanmedian(np.maximum(images["width"], images["height"])) <= SMALL_IMAGE_MAX_SIDE else "photos"
-        cosine, pixel, floor = NEAR_DUPLICATE_DEFAULTS[kind]
+        cosine, pixel, floor, mutual, margin = NEAR_DUPLICATE_DEFAULTS[kind]
         t["near_duplicates"] = t["near_duplicates"] if t["near_duplicates"] is not None else cosine
         t["pixel_correlation"] = t["pixel_correlation"] if t["pixel_correlation"] is not None else pixel
-        accept = edges(sims, ids, t["near_duplicates"], thumbs, t["pixel_correlation"], floor)
+        accept = edges(sims, ids, t["near_duplicates"], thumbs, t["pixel_correlation"], floor, mutual, margin)
         if "near_duplicates" in checks:
             tables["near_duplicates"] = group_table(near_groups(sims, ids, accept, exact), x, area, split, "near")
         if "leakage" in wants_knn:

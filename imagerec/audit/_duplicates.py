@@ -7,8 +7,13 @@
   file index beyond, queried in blocks); an edge where the similarity reaches the threshold, or
   where it reaches a lower floor and the two images' small colour thumbnails correlate at a
   pixel threshold or more (either way round, for mirrored copies): tiny or heavily compressed
-  copies lose their embedding similarity before their layout. Then the connected components of
-  that sparse graph (scipy). Exact duplicates are joined too.
+  copies lose their embedding similarity before their layout; or where the two images are each
+  other's nearest neighbour from a mutual floor on and their similarity stands above both images'
+  second-nearest by a margin (a rank test, not one absolute cosine: in a collection of
+  look-alikes, such as hand signs on one background or brain scans, unrelated images reach
+  cosines that a cropped or rotated copy of a varied photo does not, but a copy still stands
+  out from its image's other neighbours). Then the connected components of that sparse graph
+  (scipy). Exact duplicates are joined too.
   Memory is O(N k). The embeddings are flip-averaged by default (see :func:`imagerec.audit.audit`),
   so a mirrored copy embeds like its original.
 * The member kept in each group: one from the training split where there is one (a leak is
@@ -24,13 +29,14 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-# Defaults tuned on benchmarks/audit_near_duplicates.py (docs/BENCHMARKS.md), by kind of collection:
-# (cosine that suffices alone, thumbnail correlation that confirms a candidate, candidate floor).
-# Small images (CIFAR-like) embed poorly once resized or compressed but their 16 px thumbnail is
-# nearly the whole image; photos embed well, and their thumbnail is a coarse sketch that
-# unrelated scenes (sky over sea) share.
-NEAR_DUPLICATE_DEFAULTS = {"small": (0.90, 0.90, 0.70), "photos": (0.94, 0.95, 0.85)}
-NEAR_DUPLICATE_THRESHOLD, PIXEL_THRESHOLD, CANDIDATE_FLOOR = NEAR_DUPLICATE_DEFAULTS["photos"]
+# Defaults chosen on the development suite, worst set first (benchmarks/suite.py --capability
+# near_duplicates; docs/BENCHMARKS.md and docs/MODELS.md), by kind of collection: (cosine that
+# suffices alone, thumbnail correlation that confirms a candidate, candidate floor, mutual
+# nearest-neighbour floor, its margin over the second-nearest). Small images (CIFAR-like) embed
+# poorly once resized or compressed but their 16 px thumbnail is nearly the whole image; photos
+# embed well, and their thumbnail is a coarse sketch that unrelated scenes (sky over sea) share.
+NEAR_DUPLICATE_DEFAULTS = {"small": (0.90, 0.93, 0.60, 0.80, 0.08), "photos": (0.96, 0.99, 0.50, 0.80, 0.08)}
+NEAR_DUPLICATE_THRESHOLD, PIXEL_THRESHOLD, CANDIDATE_FLOOR, MUTUAL_FLOOR, MUTUAL_MARGIN = NEAR_DUPLICATE_DEFAULTS["photos"]
 NEAR_DUPLICATE_K = 10  # neighbours searched per image
 EXACT_SEARCH_MAX = 200_000  # images: exact search up to here, an IVF index beyond
 SEARCH_BLOCK = 4096  # query rows per FAISS call
@@ -95,18 +101,30 @@ def edges(
     thumbs: np.ndarray | None = None,
     pixel_threshold: float = PIXEL_THRESHOLD,
     floor: float = CANDIDATE_FLOOR,
+    mutual: float | None = MUTUAL_FLOOR,
+    margin: float = MUTUAL_MARGIN,
 ) -> np.ndarray:
     """Which kNN pairs are near-duplicates: bool (N, k).
 
     Args:
-        sims, ids: the result of :func:`knn`.
+        sims, ids: the result of :func:`knn` (neighbours most similar first).
         threshold: cosine similarity that suffices on its own.
         thumbs: float32 (N, T*T*3) zero-mean unit-norm colour thumbnails, or None (embeddings only).
         pixel_threshold: thumbnail correlation that confirms a candidate at ``floor`` or more.
-        floor: cosine similarity a pair needs to be a candidate at all.
+        floor: cosine similarity a pair needs to be a candidate for the thumbnail check.
+        mutual: cosine similarity from which two images that are each other's nearest neighbour
+            are near-duplicates when their similarity exceeds the second-nearest neighbour's of
+            both by ``margin`` or more; None: no such rank test.
+        margin: that margin, in cosine similarity.
     """
     valid = ids >= 0
     accept = valid & (sims >= threshold)
+    if mutual is not None and sims.shape[1] >= 2:
+        nearest = np.clip(ids[:, 0], 0, None)
+        second = np.where(ids[:, 1] >= 0, sims[:, 1], -1.0)
+        each_other = (ids[:, 0] >= 0) & (ids[nearest, 0] == np.arange(len(ids)))
+        stands_out = sims[:, 0] - np.maximum(second, second[nearest]) >= margin
+        accept[:, 0] |= each_other & (sims[:, 0] >= mutual) & stands_out
     if thumbs is None:
         return accept
     rows, cols = np.nonzero(valid & ~accept & (sims >= min(floor, threshold)))

@@ -9,8 +9,13 @@
    decides which are issues. Its default here, ``filter_by="low_self_confidence"``, flags the
    lowest-quality images, as many as confident learning estimates are mislabelled.
 
-Why these defaults (docs/BENCHMARKS.md, "Audit: label issues", chosen on another seed than the
-one reported): on 10,000 CIFAR-10 images with 5% flipped labels and EfficientNet-Lite2
+3. A flag stands only where another class is the most probable out of fold, at
+   ``min_confidence`` (0.4) or more.
+
+The probe's C (10) and ``min_confidence`` were chosen on the development suite (ten sets, 5% of
+labels moved; docs/MODELS.md, "Audit defaults"): worst set first, then the mean. Earlier
+evidence, from CIFAR-10 alone (docs/BENCHMARKS.md, "Audit: label issues", chosen on another
+seed than the one reported): on 10,000 CIFAR-10 images with 5% flipped labels and EfficientNet-Lite2
 features, the probe alone (C=10) with cleanlab's ``prune_by_noise_rate`` flagged 1,304 images
 (precision 0.31, recall 0.81); the probe (C=1) + kNN mean with ``low_self_confidence`` flagged
 682 (precision 0.62, recall 0.84). C in 0.3..3 ranked alike (precision of the 500 lowest
@@ -28,7 +33,8 @@ import pandas as pd
 from imagerec.audit._outliers import check_features, knn_search
 from imagerec.errors import ImagerecError, ImagerecWarning
 
-DEFAULT_C = 1.0  # inverse L2 strength of the probe, for unit-norm features (see docs/BENCHMARKS.md)
+DEFAULT_C = 10.0  # inverse L2 strength of the probe, for unit-norm features (chosen on the suite: docs/MODELS.md)
+DEFAULT_MIN_CONFIDENCE = 0.4  # out-of-fold probability another class needs for a flag to stand (docs/MODELS.md)
 FILTERS = ("low_self_confidence", "prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
            "predicted_neq_given", "low_normalized_margin")  # cleanlab's filter_by values
 _VOTE_PRIOR = 0.1  # pseudo-votes per class: no class gets probability 0 from the neighbours
@@ -46,6 +52,7 @@ def find_label_issues(
     max_iter: int = 1000,
     k_neighbors: int = 50,
     filter_by: str = "low_self_confidence",
+    min_confidence: float | None = DEFAULT_MIN_CONFIDENCE,
     n_jobs: int | None = None,
 ) -> pd.DataFrame:
     """Find images whose given label is probably wrong.
@@ -65,6 +72,10 @@ def find_label_issues(
         max_iter: iteration cap of the probe's solver.
         k_neighbors: neighbours whose labels vote (capped at N - 1); 0 uses the probe alone.
         filter_by: cleanlab's rule when ``threshold`` is None, one of :data:`FILTERS`.
+        min_confidence: with cleanlab's rule, an image it flags stays an issue only where another
+            class is the most probable out of fold, at this probability or more (0..1): where the
+            probe hesitates between several classes, a low probability of the given label is
+            the probe's doubt, not evidence of a wrong label. None: cleanlab's flags as they are.
         n_jobs: folds fitted in parallel (None: one at a time).
 
     Returns:
@@ -73,13 +84,13 @@ def find_label_issues(
         ``features``), ``given_label`` and ``suggested_label`` (class names; suggested = the
         most probable class out of fold), ``confidence`` (out-of-fold probability of the
         suggested label), ``label_quality`` (cleanlab's score, lower = more likely wrong),
-        ``is_issue``. ``df.attrs`` holds ``threshold``, ``filter_by``, ``cv_folds`` (the folds
-        used), ``C`` and ``k_neighbors``.
+        ``is_issue``. ``df.attrs`` holds ``threshold``, ``filter_by``, ``min_confidence``,
+        ``cv_folds`` (the folds used), ``C`` and ``k_neighbors``.
 
     Raises:
         ImagerecError: bad shapes, labels outside ``classes``, fewer than 2 classes present,
             a class with a single image, or a bad ``threshold``, ``cv_folds``, ``C``,
-            ``k_neighbors`` or ``filter_by``.
+            ``k_neighbors``, ``filter_by`` or ``min_confidence``.
     """
     x = check_features(features, min_rows=2, what="label-issue detection")
     y, folds = _check_labels(labels, classes, len(x), cv_folds)
@@ -93,6 +104,11 @@ def find_label_issues(
         raise ImagerecError(f"k_neighbors={k_neighbors} must be >= 0 (0: the probe alone); try 50")
     if filter_by not in FILTERS:
         raise ImagerecError(f"filter_by={filter_by!r} is not one of cleanlab's {', '.join(FILTERS)}; pick one")
+    if min_confidence is not None and not (0 <= min_confidence <= 1):
+        raise ImagerecError(
+            f"min_confidence={min_confidence} must be a probability between 0 and 1 (or None: cleanlab's flags as they are); "
+            f"try the default {DEFAULT_MIN_CONFIDENCE}"
+        )
 
     present, y_dense = np.unique(y, return_inverse=True)  # probe over the classes that have images
     probs = out_of_fold_probabilities(
@@ -101,8 +117,10 @@ def find_label_issues(
     if k_neighbors:
         probs = (probs + neighbour_votes(x, y_dense, k_neighbors, len(present))) / 2
     quality, is_issue = _rank(y_dense, probs, threshold, filter_by)
-
     best = probs.argmax(axis=1)
+    if threshold is None and min_confidence is not None:
+        is_issue &= (best != y_dense) & (probs[np.arange(len(x)), best] >= min_confidence)
+
     names = np.asarray(classes, dtype=object)
     df = pd.DataFrame(
         {
@@ -116,7 +134,8 @@ def find_label_issues(
     )
     df = df.sort_values(["is_issue", "label_quality"], ascending=[False, True], kind="stable").reset_index(drop=True)
     df.attrs.update(
-        {"threshold": threshold, "filter_by": filter_by, "cv_folds": folds, "C": C, "k_neighbors": k_neighbors}
+        {"threshold": threshold, "filter_by": filter_by, "min_confidence": min_confidence, "cv_folds": folds, "C": C,
+         "k_neighbors": k_neighbors}  # fmt: skip
     )
     return df
 

@@ -18,9 +18,9 @@ from ..clustering._features import auto_backbone
 from ..data import DEFAULT_MAX_PIXELS, ImageSource, load_images
 from ..embedding import Embeddings, embed
 from ..errors import ImagerecError
-from . import _store
+from . import _ondisk, _store
 from ._search import SearchIndex, load_index
-from ._shard import merge_parts
+from ._shard import merge_parts, scan_parts
 
 
 def choose_backbone(source: ImageSource, backbone: str, image_size: int | None) -> tuple[str, int | None, ImageSource]:
@@ -65,6 +65,8 @@ def build_index(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     allow_outside: bool = False,
     exact_max: int = _store.EXACT_MAX,
+    transform: str = "auto",
+    pq_bytes: int | None = None,
     progress: bool = True,
 ) -> SearchIndex:
     """Embed a collection and write a searchable index of it to ``out``.
@@ -82,8 +84,11 @@ def build_index(
         engine: ``"auto"``, ``"torch"`` or ``"onnx"`` (see :func:`~imagerec.embed`).
         max_pixels: decompression-bomb limit per image.
         allow_outside: read CSV manifest rows whose paths lead outside the manifest's folder.
-        exact_max: the largest count searched exactly (``IndexFlatIP``); above it an IVF index
-            (``IndexIVFFlat``, about 4 sqrt(N) lists) is trained on a sample.
+        exact_max: the largest count searched exactly (``IndexFlatIP``, in RAM); above it an IVF-PQ
+            index with its inverted lists and vectors on disk (:mod:`imagerec.index._ondisk`), built
+            from the parts one at a time without holding them all.
+        transform: for IVF-PQ: ``"auto"`` (PCA to 256 dims when wider), ``"pca"``, ``"opq"``, ``"none"``.
+        pq_bytes: for IVF-PQ: bytes per code (default: one per 8 dims after the transform).
         progress: show a progress bar while embedding.
 
     Returns:
@@ -95,10 +100,24 @@ def build_index(
     if exact_max < 1:
         raise ImagerecError(f"exact_max={exact_max} must be at least 1; the default is {_store.EXACT_MAX:,}")
     check_out(out)
+    if pq_bytes is not None and pq_bytes < 1:
+        raise ImagerecError(f"pq_bytes={pq_bytes} must be at least 1; leave it out for one byte per 8 dims")
+    _ondisk.factory_for(256, 1, transform)  # an unknown transform fails before any work
+    if isinstance(data, (list, tuple)):
+        rows, dim, name, pp = scan_parts(list(data))
+        check_backbone(name)
+        if rows > exact_max:  # streamed from the parts: never all in memory
+            meta = {"backbone": name, "preprocessing": pp.to_dict(), "exact_max": exact_max}
+            blocks = _part_blocks(list(data))
+            return _build_ondisk(out, blocks, dim, meta, transform, pq_bytes, progress)
     embeddings = _embeddings(data, backbone, image_size, split, batch_size, device, engine, max_pixels, progress, allow_outside)
     check_backbone(embeddings.backbone)
     if not len(embeddings):
         raise ImagerecError(f"{data}: holds no images, so there is nothing to index; give embeddings or images of at least one image")
+    if len(embeddings) > exact_max:
+        meta = {"backbone": embeddings.backbone, "preprocessing": embeddings.preprocessing.to_dict(), "exact_max": exact_max}
+        blocks = _embedding_blocks(embeddings)
+        return _build_ondisk(out, blocks, embeddings.features.shape[1], meta, transform, pq_bytes, progress, len(embeddings.skipped))
     items = _store.Items.from_embeddings(embeddings.paths, embeddings.labels, embeddings.classes)
     _refuse_repeats(items.paths)
     index, kind = _store.make_faiss(_store.l2_normalize(embeddings.features), exact_max)
@@ -108,7 +127,10 @@ def build_index(
     return SearchIndex(Path(out), meta, index, items, skipped=len(embeddings.skipped))
 
 
-INDEX_FILES = re.compile(r"meta\.json|\.lock|(index|items)-[0-9]+\.(faiss|csv)|\.(meta\.json|(index|items)-[0-9]+\.(faiss|csv))\..*\.tmp.*")
+INDEX_FILES = re.compile(  # an index's own files, of every kind (the on-disk kind's vectors, lists and blocks too), and their temporaries
+    r"meta\.json|\.lock|(index|items)-[0-9]+\.(faiss|csv)|items-[0-9]+\.offsets|vectors-[0-9]+\.f16|trained-[0-9]+\.faiss"
+    r"|lists-[0-9]+\.ivfdata|blocks-[0-9]+|\..*\.tmp.*"
+)
 
 
 def check_out(out: str | os.PathLike) -> None:
@@ -145,6 +167,32 @@ def check_out(out: str | os.PathLike) -> None:
             pass
     except OSError as e:
         raise ImagerecError(f"{shown}: cannot write in {display_path(folder)} ({e.strerror}); pick another --out") from None
+
+
+def _build_ondisk(out, blocks, dim, meta, transform, pq_bytes, progress, skipped: int = 0) -> SearchIndex:
+    with run_lock(out, "index"):
+        meta = _ondisk.build(Path(out), blocks, dim, meta, transform=transform, pq_bytes=pq_bytes, progress=progress)
+    index = load_index(out)
+    index.skipped = skipped
+    return index
+
+
+def _label_names(e: Embeddings, rows=slice(None)) -> list[str] | None:
+    return None if e.labels is None else [e.classes[int(i)] for i in e.labels[rows]]
+
+
+def _embedding_blocks(e: Embeddings, identities: list[str] | None = None):
+    """(features, absolute paths, label names, identities) of ``e`` a block at a time."""
+    for s in range(0, len(e), _ondisk.BLOCK_ROWS):
+        rows = slice(s, s + _ondisk.BLOCK_ROWS)
+        ids = None if identities is None else identities[rows]
+        yield e.features[rows], [os.path.abspath(p) for p in e.paths[rows]], _label_names(e, rows), ids
+
+
+def _part_blocks(parts: list):
+    """The blocks of every part, one part in memory at a time."""
+    for part in parts:
+        yield from _embedding_blocks(Embeddings.load(part))
 
 
 def _embeddings(data, backbone, image_size, split, batch_size, device, engine, max_pixels, progress, allow_outside) -> Embeddings:
@@ -204,7 +252,8 @@ def add_to_index(
 
     Images already in the index (same absolute path, same content) are left as they are. An
     indexed image whose file has changed since is an error: the index cannot hold two versions.
-    An index that grows past its ``exact_max`` becomes IVF from its stored vectors (no re-embedding).
+    A flat index that grows past its ``exact_max`` becomes the on-disk IVF-PQ kind from its stored
+    vectors (no re-embedding); an on-disk index gets one more block of codes and its lists merged again.
 
     Args:
         index_dir: a folder written by :func:`build_index`.
@@ -239,6 +288,9 @@ def add_to_index(
             current.check_compatible(new.backbone, new.preprocessing, f"{data}", new.features.shape[1])
         if not len(new):
             return AddResult(current, 0, already, len(new.skipped))
+        if current.kind == "ivfpq" or (current.kind == "flat" and len(current) + len(new) > current.meta["exact_max"]):
+            _add_ondisk(current, new)
+            return AddResult(load_index(index_dir), len(new), already, len(new.skipped))
         items = current.items + _store.Items.from_embeddings(new.paths, new.labels, new.classes)
         _refuse_repeats(items.paths)
         index, kind = _grown(current, _store.l2_normalize(new.features))
@@ -246,9 +298,34 @@ def add_to_index(
         return AddResult(SearchIndex(Path(index_dir), meta, index, items), len(new), already, len(new.skipped))
 
 
+def _add_ondisk(current: SearchIndex, new: Embeddings) -> None:
+    """``new`` into an on-disk index, or a flat one rebuilt on disk from its own vectors plus ``new``."""
+    folder = current.folder
+    if current.kind == "ivfpq":
+        known = _ondisk.indexed_hashes(folder, current.meta)
+        _ondisk.add(folder, current.meta, _embedding_blocks(new), known)
+        return
+    old = Embeddings(_store.all_vectors(current.faiss_index), current.items.paths, None, None, current.backbone, current.preprocessing)
+    labels = current.items.labels
+    blocks = [(old.features, old.paths, labels, current.items.identities), *_embedding_blocks(new)]
+    if labels is not None or new.labels is not None:  # one side unlabelled: its rows get ""
+        blocks = [(f, p, lab if lab is not None else [""] * len(p), *rest) for f, p, lab, *rest in blocks]
+    meta = {key: current.meta[key] for key in ("backbone", "preprocessing", "exact_max")}
+    _ondisk.build(folder, iter(blocks), old.features.shape[1], meta, progress=False)
+
+
 def _new_images(current: SearchIndex, paths: list[str]) -> tuple[np.ndarray, int]:
     """Positions of the paths not yet indexed, and how many are; refuses indexed files that changed."""
-    known = dict(zip(current.items.paths, current.items.identities))
+    if current.kind == "ivfpq":  # the items stay on disk: look the paths up by hash
+        hashes = _ondisk.path_hashes(paths)
+        indexed_hashes = _ondisk.indexed_hashes(current.folder, current.meta)
+        order = np.argsort(indexed_hashes)
+        at = np.searchsorted(indexed_hashes, hashes, sorter=order).clip(0, max(len(order) - 1, 0))
+        hit = (indexed_hashes[order[at]] == hashes) if len(order) else np.zeros(len(paths), bool)
+        rows = current.items.rows(order[at[hit]].tolist())
+        known = {r[0]: r[2] for r in rows}
+    else:
+        known = dict(zip(current.items.paths, current.items.identities))
     indexed = [p for p in paths if p in known]
     changed = changed_files(known, indexed)
     if changed:
@@ -271,12 +348,8 @@ def _take(e: Embeddings, keep: np.ndarray) -> Embeddings:
 
 
 def _grown(current: SearchIndex, vectors: np.ndarray):
-    """The index with ``vectors`` added: the same index, or IVF rebuilt once a flat one passes exact_max."""
+    """The in-memory index (flat within exact_max, or an IVF one of an older version) with ``vectors`` added."""
     meta = current.meta
     index = current.faiss_index
-    if meta["kind"] == "flat" and index.ntotal + len(vectors) > meta["exact_max"]:
-        everything = np.concatenate([_store.all_vectors(index), vectors])
-        return _store.make_faiss(everything, meta["exact_max"])
     index.add(vectors)
     return index, {key: meta[key] for key in ("kind", "faiss_index", "nlist", "nprobe") if key in meta}
-

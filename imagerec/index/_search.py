@@ -43,7 +43,7 @@ class SearchIndex:
 
     def __init__(self, folder: Path, meta: dict, faiss_index, items: _store.Items, skipped: int = 0):
         self.folder, self.meta, self.faiss_index, self.items, self.skipped = folder, meta, faiss_index, items, skipped
-        self._model = self._encoder = None
+        self._model = self._encoder = self._vectors = None
 
     def __len__(self) -> int:
         return int(self.faiss_index.ntotal)
@@ -58,7 +58,7 @@ class SearchIndex:
 
     @property
     def kind(self) -> str:
-        """``"flat"`` (exact) or ``"ivf"`` (approximate)."""
+        """``"flat"`` (exact), ``"ivf"`` (approximate, in RAM) or ``"ivfpq"`` (approximate, on disk, re-ranked)."""
         return self.meta["kind"]
 
     def describe(self) -> str:
@@ -90,6 +90,7 @@ class SearchIndex:
         top_k: int = 10,
         *,
         nprobe: int | None = None,
+        rerank: int | None = None,
         batch_size: int = 64,
         device: str = "cpu",
         engine: str = "auto",
@@ -102,6 +103,7 @@ class SearchIndex:
                 ``.npz`` or :class:`~imagerec.Embeddings` made with the index's model, or a list of these.
             top_k: neighbours per query.
             nprobe: IVF lists visited per query (default: the index's); ignored by an exact index.
+            rerank: on-disk IVF-PQ index: candidates per query re-ranked by exact cosine (default: the index's).
             batch_size: query images per forward pass.
             device: ``"cpu"``, ``"cuda"`` or ``"auto"`` for embedding the queries.
             engine: ``"auto"`` (default) or ``"onnx"``: on a CPU, the index's backbone as one ONNX
@@ -119,9 +121,11 @@ class SearchIndex:
         """
         _check_top_k(top_k)
         names, features = self.embed_queries(queries, batch_size=batch_size, device=device, engine=engine, max_pixels=max_pixels)
-        return self.search_features(features, names, top_k, nprobe=nprobe)
+        return self.search_features(features, names, top_k, nprobe=nprobe, rerank=rerank)
 
-    def search_features(self, features: np.ndarray, names: list[str], top_k: int = 10, *, nprobe: int | None = None) -> pd.DataFrame:
+    def search_features(
+        self, features: np.ndarray, names: list[str], top_k: int = 10, *, nprobe: int | None = None, rerank: int | None = None
+    ) -> pd.DataFrame:
         """Search with feature vectors made by the index's model.
 
         Args:
@@ -129,6 +133,7 @@ class SearchIndex:
             names: what to call each query in the ``query`` column (Q names).
             top_k: neighbours per query.
             nprobe: IVF lists visited per query (default: the index's).
+            rerank: on-disk IVF-PQ index: candidates re-ranked by exact cosine (default: the index's).
 
         Returns:
             The DataFrame of :meth:`search`.
@@ -143,21 +148,41 @@ class SearchIndex:
                 f"query features of shape {features.shape} ({len(names)} names) do not fit an index of {self.faiss_index.d}-dim "
                 "vectors; give (Q, D) features from the index's backbone, one name per row"
             )
-        if nprobe is not None and hasattr(self.faiss_index, "nprobe"):
+        if nprobe is not None and self.kind != "flat":
             if nprobe < 1:
                 raise ImagerecError(f"nprobe={nprobe} must be at least 1; the index's default is {self.meta.get('nprobe')}")
-            self.faiss_index.nprobe = nprobe
+        if rerank is not None and rerank < 1:
+            raise ImagerecError(f"rerank={rerank} must be at least 1 candidate; the index's default is {self.meta.get('rerank')}")
         with _faiss_threads(1 if len(features) <= FEW_QUERIES else None):
-            scores, ids = self.faiss_index.search(_store.l2_normalize(features), min(top_k, len(self)))
+            scores, ids = self.search_vectors(_store.l2_normalize(features), min(top_k, len(self)), nprobe=nprobe, rerank=rerank)
         rows = [
-            (name, rank + 1, self.items.paths[i], float(score), i)
+            (name, rank + 1, float(score), i)
             for name, row_ids, row_scores in zip(names, ids, scores)
             for rank, (i, score) in enumerate((i, s) for i, s in zip(row_ids, row_scores) if i >= 0)
         ]
-        table = pd.DataFrame(rows, columns=["query", "rank", "path", "score", "id"])
-        if self.items.labels is not None:
-            table["label"] = [self.items.labels[i] for i in table["id"]]
+        table = pd.DataFrame(rows, columns=["query", "rank", "score", "id"])
+        paths, labels = self.items.take(table["id"].tolist())
+        table.insert(2, "path", paths)
+        if labels is not None:
+            table["label"] = labels
         return table.drop(columns="id")
+
+    def search_vectors(self, vectors: np.ndarray, k: int, *, nprobe: int | None = None, rerank: int | None = None):
+        """The ``k`` nearest rows of L2-normalised float32 ``vectors`` (Q, D): (scores (Q, k), ids (Q, k)).
+
+        Exact for a flat index; an IVF index visits ``nprobe`` lists; the on-disk IVF-PQ index also
+        re-ranks ``rerank`` candidates per query by exact cosine (default: the index's). -1 marks no row.
+        """
+        if self.kind == "ivfpq":
+            from . import _ondisk  # noqa: PLC0415
+
+            _ondisk.set_nprobe(self.faiss_index, nprobe or int(self.meta["nprobe"]))
+            if self._vectors is None:
+                self._vectors = _ondisk.vectors_of(self.folder, self.meta)
+            return _ondisk.search(self.faiss_index, self._vectors, vectors, k, rerank or int(self.meta["rerank"]))
+        if hasattr(self.faiss_index, "nprobe"):
+            self.faiss_index.nprobe = nprobe or int(self.meta.get("nprobe", _store.NPROBE))
+        return self.faiss_index.search(vectors, k)
 
     def embed_queries(self, queries, **embed_args) -> tuple[list[str], np.ndarray]:
         """(names, features (Q, D)) of the queries, embedded with the index's model (see :meth:`search`)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import atomic_path
-from ..data import DEFAULT_MAX_PIXELS, load_images
+from ..data import DEFAULT_MAX_PIXELS, Preprocessing, load_images
 from ..embedding import Embeddings, embed
 from ..errors import ImagerecError
 
@@ -173,6 +173,48 @@ def merge_parts(parts: list[str | os.PathLike]) -> Embeddings:
                 raise ImagerecError(f"{p} is in both {seen[p]} and {path}; parts must not overlap (give each shard once)")
             seen[p] = str(path)
     return _concatenate(loaded)
+
+
+def scan_parts(parts: list[str | os.PathLike]) -> tuple[int, int, str, Preprocessing]:
+    """Check part files as :func:`merge_parts` does, reading only their meta and headers.
+
+    Overlaps between parts are left to the caller (the on-disk index refuses a path given twice).
+
+    Returns:
+        (rows in all, dimension, backbone, preprocessing).
+
+    Raises:
+        ImagerecError: no parts, a part unreadable, missing or given twice, or mixed models.
+    """
+    from ._ondisk import part_shape  # noqa: PLC0415
+
+    if not parts:
+        raise ImagerecError("--parts needs at least one .npz file from 'imagerec embed --shard I/N' or 'imagerec embed --ray'")
+    metas, rows, dims = [], 0, set()
+    for path in parts:
+        try:
+            with np.load(path, allow_pickle=False) as d:
+                meta = json.loads(str(d["meta"]))
+                metas.append((meta["backbone"], Preprocessing.from_dict(meta["preprocessing"]), meta.get("shard")))
+        except FileNotFoundError:
+            raise ImagerecError(f"{path}: no such embeddings file; make one with 'imagerec embed'") from None
+        except (KeyError, ValueError, TypeError, OSError) as e:
+            raise ImagerecError(f"{path}: not an imagerec embeddings file ({e}); make it again with 'imagerec embed'") from None
+        n, dim = part_shape(path)
+        rows += n
+        dims.add(dim if n else 0)
+    backbone, pp, _ = metas[0]
+    for path, (b, q, _) in zip(parts, metas):
+        if (b, q) != (backbone, pp):
+            raise ImagerecError(
+                f"{path}: made with {b} at {q.input_size} px, but {parts[0]} with {backbone} at {pp.input_size} px; "
+                "embed every shard with the same --backbone and --image-size"
+            )
+    _check_shards(parts, [m[2] for m in metas])
+    dims.discard(0)  # an empty part (every image unreadable)
+    if len(dims) > 1:
+        raise ImagerecError(f"the parts hold vectors of {sorted(dims)} dims; embed every part with the same backbone")
+    return rows, (dims.pop() if dims else 0), backbone, pp
 
 
 def _check_shards(parts, shards: list[dict | None]) -> None:

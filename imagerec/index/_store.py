@@ -37,7 +37,7 @@ from ..data import Preprocessing
 from ..errors import ImagerecError, ImagerecWarning
 
 META_FILE = "meta.json"
-FORMAT = 2  # 2: meta.json records the SHA-256 of the generation's two files
+FORMAT = 2  # 2: meta.json records the SHA-256 of the generation's two files (flat, IVF); the on-disk IVF-PQ kind
 _GENERATION_FILE = re.compile(r"(index|items)-([0-9]+)\.(faiss|csv)")
 EXACT_MAX = 1_000_000  # up to this many vectors the search is exact (IndexFlatIP); IVF beyond
 NPROBE = 32  # IVF lists visited per query (recall@10 measured in docs/BENCHMARKS.md)
@@ -66,6 +66,10 @@ class Items:
         if self.labels is not None or other.labels is not None:
             labels = (self.labels or [""] * len(self)) + (other.labels or [""] * len(other))
         return Items(self.paths + other.paths, labels, self.identities + other.identities)
+
+    def take(self, ids) -> tuple[list[str], list[str] | None]:
+        """The paths of rows ``ids``, and their labels (None for an unlabelled index)."""
+        return [self.paths[i] for i in ids], (None if self.labels is None else [self.labels[i] for i in ids])
 
     @classmethod
     def from_embeddings(cls, paths, labels, classes) -> Items:
@@ -115,6 +119,9 @@ def describe(meta: dict) -> str:
     """One line: what kind of search the index does, over how many vectors, made how."""
     if meta["kind"] == "flat":
         how = "exact inner-product search (FAISS IndexFlatIP)"
+    elif meta["kind"] == "ivfpq":
+        how = (f"approximate IVF-PQ search on disk (FAISS {meta['faiss_index']}, {meta['nprobe']} lists probed per query, "
+               f"{meta['rerank']} candidates re-ranked by exact cosine on float16 vectors)")  # fmt: skip
     else:
         how = f"approximate IVF search (FAISS IndexIVFFlat, {meta['nlist']:,} lists, {meta['nprobe']} probed per query)"
     pp = meta["preprocessing"]
@@ -162,14 +169,14 @@ def _meta_problem(meta) -> str | None:
     if not isinstance(meta.get("backbone"), str) or not isinstance(meta.get("preprocessing"), dict):
         return "no backbone name or preprocessing"
     Preprocessing.from_dict(meta["preprocessing"])
-    if meta.get("kind") not in ("flat", "ivf"):
-        return f"kind is {meta.get('kind')!r}, not 'flat' or 'ivf'"
+    if meta.get("kind") not in ("flat", "ivf", "ivfpq"):
+        return f"kind is {meta.get('kind')!r}, not 'flat', 'ivf' or 'ivfpq'"
     if meta["kind"] == "ivf" and not (_whole(meta.get("nlist"), 1) and _whole(meta.get("nprobe"), 1)):
         return f"an IVF index with nlist {meta.get('nlist')!r} and nprobe {meta.get('nprobe')!r}, not whole numbers >= 1"
     if not isinstance(meta.get("labelled", False), bool):
         return f"labelled is {meta['labelled']!r}, not true or false"
     sums = meta.get("sha256")
-    if meta.get("format", 0) >= 2 or sums is not None:
+    if meta["kind"] != "ivfpq" and (meta.get("format", 0) >= 2 or sums is not None):  # the on-disk kind checks its own files
         if not (isinstance(sums, dict) and all(isinstance(sums.get(k), str) for k in ("index", "items"))):
             return f"sha256 is {sums!r}, not the checksums of the index and items files"
     return None
@@ -215,6 +222,11 @@ def read(folder: str | os.PathLike) -> tuple[dict, object, Items]:
 
     folder = Path(folder)
     meta = read_meta(folder)
+    if meta["kind"] == "ivfpq":
+        from . import _ondisk  # noqa: PLC0415
+
+        index, _, items = _ondisk.read(folder, meta)
+        return meta, index, items
     g = meta["generation"]
     files = {"index": folder / f"index-{g}.faiss", "items": folder / f"items-{g}.csv"}
     _check_sums(folder, meta, files)
@@ -238,8 +250,13 @@ def read(folder: str | os.PathLike) -> tuple[dict, object, Items]:
     return meta, index, items
 
 
+def next_generation(folder: str | os.PathLike) -> int:
+    """The generation the next write of ``folder`` makes (1 for a new folder)."""
+    return current_generation(folder) + 1
+
+
 def write(folder: str | os.PathLike, index, items: Items, meta: dict) -> dict:
-    """Write a new generation of the index folder (the caller holds its lock); returns the meta.
+    """Write a new generation of an in-memory index (flat, IVF) to its folder (the caller holds its lock).
 
     ``meta`` needs ``backbone``, ``preprocessing`` and the keys of :func:`make_faiss`'s
     description; this fills in the rest (count, dim, generation, version...).
@@ -247,7 +264,7 @@ def write(folder: str | os.PathLike, index, items: Items, meta: dict) -> dict:
     import faiss  # noqa: PLC0415
 
     folder = Path(folder)
-    g = current_generation(folder) + 1
+    g = next_generation(folder)
     with atomic_path(folder / f"index-{g}.faiss", suffix=".faiss") as tmp:
         with open(tmp, "wb") as f:  # through Python's file: FAISS's own open() takes no name that is not UTF-8
             faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
@@ -256,6 +273,14 @@ def write(folder: str | os.PathLike, index, items: Items, meta: dict) -> dict:
     with atomic_path(folder / f"items-{g}.csv", suffix=".csv") as tmp:
         table.to_csv(tmp, index=False)
         items_sum = file_sha256(tmp)
+    return commit(folder, {**meta, "sha256": {"index": index_sum, "items": items_sum}}, g, count=int(index.ntotal), dim=int(index.d),
+                  labelled=items.labels is not None)
+
+
+def commit(folder: Path, meta: dict, g: int, *, count: int, dim: int, labelled: bool) -> dict:
+    """Replace ``meta.json`` with generation ``g``'s (the commit point), then delete older files."""
+    from . import _ondisk  # noqa: PLC0415
+
     meta = {
         **meta,
         "format": FORMAT,
@@ -263,15 +288,13 @@ def write(folder: str | os.PathLike, index, items: Items, meta: dict) -> dict:
         "imagerec_version": __version__,
         "metric": "inner_product",
         "normalization": "l2",
-        "count": int(index.ntotal),
-        "dim": int(index.d),
-        "labelled": items.labels is not None,
-        "sha256": {"index": index_sum, "items": items_sum},
+        "count": count,
+        "dim": dim,
+        "labelled": labelled,
     }
     write_text_atomic(folder / META_FILE, json.dumps(meta, indent=2) + "\n")  # the commit point
-    for stale in generation_files(folder):
-        if _GENERATION_FILE.fullmatch(stale.name)[2] != str(g):
-            stale.unlink(missing_ok=True)
+    keep = _ondisk.files_of(meta) if meta.get("kind") == "ivfpq" else {f"index-{g}.faiss", f"items-{g}.csv"}
+    _ondisk.remove_stale(folder, keep)
     return meta
 
 

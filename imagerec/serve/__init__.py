@@ -5,7 +5,9 @@
 >>> # uvicorn.run(app)  or  your_app.mount("/classifier", app)
 
 ``POST /predict`` and ``POST /embed`` take images as multipart files or raw bytes;
-``GET /model``, ``/health``, ``/ready``, ``/metrics`` (Prometheus) and ``/docs`` (OpenAPI).
+``GET /model``, ``/health``, ``/ready``, ``/metrics`` (Prometheus) and ``/docs`` (OpenAPI);
+``POST /admin/reload`` (behind the token) or ``ServeConfig(watch=True)`` serves a run folder's
+new best checkpoint once it is checked and warmed up, without a failed request (``_reload``).
 Concurrent requests share forward passes (dynamic batching); limits on body size, pixels,
 queue and time answer 413, 400, 503 and 504 with a JSON body ``{"error": ...}``.
 The web plumbing (JSON errors, body limit, bearer token, request metrics) is

@@ -50,6 +50,7 @@ class Engine:
     embed_dim: int | None = None
     device = "cpu"
     temperature = 1.0  # calibration: probabilities are softmax(logits / temperature)
+    precision: dict | None = None  # fp32 or int8, and why (see imagerec.serve._precision)
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         """One RGB image as the model's input: float32 (3, S, S). Thread-safe."""
@@ -76,6 +77,7 @@ class Engine:
             "embedding_dim": self.embed_dim,
             "model_imagerec_version": self.version,
             "imagerec_version": __version__,
+            "precision": self.precision,
         }
 
 
@@ -103,6 +105,8 @@ class OnnxEngine(Engine):
         self.backbone = self._model.backbone
         self.version = self._model.version
         self.temperature = self._model.temperature
+        self.compression = dict(self._model.compression)
+        self.features_path = features_path
         self._features = None
         if features_path is not None:
             self._features = runtime._model._session(features_path, threads)
@@ -199,7 +203,7 @@ def load_engine(model: str | os.PathLike, *, engine: str = "auto", device: str =
         engine = "onnx" if on_cpu else "torch"
     if engine == "onnx" and not on_cpu:
         raise ImagerecError(f"device {device!r}: the onnx engine runs on the CPU here; add --engine torch to use {device}")
-    if path.suffix.lower() == ".onnx" or (path.is_dir() and not _checkpoint_in(path) and (path / "model.onnx").is_file()):
+    if _is_onnx(path):
         if engine == "torch":
             raise ImagerecError(
                 f"{path}: an exported ONNX model runs with --engine onnx; for --engine torch pass the checkpoint or run folder"
@@ -212,6 +216,20 @@ def load_engine(model: str | os.PathLike, *, engine: str = "auto", device: str =
         return TorchEngine(checkpoint, device)
     onnx_path, features_path = _exported(checkpoint)
     return OnnxEngine(onnx_path, served=checkpoint, features_path=features_path, threads=threads)
+
+
+def reload_source(model: str | os.PathLike) -> Path | None:
+    """``model`` when a new version can be reloaded from it (a run folder or a checkpoint), else None.
+
+    An ``.onnx`` (or a folder holding only one) cannot: a new version is checked against PyTorch.
+    """
+    path = Path(model)
+    return None if _is_onnx(path) else path
+
+
+def _is_onnx(path: Path) -> bool:
+    """Whether ``path`` names an exported model: an ``.onnx``, or a folder with model.onnx and no checkpoint."""
+    return path.suffix.lower() == ".onnx" or (path.is_dir() and not _checkpoint_in(path) and (path / "model.onnx").is_file())
 
 
 def _checkpoint_in(folder: Path) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from ..errors import ImagerecError
@@ -58,5 +59,16 @@ def serve(
 
     token = token or os.environ.get(TOKEN_ENV) or None
     check_listen(host, port, token, insecure_no_token)
+    _log_to_stderr(log_level)
     app = create_app(model, engine=engine, device=device, threads=threads, token=token, config=config)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACE_S)
+
+
+def _log_to_stderr(level: str) -> None:
+    """The server's own log (reloads, unexpected errors) on stderr beside uvicorn's, at its level."""
+    log = logging.getLogger("imagerec.serve")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))  # as uvicorn's lines
+        log.addHandler(handler)
+        log.setLevel(level.upper())

@@ -26,7 +26,7 @@ from PIL import Image
 
 from ..data import manifest_csv, write_manifest
 from ..errors import ImagerecError
-from . import _audit
+from . import _audit, _review
 from ._db import DUPLICATE, EXCLUSIONS, JUNK, Project
 from ._jobs import BACKBONES, Trainer
 from ._pages import Raw, esc, layout, pager, selection_toolbar, table, thumb, url_arg, when
@@ -66,6 +66,7 @@ def create_app(project_dir: str | os.PathLike, data: str | os.PathLike | None = 
     app.state.project = project
     app.state.trainer = Trainer(project)
     app.state.embed_backbone, app.state.embed_image_size = backbone, image_size  # audit and search embed alike
+    app.state.reviewer = _review.Reviewer(project, backbone, image_size)
     app.state.cookie = "imagerec_studio_" + hashlib.sha256(project.secret.encode()).hexdigest()[:10]
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
     app.middleware("http")(_guard)
@@ -420,6 +421,42 @@ def _routes(app: FastAPI, project: Project) -> None:  # noqa: C901 - one flat li
         body = await _json(request)
         _audit.decide(project, body)
         return {"ok": True}
+
+    # -- review: suggestions from every decision -----------------------------------------------------
+
+    @app.get("/review", response_class=HTMLResponse)
+    def review_page(request: Request, order: str = "most", group: int | None = None):
+        return _page(request, "Review", _review.body(app.state.reviewer, order, group), "/review")
+
+    @app.get("/review/next", response_class=HTMLResponse)
+    def review_next(request: Request):
+        return _page(request, "Review: label next", _review.body(app.state.reviewer, "most", None, queue=True), "/review")
+
+    @app.post("/api/review/start")
+    def review_start():
+        app.state.reviewer.start()
+        return {"ok": True, "ready": app.state.reviewer.ready}
+
+    @app.post("/api/review/accept")
+    async def review_accept(request: Request):
+        body = await _json(request)
+        ids = _ids(body)
+        groups = body.get("group_ids")
+        if not isinstance(groups, list) or not all(g is None or _whole(g) for g in groups):
+            raise ImagerecError(f"group_ids must be a list of group ids (whole numbers, or null for the new class), got {groups!r}")
+        new_name = _text(body, "new_name") if body.get("new_name") is not None else None
+        project.confirm(ids, groups, new_name)
+        return {"ok": True, "reviewed": len(ids)}
+
+    @app.get("/api/review/suggestions")
+    def review_suggestions():
+        reviewer = app.state.reviewer
+        if not reviewer.ready:
+            return {"ready": False, "state": reviewer.job.state, "message": reviewer.job.message}
+        s, state = reviewer.current()
+        names = _review.suggested_names(s)
+        return {"ready": True, "images": [{"id": int(i), "suggested": str(n), "confidence": round(float(c), 4), "decided": bool(d)}
+                                          for i, n, c, d in zip(state.ids, names, s.suggester.confidence_, state.decided)]}
 
     @app.get("/search", response_class=HTMLResponse)
     def search_page(request: Request):

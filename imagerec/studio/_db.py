@@ -7,7 +7,9 @@ commit so that a power cut cannot take back an action the page already showed as
 come at a person's pace (a few a second at most), so the extra fsync costs nothing noticeable.
 
 Every action is one transaction (:meth:`Project.tx`): the rows it changes and the undo record of
-each change are written together, or not at all.
+each change are written together, or not at all. An action that decides images (a move, an
+accepted audit label, a review) also records them in ``reviews``: what the person decided,
+as opposed to what a cluster guessed; an undone action's reviews no longer count.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import secrets
 import sqlite3
 import time
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -71,6 +74,11 @@ CREATE TABLE IF NOT EXISTS audit_decisions (
     decision TEXT NOT NULL,
     action_id INTEGER NOT NULL REFERENCES actions(id),
     PRIMARY KEY (finding, action_id)
+);
+CREATE TABLE IF NOT EXISTS reviews (               -- the person said: this image is in its group (a label, not a guess)
+    image_id INTEGER NOT NULL REFERENCES images(id),
+    action_id INTEGER NOT NULL REFERENCES actions(id),
+    PRIMARY KEY (image_id, action_id)
 );
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
@@ -294,6 +302,12 @@ class Project:
             ).fetchall()
         return {r[0]: r[1] for r in rows}
 
+    def reviewed(self) -> set[int]:
+        """Ids of the images whose group the person decided (by an action not undone)."""
+        with self.connection() as con:
+            rows = con.execute("SELECT DISTINCT r.image_id FROM reviews r JOIN actions a ON a.id = r.action_id WHERE a.undone_at IS NULL")
+            return {r[0] for r in rows}
+
     # -- actions (each one transaction, recorded for undo) ---------------------------------------
 
     def _action(self, con: sqlite3.Connection, kind: str, summary: str) -> int:
@@ -379,7 +393,12 @@ class Project:
         for i in ids:
             seq = self._set(con, aid, seq, "images", i, "group_id", group_id)
             seq = self._set(con, aid, seq, "images", i, "excluded", None)
+        self._reviewed(con, aid, ids)
         return seq
+
+    @staticmethod
+    def _reviewed(con, aid: int, ids: Sequence[int]) -> None:
+        con.executemany("INSERT INTO reviews VALUES (?, ?)", ((i, aid) for i in ids))
 
     def exclude(self, image_ids: Sequence[int], reason: str = JUNK, finding: str | None = None, decision: str | None = None) -> int:
         """Mark images as junk (or duplicate): left out of the manifest and of training."""
@@ -443,8 +462,46 @@ class Project:
                 gid = row[0]
             for i in ids:
                 seq = self._set(con, aid, seq, "images", i, "group_id", gid)
+            self._reviewed(con, aid, ids)
             if finding:
                 con.execute("INSERT INTO audit_decisions VALUES (?, ?, ?)", (finding, "accept", aid))
+        return aid
+
+    def confirm(self, image_ids: Sequence[int], group_ids: Sequence[int | None], new_name: str | None = None) -> int:
+        """Accept a page of the review: each image goes to its group (None: a new class called
+        ``new_name``, made here) and counts as decided. One action: one undo takes back the page.
+
+        Raises:
+            ImagerecError: lengths that differ, an image twice, an image that is not there or not in
+                use, a group that is not there, a None without ``new_name`` (or the reverse).
+        """
+        if len(image_ids) != len(group_ids):
+            raise ImagerecError(f"{len(image_ids)} image ids but {len(group_ids)} group ids; send one group id per image")
+        if len(set(image_ids)) != len(image_ids):
+            raise ImagerecError("an image id is sent twice; send each image of the page once, with its class")
+        wants_new = any(g is None for g in group_ids)
+        if wants_new != (new_name is not None):
+            raise ImagerecError("a group id null (a new class) needs new_name, and new_name needs a null group id; send both or neither")
+        name = check_name(new_name) if wants_new else None
+        with self.tx() as con:
+            ids = self._check_images(con, image_ids)
+            excluded = con.execute(f"SELECT id, excluded FROM images WHERE id IN ({','.join('?' * len(ids))}) AND excluded IS NOT NULL",  # noqa: S608
+                                   ids).fetchone()
+            if excluded is not None:
+                raise ImagerecError(f"image {excluded[0]} is marked {excluded[1]}; put it back into use before labelling it, or leave it out")
+            targets = {g: self._visible_group(con, g)["name"] for g in set(group_ids) if g is not None}
+            if name is not None:
+                self._name_free(con, name)
+                targets[None] = name
+            counts = Counter(targets[g] for g in group_ids)
+            aid = self._action(con, "review", f"reviewed {len(ids)} image(s): " + ", ".join(f"{n} as {c!r}" for c, n in counts.most_common()))
+            seq, new_id = 0, None
+            if name is not None:
+                new_id = con.execute("INSERT INTO groups(name, kind, hidden) VALUES (?, 'class', 1)", (name,)).lastrowid
+                seq = self._set(con, aid, seq, "groups", new_id, "hidden", 0)
+            for i, g in zip(image_ids, group_ids):
+                seq = self._set(con, aid, seq, "images", int(i), "group_id", new_id if g is None else int(g))
+            self._reviewed(con, aid, ids)
         return aid
 
     def undo(self) -> str | None:

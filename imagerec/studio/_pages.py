@@ -10,7 +10,7 @@ import time
 from typing import Iterable, Sequence
 from urllib.parse import quote
 
-NAV = [("/", "Overview"), ("/groups", "Groups"), ("/audit", "Audit"), ("/search", "Search"), ("/train", "Train"),
+NAV = [("/", "Overview"), ("/groups", "Groups"), ("/review", "Review"), ("/audit", "Audit"), ("/search", "Search"), ("/train", "Train"),
        ("/predict", "Predict"), ("/export", "Export"), ("/history", "History")]
 
 

@@ -41,14 +41,25 @@ def import_data(project: Project, data: str, *, k: int | str | None = None, back
         rows = [(p, int(label), float(n)) for n, (p, label) in enumerate(zip(paths, source.labels))]
         how = f"{len(paths):,} labelled images in {len(groups)} classes, from {data}"
     else:
-        groups, rows, how = _clustered(source, paths, data, k, backbone, image_size, progress)
+        groups, rows, how = _clustered(project, source, paths, data, k, backbone, image_size, progress)
     if source.skipped:
         how += f"; {len(source.skipped)} file(s) skipped as unreadable"
     project.import_groups(str(data), groups, rows, how)
     return how
 
 
-def _clustered(source, paths, data, k, backbone, image_size, progress):
+FEATURES_DIR = "features"  # the project's embeddings cache: the clustering fills it, the review reuses it
+
+
+def collection_features(folder: Path, source, backbone: str, image_size: int | None, progress: bool = True):
+    """The raw embeddings of ``source``, cached by content in ``folder/features`` (unchanged files are not embedded again)."""
+    from ..features import compute_features  # noqa: PLC0415 - torch only when embedding
+
+    return compute_features(source, backbone=backbone, image_size=image_size, cache_dir=Path(folder) / FEATURES_DIR,
+                            pca_dim=None, progress=progress).embeddings
+
+
+def _clustered(project, source, paths, data, k, backbone, image_size, progress):
     from ..clustering import cluster_images  # noqa: PLC0415 - torch only when clustering
 
     if len(paths) < 4:
@@ -57,8 +68,8 @@ def _clustered(source, paths, data, k, backbone, image_size, progress):
     if k_value != "auto" and not 2 <= k_value <= len(paths) // 2:
         raise ImagerecError(f"k={k_value} must be between 2 and {len(paths) // 2} (half the {len(paths)} images), or 'auto'")
     k_range = (2, max(2, min(15, len(paths) // 4)))
-    result = cluster_images(source, "kmeans", k_value, backbone=backbone, image_size=image_size, k_range=k_range,
-                            random_state=0, progress=progress)
+    emb = collection_features(project.folder, source, backbone, image_size, progress)
+    result = cluster_images(emb, "kmeans", k_value, k_range=k_range, random_state=0, progress=progress)
     labels = np.asarray(result.labels)
     order = sorted(set(labels.tolist()))
     index = {label: n for n, label in enumerate(order)}

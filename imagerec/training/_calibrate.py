@@ -63,22 +63,51 @@ def all_right(logits: np.ndarray, labels: np.ndarray) -> bool:
 def calibration_meta(raw_proba: np.ndarray, labels: np.ndarray) -> dict:
     """The checkpoint metadata of a calibration fitted on held-out predictions.
 
+    The temperature is kept only when it passes a check on images it was not fitted on: the
+    held-out images are split in two halves, a temperature fitted on each half must lower the
+    other half's NLL (summed over both), else T stays 1. A temperature fitted on a few dozen
+    validation images can make probabilities worse (ECE 0.145 before and 0.181 after on chest
+    X-rays, T fitted on 24 images: issue 21); the check keeps such a fit out, while on a few
+    hundred images a real miscalibration passes it easily.
+
     Args:
         raw_proba: float array (N, C), the plain softmax of the held-out images' logits.
         labels: int array (N,) of their true classes.
 
     Returns:
-        ``{"temperature": T, "calibration": {"images", "nll_before", "nll_after", "all_right"}}``.
+        ``{"temperature": T, "calibration": {"images", "nll_before", "nll_after", "all_right",
+        "fitted", "held_out_gain"}}``: ``fitted`` is the temperature the fit found, ``T`` the one
+        kept; ``held_out_gain`` the NLL the halves' temperatures took off the other halves.
     """
     log_p = np.log(np.clip(np.asarray(raw_proba, np.float64), MIN_PROBABILITY, None))
-    temperature = fit_temperature(log_p, labels)
+    labels = np.asarray(labels, np.int64)
+    fitted = fit_temperature(log_p, labels)
+    gain = held_out_gain(log_p, labels) if fitted != 1.0 else 0.0
+    temperature = fitted if gain > 0 else 1.0
     facts = {
         "images": int(len(labels)),
         "nll_before": nll(log_p, labels) if len(labels) else None,
         "nll_after": nll(log_p, labels, temperature) if len(labels) else None,
         "all_right": all_right(log_p, labels),
+        "fitted": fitted,
+        "held_out_gain": gain,
     }
     return {"temperature": temperature, "calibration": facts}
+
+
+def held_out_gain(log_p: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
+    """The NLL taken off each half of the held-out images by a temperature fitted on the other
+    half, summed over the two halves (a random split, stratified by nothing: seeded). Fewer than
+    4 images: 0 (nothing to check with)."""
+    if len(labels) < 4:
+        return 0.0
+    order = np.random.default_rng(seed).permutation(len(labels))
+    halves = order[: len(order) // 2], order[len(order) // 2 :]
+    gain = 0.0
+    for fit_on, check_on in (halves, halves[::-1]):
+        t = fit_temperature(log_p[fit_on], labels[fit_on])
+        gain += (nll(log_p[check_on], labels[check_on]) - nll(log_p[check_on], labels[check_on], t)) * len(check_on)
+    return float(gain)
 
 
 def describe(meta: dict, held_out: str = "validation images") -> str:
@@ -91,7 +120,12 @@ def describe(meta: dict, held_out: str = "validation images") -> str:
             f"calibration: all {facts['images']} {held_out} are right, so no temperature can be fitted "
             "(it would shrink to 0 and claim certainty): T=1; hold out more images to calibrate"
         )
+    if facts.get("fitted", meta["temperature"]) != meta["temperature"]:
+        return (
+            f"calibration: T=1: the temperature {facts['fitted']:.3f} fitted on {facts['images']} {held_out} did not lower "
+            "the NLL of the halves it was not fitted on, so it would not carry to new images; hold out more images to calibrate"
+        )
     return (
         f"calibration: temperature {meta['temperature']:.3f} fitted on {facts['images']} {held_out} "
-        f"(NLL {facts['nll_before']:.4f} -> {facts['nll_after']:.4f})"
+        f"(NLL {facts['nll_before']:.4f} -> {facts['nll_after']:.4f}; checked on held-out halves)"
     )

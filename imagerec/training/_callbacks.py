@@ -135,8 +135,6 @@ class EpochEnd(Callback):
         if not seen:
             raise ImagerecError(f"no training image of epoch {loop.epoch + 1} could be read; see {self.run_dir / 'skipped.csv'}")
         stage = self.stages.stage
-        val_loss, val_acc, val_out, val_images = validate(self._judged, self.val_src, self.pp, self.cfg, self.world, self.plan.bf16, self.skipped)
-        stage.apply_mode()
         row = {
             "epoch": loop.epoch + 1,
             "step": loop.step,
@@ -144,31 +142,46 @@ class EpochEnd(Callback):
             "lr": stage.optimizer.param_groups[-1]["lr"],
             "train_loss": loss_sum / seen,
             "train_acc": correct / seen,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "images_per_s": seen / max(train_seconds, 1e-9),  # training steps only, all processes
-            "elapsed_s": time.perf_counter() - self.started,
         }
+        self._judge(row, seen / max(train_seconds, 1e-9), stage)  # images_per_s: training steps only, all processes
+        if self.cfg.patience and self.stale >= self.cfg.patience:
+            loop.stop = f"no better val_acc for {self.stale} epoch(s)"
+            if self.world.main:
+                tqdm.write(f"early stop: {loop.stop}", file=sys.stderr)
+
+    def judge_probe(self, probe: dict) -> None:
+        """Epoch 0: the probed head on the frozen backbone (stage 0, :mod:`._probe`), validated and
+        saved as ``best`` like an epoch, so that fine-tuning's epochs replace it only when the
+        validation split cannot tell them from it or finds them better (:func:`within_one_se`)."""
+        row = {"epoch": 0, "step": 0, "stage": 0, "lr": 0.0, "train_loss": probe["train_loss"], "train_acc": probe["train_acc"]}
+        self._judge(row, probe["images_per_s"], None)
+
+    def _judge(self, row: dict, images_per_s: float, stage) -> None:
+        """Validate, record the row, keep the weights as ``best`` when they are as good as the
+        best so far (within one standard error) and save; ``stage`` None: nothing to resume (the
+        probe), so ``last`` is not written."""
+        val_loss, val_acc, val_out, val_images = validate(self._judged, self.val_src, self.pp, self.cfg, self.world, self.plan.bf16, self.skipped)
+        if stage is not None:
+            stage.apply_mode()
+        row = dict(row, val_loss=val_loss, val_acc=val_acc, images_per_s=images_per_s, elapsed_s=time.perf_counter() - self.started)
         self.history.append(row)
         improved = val_acc is None or val_acc > self.best
         kept = improved or within_one_se(val_acc, self.best, val_images)
         self.best, self.stale = (val_acc if val_acc is not None else self.best, 0) if improved else (self.best, self.stale + 1)
         if kept:
-            self.kept_epoch = loop.epoch + 1
+            self.kept_epoch = row["epoch"]
             self.calibrated = calibrated(self.meta, self.cfg, self.val_src, val_out, self.world)  # from this model's own validation pass
         if self.world.main:
             self.skipped.report()
             if kept:
-                save_checkpoint(self.run_dir / BEST, self._checkpoint(loop.step, last=False))
-            save_checkpoint(self.run_dir / LAST, self._checkpoint(loop.step, last=True))
+                save_checkpoint(self.run_dir / BEST, self._checkpoint(row["step"], last=False, stage=stage))
+            if stage is not None:
+                save_checkpoint(self.run_dir / LAST, self._checkpoint(row["step"], last=True, stage=stage))
             write_metrics(self.run_dir, self.history)
             _log_row(self.writer, row)
             val_text = f"val_loss {val_loss:.4f} val_acc {val_acc:.4f}" if val_acc is not None else "no validation split"
-            tqdm.write(f"epoch {loop.epoch + 1}: train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} {val_text}", file=sys.stderr)
-        if self.cfg.patience and self.stale >= self.cfg.patience:
-            loop.stop = f"no better val_acc for {self.stale} epoch(s)"
-            if self.world.main:
-                tqdm.write(f"early stop: {loop.stop}", file=sys.stderr)
+            name = f"epoch {row['epoch']}" if stage is not None else "probe"
+            tqdm.write(f"{name}: train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} {val_text}", file=sys.stderr)
 
     def on_end(self, loop: Loop) -> None:
         if self.writer is not None:
@@ -179,11 +192,11 @@ class EpochEnd(Callback):
         """The weights validated and saved as best: the moving average with ``ema``, else the model."""
         return self.ema.module if self.ema is not None else self.model
 
-    def _checkpoint(self, step: int, last: bool) -> Checkpoint:
+    def _checkpoint(self, step: int, last: bool, stage=None) -> Checkpoint:
         """``last``: the trained weights and the optimizer (to resume); else the weights judged
         on validation, with the calibrated metadata (the best checkpoint)."""
         if last:
-            return make_checkpoint(self.model, self.stages.stage, self.meta, self.plan, step, self.history)
+            return make_checkpoint(self.model, stage or self.stages.stage, self.meta, self.plan, step, self.history)
         return make_checkpoint(self._judged, None, self.calibrated, self.plan, step, self.history)
 
 

@@ -23,6 +23,7 @@ def _field(default, help: str):
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+NORM_STATS = ("auto", "adapt", "frozen")
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,13 @@ class TrainConfig:
     image_size: int | None = _field(None, "px; None: 96 for small (<= 64 px) images, else the backbone's")
     epochs: float = _field(3.0, 'stage 2 epochs (whole passes over the training split)')
     time_budget: float | None = _field(None, 'minutes for the whole run; the schedule is planned to fit')
-    head_epochs: float = _field(0.2, 'stage 1: epochs training only the new head (0 = skip)')
+    probe: bool = _field(
+        True, "stage 0 (LP-FT): fit the new head to convergence on the frozen features (a linear probe) before fine-tuning; pretrained backbones, training splits up to 5,000 images (larger ones: the head stage)"
+    )
+    norm_stats: str = _field(
+        "auto", "stage 2 batch-norm statistics: adapt (train mode), frozen (the pretrained ones), or auto (frozen after the probe, else adapt)"
+    )
+    head_epochs: float = _field(0.2, 'stage 1: epochs training only the new head (0 = skip; skipped after the probe)')
     batch_size: int = _field(64, 'images per optimizer step (per process under torchrun)')
     lr: float = _field(0.08, 'peak learning rate of the head in stage 2, for lr_batch images per step')
     lr_batch: int = _field(64, 'lr and head_lr are for this many images per step; scaled linearly for other batch sizes')
@@ -100,6 +107,7 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r} must be one of {OPTIMIZERS}"),
             (self.schedule in SCHEDULES, f"schedule={self.schedule!r} must be one of {SCHEDULES}"),
             (self.precision in PRECISIONS, f"precision={self.precision!r} must be one of {PRECISIONS}"),
+            (self.norm_stats in NORM_STATS, f"norm_stats={self.norm_stats!r} must be one of {NORM_STATS}"),
             (self.augment in AUGMENTS, f"augment={self.augment!r} must be one of {AUGMENTS}"),
             (self.epochs > 0, f"epochs={self.epochs} must be > 0"),
             (self.freeze_groups >= 0, f"freeze_groups={self.freeze_groups} must be >= 0 (0: fine-tune every layer)"),
@@ -139,6 +147,7 @@ class TrainConfig:
             pretrained=False,
             image_size=32,
             epochs=2.0,
+            probe=False,
             head_epochs=0.0,
             freeze_groups=0,
             batch_size=4,

@@ -48,6 +48,8 @@ class Plan:
             progressive resizing, ``step_s`` their mean over the schedule, ``head_step_s``,
             ``eval_image_s``; after a re-plan ``measured_step_s`` and ``replans``, one entry a fit).
         replan_at: the step at which the budget fits the run again (None: no re-plan left).
+        frozen_norm: stage 2 keeps the pretrained batch-norm statistics (eval mode) while the
+            weights train (``norm_stats``; auto: after the probe).
     """
 
     steps_per_epoch: int
@@ -60,6 +62,7 @@ class Plan:
     timing: dict = field(default_factory=dict)
     replan_at: int | None = None
     start_size: int | None = None
+    frozen_norm: bool = False
 
     def __post_init__(self):
         self.start_size = self.start_size or self.image_size
@@ -101,12 +104,13 @@ class Plan:
 
 
 def make_plan(cfg: TrainConfig, model: nn.Module, pretrained: bool, train_images: int, val_images: int, image_size: int,
-              world: World, budget: Budget | None, sample_batch) -> Plan:
+              world: World, budget: Budget | None, sample_batch, probed: bool = False) -> Plan:
     """The plan of a new run: from the epochs asked for, or from what fits the time budget.
 
     Args:
         train_images, val_images: images in the splits (all processes).
         sample_batch: a function returning one training batch, to time steps on.
+        probed: the head was fitted by the probe (stage 0): no head-only stage.
     """
     freeze = cfg.freeze_groups if pretrained else 0  # frozen random weights would never learn
     steps_per_epoch = (train_images // world.size) // cfg.batch_size
@@ -114,7 +118,8 @@ def make_plan(cfg: TrainConfig, model: nn.Module, pretrained: bool, train_images
         raise ImagerecError(
             f"batch_size={cfg.batch_size} x {world.size} process(es) is more than the {train_images} training images; lower --batch-size"
         )
-    head_steps = round(cfg.head_epochs * steps_per_epoch) if pretrained else 0
+    head_steps = round(cfg.head_epochs * steps_per_epoch) if pretrained and not probed else 0
+    frozen_norm = cfg.norm_stats == "frozen" or (cfg.norm_stats == "auto" and probed)
     start_size = max(8, 8 * round(image_size * cfg.resize_from / 8))
     timing = {}
     bf16 = cfg.precision == "bf16"
@@ -133,9 +138,9 @@ def make_plan(cfg: TrainConfig, model: nn.Module, pretrained: bool, train_images
         timing["step_s"] = mean_step_s(timing, start_size, image_size)
         timing["head_step_s"] = _time_steps(model, batch, cfg, freeze, head=True, bf16=bf16) if head_steps else 0.0
         timing["eval_image_s"] = _time_eval(model, batch, cfg, bf16)
-        head_steps, full_steps = budget.fit(timing, steps_per_epoch, head_steps, val_images)
+        head_steps, full_steps = budget.fit(timing, steps_per_epoch, head_steps, val_images, probed)
     replan_at = _first_fit(head_steps, full_steps) if budget is not None else None
-    return Plan(steps_per_epoch, head_steps, head_steps + full_steps, freeze, bf16, image_size, world.size, timing, replan_at, start_size)
+    return Plan(steps_per_epoch, head_steps, head_steps + full_steps, freeze, bf16, image_size, world.size, timing, replan_at, start_size, frozen_norm)
 
 
 def _first_fit(head_steps: int, full_steps: int) -> int | None:
@@ -187,11 +192,13 @@ class Budget:
         """Seconds left to plan with."""
         return self.cfg.time_budget * 60 * 0.95 - (time.perf_counter() - self.started) - 5.0
 
-    def fit(self, timing: dict, steps_per_epoch: int, head_steps: int, val_images: int) -> tuple[int, int]:
-        """(head steps, stage-2 steps) that fit; the head stage is dropped when there is no time for it.
+    def fit(self, timing: dict, steps_per_epoch: int, head_steps: int, val_images: int, probed: bool = False) -> tuple[int, int]:
+        """(head steps, stage-2 steps) that fit; the head stage is dropped when there is no time
+        for it. After the probe (stage 0) a budget too short for one step gives no step: the probe
+        is the model.
 
         Raises:
-            ImagerecError: not even one step fits.
+            ImagerecError: not even one step fits, and there is no probe to fall back on.
         """
         budget, val_cost, every = self.left(), self._val_cost(timing, val_images), self.cfg.save_every
 
@@ -204,6 +211,8 @@ class Budget:
 
         if cost(1) > budget and head_steps:
             head_steps = 0  # no time for a separate head stage
+        if cost(1) > budget and probed:
+            return 0, 0
         if cost(1) > budget:
             raise ImagerecError(
                 f"--time-budget {self.cfg.time_budget} min is too short: one step takes {timing['step_s']:.2f} s and one "

@@ -29,8 +29,9 @@ class Stage:
     CPU (docs/BENCHMARKS.md).
     """
 
-    def __init__(self, number: int, model: nn.Module, cfg: TrainConfig, world: World, head_steps: int, freeze: int = 0):
-        self.number, self.model, self.cfg, self.world = number, model, cfg, world
+    def __init__(self, number: int, model: nn.Module, cfg: TrainConfig, world: World, head_steps: int, freeze: int = 0,
+                 frozen_norm: bool = False):
+        self.number, self.model, self.cfg, self.world, self.frozen_norm = number, model, cfg, world, frozen_norm
         head = list(model.get_classifier().parameters())
         head_ids = {id(p) for p in head}
         scale = cfg.batch_size * world.size / cfg.lr_batch  # the linear scaling rule
@@ -65,12 +66,18 @@ class Stage:
             self.schedule = WarmupCosine(self.optimizer, warmup, start=head_steps, constant=cfg.schedule == "constant")
 
     def apply_mode(self) -> None:
-        """Train mode for what trains: the head alone in stage 1 (batch norm frozen), all in stage 2."""
+        """Train mode for what trains: the head alone in stage 1 (batch norm frozen), all in stage
+        2, where batch norm keeps its pretrained statistics with ``frozen_norm`` (its scale and
+        shift still train)."""
         if self.number == 1:
             self.model.eval()
             self.model.get_classifier().train()
-        else:
-            self.model.train()
+            return
+        self.model.train()
+        if self.frozen_norm:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
     def step(self, batch, criterion, bf16: bool, size: int | None = None) -> tuple[int, float, int]:
         """One optimizer step, on the batch resized to ``size`` px where that differs from its
@@ -121,7 +128,7 @@ class Stages(Callback):
     def on_step_start(self, loop: Loop) -> None:
         wanted = 1 if loop.step < self.plan.head_steps else 2
         if self.stage is None or self.stage.number != wanted:
-            self.stage = Stage(wanted, self.model, self.cfg, self.world, self.plan.head_steps, self.plan.freeze_groups)
+            self.stage = Stage(wanted, self.model, self.cfg, self.world, self.plan.head_steps, self.plan.freeze_groups, self.plan.frozen_norm)
             if self.resumed is not None and self.resumed.meta.get("stage") == wanted:
                 self.stage.optimizer.load_state_dict(self.resumed.optimizer)
         self.stage.schedule.on_step_start(loop)

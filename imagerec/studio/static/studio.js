@@ -188,5 +188,58 @@
     act("/api/audit/decide", { finding: b.dataset.finding, decision: b.dataset.decision, image_ids: ids, label: b.dataset.label },
       () => b.dataset.finding + ": " + b.dataset.decision);
   }));
+  // -- review: a click on a wrong image gives it the next most likely class; Accept takes the page -----
+  const reviewgrid = $("#reviewgrid");
+  const reviewstate = $("#reviewstate");
+  if (reviewstate && reviewstate.dataset.state === "idle") post("/api/review/start", {}).then(() => location.reload(), () => {});
+  else if (reviewstate && reviewstate.dataset.state === "running") setTimeout(() => location.reload(), 1000);
+  on("#reviewstart", () => act("/api/review/start", {}, () => "computing the suggestions again"));
+  if (reviewgrid) {
+    const names = JSON.parse(reviewgrid.dataset.names);
+    const cards = () => $$("#reviewgrid figure[data-id]");
+    let current = null;
+    // each card: the class it was shown with, the others most likely first, and what is chosen now
+    function choose(fig, group, isNew) {
+      const shown = fig.dataset.group;
+      fig.dataset.chosen = group;
+      fig.dataset.isnew = isNew ? "1" : "";
+      fig.classList.toggle("wrong", String(group) !== shown || !!isNew);
+      if (String(group) === shown && !isNew) fig.querySelector("figcaption").textContent = fig.dataset.caption;
+      else fig.querySelector("figcaption").textContent = "\u2192 " + (isNew ? group : names[group]);
+      cards().forEach((f) => f.classList.toggle("current", f === fig));
+      current = fig;
+    }
+    cards().forEach((fig) => { fig.dataset.caption = fig.querySelector("figcaption").textContent; fig.dataset.chosen = fig.dataset.group; });
+    reviewgrid.addEventListener("click", (ev) => {
+      const fig = ev.target.closest("figure[data-id]");
+      if (!fig) return;
+      const cycle = [fig.dataset.group, ...fig.dataset.choices.split(",").filter((g) => g)];
+      const at = fig.dataset.isnew ? 0 : cycle.indexOf(fig.dataset.chosen);
+      choose(fig, cycle[(at + 1) % cycle.length], false);
+    });
+    $$("button.pick").forEach((b) => b.addEventListener("click", () => {
+      if (!current) { say("click the wrong image first, then its class", true); return; }
+      choose(current, b.dataset.group, false);
+    }));
+    on("#picknew", () => {
+      const name = $("#newclass").value.trim();
+      if (!current || !name) { say("click the wrong image first, type its new class, then press new class", true); return; }
+      choose(current, name, true);
+    });
+    function accept() {
+      const figs = cards();
+      const fresh = [...new Set(figs.filter((f) => f.dataset.isnew).map((f) => f.dataset.chosen))];
+      if (fresh.length > 1) { say("one new class a page: accept, then make the next one", true); return; }
+      const body = { image_ids: figs.map((f) => Number(f.dataset.id)),
+                     group_ids: figs.map((f) => f.dataset.isnew ? null : Number(f.dataset.chosen)) };
+      if (fresh.length) body.new_name = fresh[0];
+      const fixed = figs.filter((f) => f.classList.contains("wrong")).length;
+      act("/api/review/accept", body, (d) => "reviewed " + d.reviewed + " image(s), " + fixed + " corrected");
+    }
+    on("#accept", accept);
+    document.addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter" && !ev.target.closest("input, select, textarea, button")) { ev.preventDefault(); accept(); }
+    });
+  }
   if ($("#indexstate")) say("the search index is being built; choose the image again in a moment", false);
 })();
