@@ -199,7 +199,7 @@ def test_embeddings_of_another_dimension_are_refused_by_add_search_and_parts(tmp
         assert not fz.user_error_problems(o, argv[0]) and o.code == 2 and "4-dim features" in o.err
     assert not fz.changes(before, fz.tree(tmp_path / "idx", skip=(tmp_path / "idx" / ".lock",)))
     o = fz.run_cli("index", "--parts", fz.save_arrays(tmp_path / "p.npz", fz.good_arrays(3, seed=5)), other, "--out", tmp_path / "merged")
-    assert o.code == 2 and "(4 dims)" in o.err and not (tmp_path / "merged").exists()
+    assert o.code == 2 and "dims" in o.err and "4" in o.err and not (tmp_path / "merged").exists()  # the parts scan names every dimension it found
 
 
 def test_embeddings_of_no_images_are_nothing_to_index(tmp_path):
