@@ -434,6 +434,11 @@ def _run_search(args) -> None:
     from ._io import write_text_atomic  # noqa: PLC0415
     from .index import load_index, write_sheets  # noqa: PLC0415
 
+    _check_result_file(args.out, args.format, "hits", inside=args.index)
+    if args.sheet is not None and os.path.exists(args.sheet) and not os.path.isdir(args.sheet):
+        raise ImagerecError(f"--sheet {args.sheet!r} is a file; give a folder for the contact sheets, e.g. --sheet sheets")
+    if args.sheet is not None and _is_inside(args.index, args.sheet):
+        raise ImagerecError(f"--sheet {args.sheet!r} is inside the index {args.index}; give a folder elsewhere, e.g. --sheet sheets")
     index = load_index(args.index)
     table = index.search(args.queries, top_k=args.top_k, nprobe=args.nprobe, rerank=args.rerank, device=args.device)
     text = {
@@ -490,11 +495,26 @@ def _run_evaluate(args) -> None:
     print(f"accuracy {s['accuracy']:.4f}  macro F1 {s['macro_f1']:.4f}  ECE {s['ece']:.4f}{calibration}  on {s['images']:,} images  -> {args.out}")
 
 
+def _check_result_file(out: str | None, fmt: str, stem: str, inside: str | None = None) -> None:
+    """``--out`` of a command that writes one result file, checked before the work: a file name,
+    in a folder (and, with ``inside``, not in that folder: an index is not a place for results)."""
+    if out is None:
+        return
+    if os.path.isdir(out) or not os.path.basename(out):
+        raise ImagerecError(f"--out {out!r} is a folder; give a file name for the {fmt} result, e.g. --out {stem}.{fmt}")
+    if inside is not None and _is_inside(inside, out):
+        raise ImagerecError(f"--out {out!r} is inside the index {inside}; write the {fmt} result elsewhere, e.g. --out {stem}.{fmt}")
+
+
+def _is_inside(folder: str, path: str) -> bool:
+    folder = os.path.abspath(folder)
+    return os.path.commonpath([folder, os.path.abspath(path)]) == folder
+
+
 def _run_predict(args) -> None:
     from .prediction import format_predictions, predict_top_k  # noqa: PLC0415
 
-    if args.out is not None and (os.path.isdir(args.out) or not os.path.basename(args.out)):
-        raise ImagerecError(f"--out {args.out!r} is a folder; give a file name for the {args.format} result, e.g. --out predictions.{args.format}")
+    _check_result_file(args.out, args.format, "predictions")
     rows = predict_top_k(args.checkpoint, args.paths, top_k=args.top_k, tta=args.tta, device=args.device)
     text = format_predictions(rows, args.format)
     if args.out:

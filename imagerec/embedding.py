@@ -28,11 +28,14 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
 import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,43 +127,121 @@ class Embeddings:
     def load(cls, path: str | os.PathLike) -> Embeddings:
         """Read a file written by :meth:`save`.
 
+        Every array's header is checked against the bytes the archive holds before anything is
+        allocated (a damaged or forged shape cannot ask for terabytes), and the arrays against
+        each other: float (N, D) finite features, N non-empty path strings, labels within the classes.
+
         Raises:
-            ImagerecError: the file is missing or not an imagerec embeddings file.
+            ImagerecError: the file is missing, or not a complete imagerec embeddings file.
         """
+        shown = display_path(path)
         try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                labelled = "labels" in data
-                loaded = cls(
-                    features=data["features"],
-                    paths=data["paths"].tolist(),
-                    labels=data["labels"] if labelled else None,
-                    classes=data["classes"].tolist() if labelled else None,
-                    backbone=meta["backbone"],
-                    preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
-                )
+            arrays = _read_npz(path)
+            loaded = cls._from_arrays(arrays)
         except FileNotFoundError:
-            raise ImagerecError(f"{path}: no such embeddings file; make one with 'imagerec embed'") from None
-        except (KeyError, ValueError, TypeError, OSError, AttributeError) as e:
-            raise ImagerecError(f"{path}: not an imagerec embeddings file ({e}); make one with 'imagerec embed'") from None
+            raise ImagerecError(f"{shown}: no such embeddings file; make one with 'imagerec embed'") from None
+        except IsADirectoryError:
+            raise ImagerecError(f"{shown}: is a folder, not an embeddings file; give the .npz that 'imagerec embed' wrote") from None
+        except _NotEmbeddings as e:
+            raise ImagerecError(f"{shown}: not an imagerec embeddings file ({e}); make one with 'imagerec embed'") from None
+        except MemoryError:
+            raise ImagerecError(f"{shown}: its arrays do not fit in memory; embed fewer images per file (imagerec embed --shard)") from None
+        except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, ValueError, TypeError, OSError) as e:
+            what = " ".join(str(e).split()) or "unreadable"
+            raise ImagerecError(f"{shown}: a damaged embeddings file ({what}); make it again with 'imagerec embed'") from None
         problem = loaded._inconsistency()
         if problem:
-            raise ImagerecError(f"{path}: a damaged embeddings file: {problem}; make it again with 'imagerec embed'")
+            raise ImagerecError(f"{shown}: a damaged embeddings file: {problem}; make it again with 'imagerec embed'")
         return loaded
+
+    @classmethod
+    def _from_arrays(cls, arrays: dict[str, np.ndarray]) -> Embeddings:
+        for key in ("features", "paths", "meta"):
+            if key not in arrays:
+                raise _NotEmbeddings(f"no {key!r} array; it holds {', '.join(sorted(arrays)) or 'nothing'}")
+        if ("labels" in arrays) != ("classes" in arrays):
+            raise _NotEmbeddings("labels without classes or classes without labels")
+        meta = arrays["meta"]
+        meta = json.loads(str(meta)) if meta.ndim == 0 and meta.dtype.kind == "U" else None
+        if not isinstance(meta, dict) or not isinstance(meta.get("backbone"), str) or not isinstance(meta.get("preprocessing"), dict):
+            raise _NotEmbeddings("its meta is not a JSON object with a backbone name and preprocessing")
+        for key in ("paths", "classes"):
+            if key in arrays and (arrays[key].ndim != 1 or arrays[key].dtype.kind != "U"):
+                raise _NotEmbeddings(f"{key} of dtype {arrays[key].dtype} and shape {arrays[key].shape} are not a list of text")
+        labelled = "labels" in arrays
+        return cls(
+            features=arrays["features"],
+            paths=arrays["paths"].tolist(),
+            labels=arrays["labels"] if labelled else None,
+            classes=arrays["classes"].tolist() if labelled else None,
+            backbone=meta["backbone"],
+            preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
+        )
 
     def _inconsistency(self) -> str | None:
         """What does not fit together in a loaded file, or None."""
         f = self.features
-        if f.ndim != 2 or not np.issubdtype(f.dtype, np.floating):
-            return f"features of dtype {f.dtype} and shape {f.shape} are not a float (N, D) array"
+        if f.ndim != 2 or not np.issubdtype(f.dtype, np.floating) or (len(f) and f.shape[1] == 0):
+            return f"features of dtype {f.dtype} and shape {f.shape} are not a float (N, D) array with D >= 1"
         if len(self.paths) != len(f):
             return f"{len(self.paths)} paths for {len(f)} rows of features"
+        bad = next((i for i, p in enumerate(self.paths) if not p or "\0" in p), None)
+        if bad is not None:
+            return f"path {bad} is {display_path(self.paths[bad])!r}, which no file can be named"
+        finite = _finite_rows(f)
+        if not finite.all():
+            first = int(np.flatnonzero(~finite)[0])
+            return f"{int((~finite).sum())} row(s) hold NaN or infinite features (first: {display_path(self.paths[first])})"
         if self.labels is not None:
             if self.labels.ndim != 1 or len(self.labels) != len(f) or not np.issubdtype(self.labels.dtype, np.integer):
                 return f"labels of shape {self.labels.shape} for {len(f)} rows"
             if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
                 return f"labels outside 0..{len(self.classes) - 1} for {len(self.classes)} classes"
         return None
+
+
+class _NotEmbeddings(ValueError):
+    """An archive that reads but is not what :meth:`Embeddings.save` writes."""
+
+
+DEFLATE_RATIO = 1032  # the most a deflated stream expands (zlib's documented limit, 1032:1)
+
+
+def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` archive, each header checked against the bytes the archive
+    holds before its array is allocated (no pickles, no object arrays)."""
+    size = os.path.getsize(path)
+    arrays = {}
+    with open(path, "rb") as raw:
+        if raw.read(4) != b"PK\x03\x04":
+            raise _NotEmbeddings("not an .npz (zip) archive")
+        with zipfile.ZipFile(raw) as archive:
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                limit = info.compress_size * (DEFLATE_RATIO if info.compress_type == zipfile.ZIP_DEFLATED else 1)
+                if info.header_offset + info.compress_size > size or info.file_size > limit:
+                    raise _NotEmbeddings(f"its {name} entry claims {info.file_size:,} bytes that the {size:,}-byte file cannot hold")
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version not in ((1, 0), (2, 0)):
+                        raise _NotEmbeddings(f"its {name} entry is .npy version {version}, not 1.0 or 2.0")
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, fortran, dtype = read_header(member)
+                    if dtype.hasobject:
+                        raise _NotEmbeddings(f"its {name} entry is an array of Python objects, which imagerec never writes")
+                    declared = math.prod(shape) * dtype.itemsize
+                    if declared > info.file_size - member.tell():
+                        raise _NotEmbeddings(
+                            f"its {name} entry declares shape {shape} of {dtype} ({declared:,} bytes) but holds {info.file_size - member.tell():,}"
+                        )
+                with archive.open(info) as member:
+                    arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+    return arrays
+
+
+def _finite_rows(features: np.ndarray, block: int = 65536) -> np.ndarray:
+    """Whether each row is free of NaN and infinity, a block at a time (no N x D mask)."""
+    return np.concatenate([np.isfinite(features[i : i + block]).all(axis=1) for i in range(0, len(features), block)] or [np.ones(0, bool)])
 
 
 def embed(

@@ -18,7 +18,7 @@ from .._version import __version__
 from ..data import DEFAULT_MAX_PIXELS, SMALL_IMAGE_MAX_SIDE, ImageSource, Preprocessing, decode_small_images, load_images, write_manifest
 from ..embedding import Embeddings
 from ..errors import ImagerecError
-from ..features import compute_features, is_embeddings_file, l2_normalize, prepare_features
+from ..features import check_finished, compute_features, is_embeddings_file, l2_normalize, prepare_features
 from ._duplicates import (
     EXACT_SEARCH_MAX,
     NEAR_DUPLICATE_K,
@@ -162,7 +162,10 @@ def audit(
         max_pixels=max_pixels, progress=progress,
     )  # fmt: skip
     plan = dict(checks=checks, thresholds=thresholds, k=k, random_state=random_state, progress=progress)
-    if not isinstance(data, (Embeddings, ImageSource)) and not is_embeddings_file(data):
+    if isinstance(data, Embeddings) or is_embeddings_file(data):
+        check_finished(data, image_size=image_size)  # tta and the crop are the audit's defaults, left out for embeddings
+        data = data if isinstance(data, Embeddings) else Embeddings.load(data)  # a damaged file fails before the run folder exists
+    elif not isinstance(data, (Embeddings, ImageSource)):
         data = load_images(data, split, max_pixels=max_pixels, allow_outside=allow_outside)  # a bad path fails before the run folder exists
     if run_dir is None:
         result = _audit(data, options, plan, None)

@@ -17,7 +17,7 @@ from ._backbone import (
     FlipAveraged,
     auto_backbone,
 )
-from ._cache import EMBEDDINGS_FILE, IDENTITY_FILE, is_embeddings_file, resolve_embeddings
+from ._cache import EMBEDDINGS_FILE, IDENTITY_FILE, check_finished, is_embeddings_file, resolve_embeddings
 from ._prepare import FeaturePipeline, l2_normalize, prepare_features
 from ._stage import FeatureSet, check_embeddings, compute_features
 
@@ -36,6 +36,7 @@ __all__ = [
     "adapt_backbone",
     "auto_backbone",
     "check_embeddings",
+    "check_finished",
     "compute_features",
     "is_embeddings_file",
     "l2_normalize",

@@ -72,19 +72,14 @@ def resolve_embeddings(
     Raises:
         ImagerecError: unreadable data or embeddings file.
     """
-    if isinstance(data, Embeddings):
-        return data, None
+    if isinstance(data, Embeddings) or is_embeddings_file(data):
+        check_finished(data, tta=tta, image_size=image_size, crop_pct=crop_pct)
+        return (data if isinstance(data, Embeddings) else Embeddings.load(data)), None
     if isinstance(data, np.ndarray):
         raise ImagerecError(
             "data is a bare array: wrap it as Embeddings(features, paths, ...) so clusters can name their "
             "images, or fit an estimator of imagerec.clustering (KMeans, DBSCAN, ...) on it directly"
         )
-    if is_embeddings_file(data):
-        if tta or image_size or crop_pct:
-            raise ImagerecError(
-                f"{data}: holds finished embeddings; tta and image_size apply only when images are embedded"
-            )
-        return Embeddings.load(data), None
     source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
     model = backbone if isinstance(backbone, nn.Module) else create_backbone(backbone, num_classes=0)
     if tta:
@@ -106,6 +101,17 @@ def resolve_embeddings(
     record = {"format": _FORMAT, "key": key, "files": {p: identities[p] for p in result.paths}, "skipped": skipped}
     write_text_atomic(Path(cache_dir) / IDENTITY_FILE, json.dumps(record))
     return result, source
+
+
+def check_finished(data, *, tta: bool = False, image_size: int | None = None, crop_pct: float | None = None) -> None:
+    """Refuse embedding options for embeddings already made (an object or an ``.npz``).
+
+    Raises:
+        ImagerecError: ``tta``, ``image_size`` or ``crop_pct`` given with finished embeddings.
+    """
+    if tta or image_size or crop_pct:
+        what = data if is_embeddings_file(data) else "data"
+        raise ImagerecError(f"{what}: holds finished embeddings; tta and image_size apply only when images are embedded")
 
 
 def is_embeddings_file(data) -> bool:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .._decode import display_path
 from .._identity import changed_files
 from .._lock import run_lock
 from ..backbones import list_backbones
@@ -96,8 +99,7 @@ def build_index(
     """
     if exact_max < 1:
         raise ImagerecError(f"exact_max={exact_max} must be at least 1; the default is {_store.EXACT_MAX:,}")
-    if Path(out).is_file():
-        raise ImagerecError(f"{out}: is a file; give --out a folder name for the index (e.g. {Path(out).stem}_index)")
+    check_out(out)
     if pq_bytes is not None and pq_bytes < 1:
         raise ImagerecError(f"pq_bytes={pq_bytes} must be at least 1; leave it out for one byte per 8 dims")
     _ondisk.factory_for(256, 1, transform)  # an unknown transform fails before any work
@@ -110,6 +112,8 @@ def build_index(
             return _build_ondisk(out, blocks, dim, meta, transform, pq_bytes, progress)
     embeddings = _embeddings(data, backbone, image_size, split, batch_size, device, engine, max_pixels, progress, allow_outside)
     check_backbone(embeddings.backbone)
+    if not len(embeddings):
+        raise ImagerecError(f"{data}: holds no images, so there is nothing to index; give embeddings or images of at least one image")
     if len(embeddings) > exact_max:
         meta = {"backbone": embeddings.backbone, "preprocessing": embeddings.preprocessing.to_dict(), "exact_max": exact_max}
         blocks = _embedding_blocks(embeddings)
@@ -121,6 +125,48 @@ def build_index(
     with run_lock(out, "index"):
         meta = _store.write(out, index, items, meta)
     return SearchIndex(Path(out), meta, index, items, skipped=len(embeddings.skipped))
+
+
+INDEX_FILES = re.compile(  # an index's own files, of every kind (the on-disk kind's vectors, lists and blocks too), and their temporaries
+    r"meta\.json|\.lock|(index|items)-[0-9]+\.(faiss|csv)|items-[0-9]+\.offsets|vectors-[0-9]+\.f16|trained-[0-9]+\.faiss"
+    r"|lists-[0-9]+\.ivfdata|blocks-[0-9]+|\..*\.tmp.*"
+)
+
+
+def check_out(out: str | os.PathLike) -> None:
+    """The index folder, checked before any work: new, empty, or an index (damaged ones included:
+    rebuilding is their fix), in a place that can be written.
+
+    Raises:
+        ImagerecError: a file, a folder holding other files, or a place that cannot be written.
+    """
+    out = Path(out)
+    shown = display_path(out)
+    if out.exists() and not out.is_dir():
+        raise ImagerecError(f"{shown}: is a file; give --out a folder name for the index (e.g. {display_path(out.stem)}_index)")
+    if out.is_dir():
+        other = sorted(p.name for p in out.iterdir() if not INDEX_FILES.fullmatch(p.name))
+        if other:
+            raise ImagerecError(
+                f"{shown}: holds files that are not an index's ({display_path(other[0])}{' and more' if len(other) > 1 else ''}); "
+                f"give --out a new or empty folder (e.g. {display_path(out.name)}_index) so that nothing of yours is replaced"
+            )
+    folder = out
+    while not folder.exists() and folder != folder.parent:  # the first folder that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ImagerecError(f"{shown}: {display_path(folder)} is a file, not a folder; pick another --out")
+    longest = max(out.parts[len(folder.parts) :] or ("",), key=lambda part: len(os.fsencode(part)))
+    if len(os.fsencode(longest)) > os.pathconf(folder, "PC_NAME_MAX"):
+        raise ImagerecError(
+            f"{shown}: a name of {len(os.fsencode(longest))} bytes is longer than this file system allows "
+            f"({os.pathconf(folder, 'PC_NAME_MAX')}); pick a shorter --out"
+        )
+    try:  # the one sure test (permissions, read-only file systems, quotas): write a file there
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ImagerecError(f"{shown}: cannot write in {display_path(folder)} ({e.strerror}); pick another --out") from None
 
 
 def _build_ondisk(out, blocks, dim, meta, transform, pq_bytes, progress, skipped: int = 0) -> SearchIndex:
@@ -221,12 +267,13 @@ def add_to_index(
     Raises:
         ImagerecError: not an index, another backbone, changed files, or unreadable data.
     """
+    _store.read_meta(index_dir)  # not an index: refused before the lock creates the folder
     with run_lock(index_dir, "index"):
         current = load_index(index_dir)
         pp = current.preprocessing
         if isinstance(data, Embeddings) or (not isinstance(data, ImageSource) and str(data).lower().endswith(".npz")):
             new = data if isinstance(data, Embeddings) else Embeddings.load(data)
-            current.check_compatible(new.backbone, new.preprocessing, f"{data}")
+            current.check_compatible(new.backbone, new.preprocessing, f"{data}", new.features.shape[1])
             keep, already = _new_images(current, [os.path.abspath(p) for p in new.paths])
             new = _take(new, keep)
         else:
@@ -238,7 +285,7 @@ def add_to_index(
                 source.subset(keep), current.backbone, image_size=pp.input_size, crop_pct=pp.crop_pct,
                 batch_size=batch_size, device=device, engine=engine, max_pixels=max_pixels, progress=progress,
             )  # fmt: skip
-            current.check_compatible(new.backbone, new.preprocessing, f"{data}")
+            current.check_compatible(new.backbone, new.preprocessing, f"{data}", new.features.shape[1])
         if not len(new):
             return AddResult(current, 0, already, len(new.skipped))
         if current.kind == "ivfpq" or (current.kind == "flat" and len(current) + len(new) > current.meta["exact_max"]):

@@ -65,13 +65,18 @@ class SearchIndex:
         """One line: exact or IVF search, over how many vectors, made by which backbone."""
         return _store.describe(self.meta)
 
-    def check_compatible(self, backbone: str, preprocessing: Preprocessing, what: str) -> None:
+    def check_compatible(self, backbone: str, preprocessing: Preprocessing, what: str, dim: int | None = None) -> None:
         """Refuse features made by another model than the index's.
 
         Raises:
-            ImagerecError: backbone or preprocessing differ from the index's.
+            ImagerecError: backbone, preprocessing or (when given) the feature dimension differ from the index's.
         """
         mine = self.preprocessing
+        if dim is not None and backbone == self.backbone and preprocessing == mine and dim != self.faiss_index.d:
+            raise ImagerecError(
+                f"{what}: {dim}-dim features, but the index {self.folder} holds {self.faiss_index.d}-dim ones of the same backbone; "
+                "the files come from different models: embed again with the index's backbone (or rebuild the index)"
+            )
         if backbone != self.backbone or preprocessing != mine:
             raise ImagerecError(
                 f"{what}: made with {backbone} at {preprocessing.input_size} px (crop {preprocessing.crop_pct:g}), but the index "
@@ -193,7 +198,7 @@ class SearchIndex:
                 blocks.append(features)
             elif isinstance(q, Embeddings) or str(q).lower().endswith(".npz"):
                 given = q if isinstance(q, Embeddings) else Embeddings.load(q)
-                self.check_compatible(given.backbone, given.preprocessing, "query" if isinstance(q, Embeddings) else str(q))
+                self.check_compatible(given.backbone, given.preprocessing, "query" if isinstance(q, Embeddings) else str(q), given.features.shape[1])
                 names += given.paths
                 blocks.append(given.features)
             else:
@@ -224,8 +229,7 @@ class SearchIndex:
                                max_pixels=max_pixels, batch_size=batch_size, device=device, engine=engine)  # fmt: skip
                 self.check_compatible(result.backbone, result.preprocessing, "query")
                 paths, features, skipped = result.paths, result.features, []
-        if not paths:
-            report_skipped(skipped, None)
+        if not paths:  # one line, like embed's: the error names the count and the first reason
             raise ImagerecError(f"none of the {len(source) + len(source.skipped)} query image(s) could be read (e.g. {skipped[0].path}: {skipped[0].reason})")
         report_skipped(skipped, None)
         return paths, features

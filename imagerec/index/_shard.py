@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -122,12 +123,26 @@ def _record_shard(path: Path, shard: dict) -> None:
 
 
 def read_shard(path: str | os.PathLike) -> dict | None:
-    """The ``shard`` record of a part file, or None for an embeddings file made without --shard."""
+    """The ``shard`` record of a part file, or None for an embeddings file made without --shard.
+
+    Raises:
+        ImagerecError: a record that is not ``{index, count, images}`` with 0 <= index < count.
+    """
     try:
         with np.load(path, allow_pickle=False) as d:
-            return json.loads(str(d["meta"])).get("shard")
-    except (OSError, KeyError, ValueError):
+            meta = json.loads(str(d["meta"]))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None  # Embeddings.load gives the one-line error
+    shard = meta.get("shard") if isinstance(meta, dict) else None
+    if shard is None:
+        return None
+    whole = isinstance(shard, dict) and all(type(shard.get(k)) is int for k in ("index", "count", "images"))
+    if not (whole and 0 <= shard["index"] < shard["count"] and shard["images"] >= 0):
+        raise ImagerecError(
+            f"{path}: its shard record {shard!r} is not index/count/images with 0 <= index < count (a damaged part); "
+            "embed that shard again with 'imagerec embed --shard I/N'"
+        )
+    return shard
 
 
 def merge_parts(parts: list[str | os.PathLike]) -> Embeddings:
@@ -144,10 +159,11 @@ def merge_parts(parts: list[str | os.PathLike]) -> Embeddings:
     loaded = [Embeddings.load(p) for p in parts]
     first = loaded[0]
     for path, part in zip(parts, loaded):
-        if (part.backbone, part.preprocessing) != (first.backbone, first.preprocessing):
+        if (part.backbone, part.preprocessing, part.features.shape[1]) != (first.backbone, first.preprocessing, first.features.shape[1]):
             raise ImagerecError(
-                f"{path}: made with {part.backbone} at {part.preprocessing.input_size} px, but {parts[0]} with "
-                f"{first.backbone} at {first.preprocessing.input_size} px; embed every shard with the same --backbone and --image-size"
+                f"{path}: made with {part.backbone} at {part.preprocessing.input_size} px ({part.features.shape[1]} dims), but {parts[0]} "
+                f"with {first.backbone} at {first.preprocessing.input_size} px ({first.features.shape[1]} dims); "
+                "embed every shard with the same --backbone and --image-size"
             )
     _check_shards(parts, [read_shard(p) for p in parts])
     seen: dict[str, str] = {}

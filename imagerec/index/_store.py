@@ -9,13 +9,21 @@ Layout (generation ``G`` counts the writes; ``meta.json`` names the current one)
 A write puts the new generation's files beside the old ones, then replaces ``meta.json``
 atomically (the commit point), then deletes the old generation. A killed write therefore
 leaves the previous index whole; its orphan files are removed by the next write.
+
+``meta.json`` records the SHA-256 of both files; a read checks every field's type and both
+checksums before FAISS parses a byte, so a damaged or swapped file is one line, never a FAISS
+read of arbitrary bytes (which can ask for any amount of memory). Like a checkpoint's, the
+checksums catch damage, not forgers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +34,11 @@ from .._identity import file_identity
 from .._io import atomic_path, write_text_atomic
 from .._version import __version__
 from ..data import Preprocessing
-from ..errors import ImagerecError
+from ..errors import ImagerecError, ImagerecWarning
 
 META_FILE = "meta.json"
-FORMAT = 2  # 2: the on-disk IVF-PQ kind; flat and IVF folders are still written as 1, readable by older versions
+FORMAT = 2  # 2: meta.json records the SHA-256 of the generation's two files (flat, IVF); the on-disk IVF-PQ kind
+_GENERATION_FILE = re.compile(r"(index|items)-([0-9]+)\.(faiss|csv)")
 EXACT_MAX = 1_000_000  # up to this many vectors the search is exact (IndexFlatIP); IVF beyond
 NPROBE = 32  # IVF lists visited per query (recall@10 measured in docs/BENCHMARKS.md)
 TRAIN_PER_LIST = 50  # IVF k-means training sample: this many vectors per list (FAISS wants >= 39)
@@ -123,7 +132,7 @@ def describe(meta: dict) -> str:
 
 
 def read_meta(folder: str | os.PathLike) -> dict:
-    """The meta JSON of an index folder.
+    """The meta JSON of an index folder, every field checked.
 
     Raises:
         ImagerecError: the folder is missing or is not an imagerec index.
@@ -135,13 +144,72 @@ def read_meta(folder: str | os.PathLike) -> dict:
         raise ImagerecError(f"{folder}: {what}; make one with 'imagerec index DATA --out {folder}'")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-        Preprocessing.from_dict(meta["preprocessing"])
-        meta["backbone"], meta["generation"], meta["kind"], meta["count"]  # noqa: B018 - required keys
-    except (ValueError, KeyError) as e:
-        raise ImagerecError(f"{path}: not an imagerec index meta file ({e}); rebuild the index with 'imagerec index'") from None
+        problem = _meta_problem(meta)
+    except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        problem = " ".join(str(e).split())
+    if problem:
+        raise ImagerecError(f"{path}: not an imagerec index meta file ({problem}); rebuild the index with 'imagerec index DATA --out {folder}'")
     if meta.get("format", 0) > FORMAT:
         raise ImagerecError(f"{folder}: index format {meta['format']} is newer than this imagerec's ({FORMAT}); upgrade imagerec")
     return meta
+
+
+def _whole(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _meta_problem(meta) -> str | None:
+    """What is wrong with a parsed meta JSON, or None."""
+    if not isinstance(meta, dict):
+        return f"a JSON {type(meta).__name__}, not an object"
+    for key, least in (("generation", 1), ("count", 0), ("dim", 1), ("exact_max", 1), ("format", 0)):
+        if key in meta or key != "format":
+            if not _whole(meta.get(key), least):
+                return f"{key} is {meta.get(key)!r}, not a whole number >= {least}"
+    if not isinstance(meta.get("backbone"), str) or not isinstance(meta.get("preprocessing"), dict):
+        return "no backbone name or preprocessing"
+    Preprocessing.from_dict(meta["preprocessing"])
+    if meta.get("kind") not in ("flat", "ivf", "ivfpq"):
+        return f"kind is {meta.get('kind')!r}, not 'flat', 'ivf' or 'ivfpq'"
+    if meta["kind"] == "ivf" and not (_whole(meta.get("nlist"), 1) and _whole(meta.get("nprobe"), 1)):
+        return f"an IVF index with nlist {meta.get('nlist')!r} and nprobe {meta.get('nprobe')!r}, not whole numbers >= 1"
+    if not isinstance(meta.get("labelled", False), bool):
+        return f"labelled is {meta['labelled']!r}, not true or false"
+    sums = meta.get("sha256")
+    if meta["kind"] != "ivfpq" and (meta.get("format", 0) >= 2 or sums is not None):  # the on-disk kind checks its own files
+        if not (isinstance(sums, dict) and all(isinstance(sums.get(k), str) for k in ("index", "items"))):
+            return f"sha256 is {sums!r}, not the checksums of the index and items files"
+    return None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_sums(folder: Path, meta: dict, files: dict[str, Path]) -> None:
+    """Refuse files whose SHA-256 is not the one meta.json recorded (format 1 has none: a warning)."""
+    sums = meta.get("sha256")
+    if sums is None:
+        warnings.warn(
+            f"{folder}: an index written before imagerec recorded checksums; its files are read unchecked. "
+            "The next 'imagerec index --add' (or a rebuild) records them",
+            ImagerecWarning,
+            stacklevel=3,
+        )
+        return
+    for key, path in files.items():
+        if not path.is_file():
+            raise ImagerecError(f"{path}: missing from the index; rebuild the index with 'imagerec index DATA --out {folder}'")
+        if file_sha256(path) != sums[key]:
+            raise ImagerecError(
+                f"{path}: its SHA-256 is not the one {META_FILE} recorded (the file is damaged or was replaced); "
+                f"rebuild the index with 'imagerec index DATA --out {folder}'"
+            )
 
 
 def read(folder: str | os.PathLike) -> tuple[dict, object, Items]:
@@ -160,28 +228,31 @@ def read(folder: str | os.PathLike) -> tuple[dict, object, Items]:
         index, _, items = _ondisk.read(folder, meta)
         return meta, index, items
     g = meta["generation"]
+    files = {"index": folder / f"index-{g}.faiss", "items": folder / f"items-{g}.csv"}
+    _check_sums(folder, meta, files)
     try:
-        index = faiss.read_index(str(folder / f"index-{g}.faiss"))
-        table = pd.read_csv(folder / f"items-{g}.csv", dtype=str, keep_default_na=False)
+        with open(files["index"], "rb") as f:  # a name that is not UTF-8 too (see write)
+            index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
+        table = pd.read_csv(files["items"], dtype=str, keep_default_na=False)
     except (OSError, RuntimeError, ValueError) as e:
-        raise ImagerecError(f"{folder}: index files of generation {g} are unreadable ({e}); rebuild the index") from None
+        raise ImagerecError(f"{folder}: index files of generation {g} are unreadable ({' '.join(str(e).split())[:200]}); rebuild the index") from None
+    if not {"path", "label", "identity"} <= set(table.columns):
+        raise ImagerecError(f"{files['items']}: not an items table (columns {list(table.columns)}, not path,label,identity); rebuild the index")
     if hasattr(index, "nprobe"):
         index.nprobe = int(meta.get("nprobe", NPROBE))
     labels = table["label"].tolist() if meta.get("labelled") else None
     items = Items(table["path"].tolist(), labels, table["identity"].tolist())
-    if not index.ntotal == len(items) == meta["count"]:
+    if not index.ntotal == len(items) == meta["count"] or index.d != meta["dim"]:
         raise ImagerecError(
-            f"{folder}: the index holds {index.ntotal:,} vectors but lists {len(items):,} images "
-            f"(meta says {meta['count']:,}); rebuild it with 'imagerec index'"
+            f"{folder}: the index holds {index.ntotal:,} vectors of {index.d} dims but lists {len(items):,} images "
+            f"(meta says {meta['count']:,} of {meta['dim']}); rebuild it with 'imagerec index'"
         )
     return meta, index, items
 
 
 def next_generation(folder: str | os.PathLike) -> int:
     """The generation the next write of ``folder`` makes (1 for a new folder)."""
-    folder = Path(folder)
-    old = (folder / META_FILE).is_file() and read_meta(folder)["generation"]
-    return (old or 0) + 1
+    return current_generation(folder) + 1
 
 
 def write(folder: str | os.PathLike, index, items: Items, meta: dict) -> dict:
@@ -195,11 +266,15 @@ def write(folder: str | os.PathLike, index, items: Items, meta: dict) -> dict:
     folder = Path(folder)
     g = next_generation(folder)
     with atomic_path(folder / f"index-{g}.faiss", suffix=".faiss") as tmp:
-        faiss.write_index(index, str(tmp))
+        with open(tmp, "wb") as f:  # through Python's file: FAISS's own open() takes no name that is not UTF-8
+            faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+        index_sum = file_sha256(tmp)
     table = pd.DataFrame({"path": items.paths, "label": items.labels or [""] * len(items), "identity": items.identities})
     with atomic_path(folder / f"items-{g}.csv", suffix=".csv") as tmp:
         table.to_csv(tmp, index=False)
-    return commit(folder, meta, g, count=int(index.ntotal), dim=int(index.d), labelled=items.labels is not None)
+        items_sum = file_sha256(tmp)
+    return commit(folder, {**meta, "sha256": {"index": index_sum, "items": items_sum}}, g, count=int(index.ntotal), dim=int(index.d),
+                  labelled=items.labels is not None)
 
 
 def commit(folder: Path, meta: dict, g: int, *, count: int, dim: int, labelled: bool) -> dict:
@@ -208,7 +283,7 @@ def commit(folder: Path, meta: dict, g: int, *, count: int, dim: int, labelled: 
 
     meta = {
         **meta,
-        "format": FORMAT if meta.get("kind") == "ivfpq" else 1,
+        "format": FORMAT,
         "generation": g,
         "imagerec_version": __version__,
         "metric": "inner_product",
@@ -221,3 +296,18 @@ def commit(folder: Path, meta: dict, g: int, *, count: int, dim: int, labelled: 
     keep = _ondisk.files_of(meta) if meta.get("kind") == "ivfpq" else {f"index-{g}.faiss", f"items-{g}.csv"}
     _ondisk.remove_stale(folder, keep)
     return meta
+
+
+def generation_files(folder: str | os.PathLike) -> list[Path]:
+    """The ``index-G.faiss`` and ``items-G.csv`` files in a folder (any generation)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if _GENERATION_FILE.fullmatch(p.name)) if folder.is_dir() else []
+
+
+def current_generation(folder: str | os.PathLike) -> int:
+    """The generation meta.json names, or, where it is missing or damaged (a rebuild), the highest
+    generation of the files there; 0 for a new folder."""
+    try:
+        return read_meta(folder)["generation"]
+    except ImagerecError:
+        return max((int(_GENERATION_FILE.fullmatch(p.name)[2]) for p in generation_files(folder)), default=0)
