@@ -18,7 +18,6 @@ checksums catch damage, not forgers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -31,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .._identity import file_identity
-from .._io import atomic_path, write_text_atomic
+from .._io import atomic_path, file_sha256, write_text_atomic
 from .._version import __version__
 from ..data import Preprocessing
 from ..errors import ImagerecError, ImagerecWarning
@@ -180,15 +179,6 @@ def _meta_problem(meta) -> str | None:
         if not (isinstance(sums, dict) and all(isinstance(sums.get(k), str) for k in ("index", "items"))):
             return f"sha256 is {sums!r}, not the checksums of the index and items files"
     return None
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_sums(folder: Path, meta: dict, files: dict[str, Path]) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .._io import file_sha256
 from .._version import __version__
 from ..errors import ImagerecError
 
@@ -254,10 +255,3 @@ def _exported(checkpoint: Path) -> tuple[Path, Path]:
     return classifier, features
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
