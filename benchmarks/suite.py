@@ -443,7 +443,7 @@ def score_pairs(pairs: set, truth: set, n_originals: int, also_true: frozenset =
     with_copy = sum(1 for p in pairs if max(p) >= n_originals)
     return {
         "precision": right / with_copy if with_copy else 1.0, "precision_all": right / len(pairs) if pairs else 1.0,
-        "recall": tp / len(truth), "pairs": len(pairs), "pairs_with_copy": with_copy, "true_positives": tp,
+        "recall": tp / len(truth) if truth else 1.0, "pairs": len(pairs), "pairs_with_copy": with_copy, "true_positives": tp,
     }  # fmt: skip
 
 
@@ -461,7 +461,7 @@ def score_groups(group: np.ndarray, truth: set, n_originals: int, also_true: fro
     right = tp + sum(map(same, also_true))
     return {
         "precision": right / with_copy if with_copy else 1.0, "precision_all": right / pairs if pairs else 1.0,
-        "recall": tp / len(truth), "pairs": pairs, "pairs_with_copy": with_copy, "true_positives": tp,
+        "recall": tp / len(truth) if truth else 1.0, "pairs": pairs, "pairs_with_copy": with_copy, "true_positives": tp,
     }  # fmt: skip
 
 

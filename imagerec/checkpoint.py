@@ -30,7 +30,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save_file
 from torch import nn
 
-from ._io import atomic_path
+from ._io import atomic_path, file_sha256
 from ._version import __version__
 from .errors import ImagerecError, ImagerecWarning
 
@@ -284,3 +284,54 @@ def fit_layer_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         module.weight = nn.Parameter(torch.empty_like(weight))
         if getattr(module, "bias", None) is not None:
             module.bias = nn.Parameter(torch.empty(weight.shape[0]))
+
+
+RUN_PREFIX = "run:"  # a backbone spec naming a trained run: "run:RUN_FOLDER" or "run:FILE.safetensors"
+
+
+def feature_model(spec: str | nn.Module, *, pretrained: bool = True) -> nn.Module:
+    """The model that embeds images, from a backbone spec: the one place that reads one.
+
+    Args:
+        spec: a model (returned as it is); ``"run:PATH"``: the fine-tuned network of a run folder
+            of ``imagerec train`` (its best checkpoint) or of a checkpoint file, with the run's
+            preprocessing (see :func:`run_feature_model`); else a registry name (its pretrained
+            weights, without a head).
+        pretrained: registry names only: load the pretrained weights.
+
+    Raises:
+        ImagerecError: an unknown name, or a run that cannot be read.
+    """
+    if isinstance(spec, nn.Module):
+        return spec
+    if str(spec).startswith(RUN_PREFIX):
+        return run_feature_model(str(spec)[len(RUN_PREFIX):])
+    from .backbones import create_backbone
+
+    return create_backbone(spec, num_classes=0, pretrained=pretrained)
+
+
+def run_feature_model(path: str | os.PathLike) -> nn.Module:
+    """A trained run's network as a feature extractor (its pooled features, before the head).
+
+    Its ``backbone_name`` is ``"run:/abs/file.safetensors#DIGEST"`` (the first 16 hex digits of
+    the file's SHA-256), so features, caches and indexes made with it name the exact weights, and
+    a name with a digest loads only that file: a checkpoint changed since refuses to stand in.
+
+    Raises:
+        ImagerecError: no such run or checkpoint, a damaged one, or a digest that no longer matches.
+    """
+    text = os.fspath(path)
+    where, sep, want = text.rpartition("#")
+    if not sep or not (len(want) == 16 and all(c in "0123456789abcdef" for c in want)):
+        where, want = text, ""
+    file = resolve_checkpoint(where).resolve()
+    digest = file_sha256(file)[:16]
+    if want and want != digest:
+        raise ImagerecError(
+            f"{file}: the checkpoint changed since these features were made (sha256 {digest}..., recorded {want}...); "
+            "embed again with the run as it is now (rebuild the index or embeddings)"
+        )
+    model = model_from_checkpoint(load_checkpoint(file))
+    model.backbone_name = f"{RUN_PREFIX}{file}#{digest}"
+    return model

@@ -39,6 +39,27 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _trained_run(text: str) -> str:
+    """``--features RUN``: a run folder of 'imagerec train' or a checkpoint, as the backbone spec ``run:PATH``."""
+    from .checkpoint import RUN_PREFIX, resolve_checkpoint
+
+    try:
+        resolve_checkpoint(text)
+    except ImagerecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return RUN_PREFIX + os.path.abspath(text)
+
+
+def _add_backbone(p: argparse.ArgumentParser, default: str, help: str) -> None:
+    """``--backbone NAME`` or ``--features RUN`` (a trained run's network instead of a generic one), not both."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--backbone", default=default, help=help)
+    group.add_argument(
+        "--features", dest="backbone", type=_trained_run, metavar="RUN",
+        help="embed with a trained run's network (a run folder of 'imagerec train' or its .safetensors) instead of --backbone",
+    )  # fmt: skip
+
+
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="a folder of images, DIR/<class>/*, a split root, a CSV manifest, or 'cifar10'")
     p.add_argument("--split", choices=["train", "val", "test"], help="one split of the data (default: all images)")
@@ -68,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("embed", help="turn images into feature vectors (.npz)")
     _add_data_arguments(p)
-    p.add_argument("--backbone", default="efficientnet_lite0", help="registry name (see 'imagerec models')")
+    _add_backbone(p, "efficientnet_lite0", "registry name (see 'imagerec models')")
     p.add_argument("--out", required=True, help="output .npz file (resumable: run again to continue)")
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default: 64)")
@@ -101,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add", action="store_true", help="append DATA's new images to the index in --out, embedding only them")
     p.add_argument("--parts", nargs="+", metavar="PART", help="merge the .npz parts of 'imagerec embed --shard I/N' instead of DATA")
     p.add_argument("--split", choices=["train", "val", "test"], help="one split of the data (default: all images)")
-    p.add_argument("--backbone", default="auto", help="registry name, or auto: Lite2 at 160 px for small images, Lite0 for photos")
+    _add_backbone(p, "auto", "registry name, or auto: Lite2 at 160 px for small images, Lite0 for photos")
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
     p.add_argument(
         "--exact-max", type=_positive_int, default=None,
@@ -193,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", help="number of clusters, or 'auto' (the default for the methods that take k; dbscan and hdbscan find it)")
     p.add_argument("--k-range", type=int, nargs=2, default=[2, 15], metavar=("LOW", "HIGH"), help="candidates for --k auto (default: 2 15)")
     p.add_argument("--out", required=True, help="run folder: assignments.csv, summary.json, clusters/*.png, map.png, gallery.html")
-    p.add_argument("--backbone", default="auto", help="registry name, when DATA holds images; auto: efficientnet_lite2 at 160 px for small images, else efficientnet_lite0 (default: auto)")
+    _add_backbone(p, "auto", "registry name, when DATA holds images; auto: efficientnet_lite2 at 160 px for small images, else efficientnet_lite0 (default: auto)")
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto, for embedding and the deep head (default: cpu)")
@@ -254,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: summary.json, one CSV/Parquet per check, sheets/*.png, report.html")
     p.add_argument("--checks", help="comma-separated, from: exact_duplicates, near_duplicates, leakage, outliers, label_issues, quality (default: all that apply)")
     p.add_argument("--split", choices=["train", "val", "test"], help="audit one split only (default: all; leakage needs them all)")
-    p.add_argument("--backbone", default="auto", help="registry name; auto: efficientnet_lite2 at 160 px for small images, else efficientnet_lite0 (default: auto)")
+    _add_backbone(p, "auto", "registry name; auto: efficientnet_lite2 at 160 px for small images, else efficientnet_lite0 (default: auto)")
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the backbone's)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
@@ -277,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="path,label CSV of the images decided so far (default: the labels DATA holds)")
     p.add_argument("--out", required=True, help="CSV to write: path, label, suggested, confidence, disagrees, next")
     p.add_argument("--next", type=int, default=20, dest="next_count", help="how many images to rank for labelling next (default: 20)")
-    p.add_argument("--backbone", default="auto", help="registry name, or auto: Lite2 at 160 px for small images, Lite0 for photos")
+    _add_backbone(p, "auto", "registry name, or auto: Lite2 at 160 px for small images, Lite0 for photos")
     p.add_argument("--cache", help="folder whose embeddings.npz the next run reuses (default: OUT.features)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_label)

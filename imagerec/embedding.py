@@ -51,7 +51,7 @@ from ._io import atomic_path, write_text_atomic
 from ._lock import output_lock
 from ._onnx import FeatureModel, export_onnx, onnx_session
 from ._version import __version__
-from .backbones import create_backbone
+from .checkpoint import feature_model
 from .data import (
     DEFAULT_MAX_PIXELS,
     ImageSource,
@@ -298,7 +298,7 @@ def embed(
         )
     out = _check_out(out)
     source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels, allow_outside=allow_outside)
-    model = create_backbone(backbone, num_classes=0) if isinstance(backbone, str) else backbone
+    model = feature_model(backbone)
     name = getattr(model, "backbone_name", type(model).__name__)
     pp = model.preprocessing.resolve(image_size, crop_pct)  # validated before any decoding
     with output_lock(out, "embed run") if out else contextlib.nullcontext():  # before any decoding: a second run stops at once

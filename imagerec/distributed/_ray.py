@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._identity import file_identity
-from ..backbones import create_backbone
+from ..checkpoint import feature_model
 from ..data import DEFAULT_MAX_PIXELS, ImageSource, Preprocessing, load_images
 from ..data._cache import _common_small_size
 from ..embedding import Embeddings, _weights_digest, embed
@@ -182,7 +182,7 @@ def embed_on_ray(
         raise ImagerecError(f"{source.root}: no images to embed")
 
     # 2. the model and its preprocessing, decided once for every part
-    model = create_backbone(backbone, num_classes=0) if isinstance(backbone, str) else backbone
+    model = feature_model(backbone)
     name = getattr(model, "backbone_name", type(model).__name__)
     pp = model.preprocessing.resolve(image_size, crop_pct)
     small = _common_small_size(source.paths) if crop_pct is None else None

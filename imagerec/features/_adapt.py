@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .._decode import load_rgb
 from .._engine import Loop, Progress, StepOutput, WarmupCosine
 from .._optim import decay_groups
-from ..backbones import create_backbone
+from ..checkpoint import feature_model
 from ..data import BatchAugment, ImageSource, decode_small_images
 from ..errors import ImagerecError
 from ..inference import resolve_device
@@ -104,7 +104,7 @@ def adapt_backbone(
     if batch_size < 2:
         raise ImagerecError(f"batch_size={batch_size} must be at least 2: the other images of a batch are the negatives")
     torch_device = resolve_device(device)
-    model = create_backbone(backbone, num_classes=0) if isinstance(backbone, str) else backbone
+    model = feature_model(backbone)
     if model.num_classes != 0:
         model.reset_classifier(0)
     pp = model.preprocessing.resolve(image_size, crop_pct=1.0)

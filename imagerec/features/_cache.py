@@ -23,7 +23,7 @@ from torch import nn
 
 from .._identity import file_identity
 from .._io import write_text_atomic
-from ..backbones import create_backbone
+from ..checkpoint import feature_model
 from ..data import SMALL_IMAGE_MAX_SIDE, DEFAULT_MAX_PIXELS, DecodeError, ImageSource, Skipped, load_images, load_rgb
 from ..embedding import Embeddings, embed
 from ..errors import ImagerecError
@@ -81,7 +81,7 @@ def resolve_embeddings(
             "images, or fit an estimator of imagerec.clustering (KMeans, DBSCAN, ...) on it directly"
         )
     source = data if isinstance(data, ImageSource) else load_images(data, split, max_pixels=max_pixels)
-    model = backbone if isinstance(backbone, nn.Module) else create_backbone(backbone, num_classes=0)
+    model = feature_model(backbone)
     if tta:
         model = FlipAveraged(model)
     options = dict(image_size=image_size, crop_pct=crop_pct, batch_size=batch_size, device=device, max_pixels=max_pixels, progress=progress)

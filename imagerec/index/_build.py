@@ -14,6 +14,7 @@ from .._decode import display_path
 from .._identity import changed_files
 from .._lock import run_lock
 from ..backbones import list_backbones
+from ..checkpoint import RUN_PREFIX, run_feature_model
 from ..clustering._features import auto_backbone
 from ..data import DEFAULT_MAX_PIXELS, ImageSource, load_images
 from ..embedding import Embeddings, embed
@@ -42,13 +43,17 @@ def check_backbone(name: str) -> None:
     """Refuse a backbone whose features a later query could not reproduce.
 
     Raises:
-        ImagerecError: ``name`` is not a registry backbone with pretrained weights.
+        ImagerecError: ``name`` is neither a registry backbone with pretrained weights nor a
+            trained run whose checkpoint is still the one the features were made with.
     """
+    if name.startswith(RUN_PREFIX):
+        run_feature_model(name[len(RUN_PREFIX):])  # raises when the run is gone or its weights changed
+        return
     usable = list_backbones(pretrained=True)
     if name not in usable:
         raise ImagerecError(
             f"backbone {name!r} cannot index: queries must be embedded by the same weights later, so it must be "
-            f"a registry backbone with pretrained weights (without test-time augmentation): one of {', '.join(usable)}"
+            f"a registry backbone with pretrained weights (without test-time augmentation): one of {', '.join(usable)}, or --features RUN"
         )
 
 

@@ -20,7 +20,7 @@ import torch
 from .._home import cache_dir
 from .._onnx import FeatureModel, export_onnx, onnx_session
 from .._version import __version__
-from ..backbones import create_backbone
+from ..checkpoint import feature_model
 from ..data import ImageSource, Preprocessing, Skipped, iter_batches
 
 
@@ -28,7 +28,7 @@ class QueryEncoder:
     """``encoder(source) -> (paths, features, skipped)`` with the index's model, on the CPU."""
 
     def __init__(self, backbone: str, pp: Preprocessing):
-        model = create_backbone(backbone, num_classes=0, pretrained=True)
+        model = feature_model(backbone)
         self.pp = pp
         digest = hashlib.sha256(json.dumps([backbone, pp.to_dict(), __version__]).encode())
         for tensor in model.state_dict().values():  # other weights (an upgraded package): another file

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..backbones import create_backbone
+from ..checkpoint import feature_model
 from ..data import (
     DEFAULT_MAX_PIXELS,
     SMALL_IMAGE_MAX_SIDE,
@@ -221,7 +221,7 @@ class SearchIndex:
             paths, features, skipped = self._encoder(source, batch_size)
         else:
             if self._model is None:
-                self._model = create_backbone(self.backbone, num_classes=0, pretrained=True)
+                self._model = feature_model(self.backbone)
             if not len(source):
                 paths, features, skipped = [], None, source.skipped
             else:

@@ -21,6 +21,7 @@ from .._io import write_text_atomic
 from ..data import write_manifest
 from ..errors import ImagerecError
 from ._db import DUPLICATE, JUNK, Project
+from ._setup import RUN_PREFIX, features_backbone
 from ._pages import Raw, esc, table, thumb
 
 SHOWN = 50  # findings shown per check
@@ -99,8 +100,8 @@ def start(project: Project, state) -> None:
     folder = project.folder / "audit"
     manifest = folder / "input.csv"
     write_manifest(manifest, rows)  # trusted: it names the collection's own folders
-    backbone = getattr(state, "embed_backbone", "auto")
-    image_size = getattr(state, "embed_image_size", None)
+    backbone = features_backbone(project, getattr(state, "embed_backbone", "auto"))
+    image_size = None if backbone.startswith(RUN_PREFIX) else getattr(state, "embed_image_size", None)  # a run's own size
     _job(state, "audit").run("audit", lambda: _in_child(project.folder, backbone, image_size))
 
 
@@ -265,21 +266,22 @@ def search(project: Project, state, upload) -> str:
     if not available("index"):
         raise ImagerecError("search is not available yet: this imagerec has no imagerec.index layer")
     index_mod = importlib.import_module("imagerec.index")
-    folder = project.folder / "index"
+    backbone = features_backbone(project, getattr(state, "embed_backbone", "auto"))
+    trained = backbone.startswith(RUN_PREFIX)
+    folder = project.folder / "index" / (f"run-{Path(backbone[len(RUN_PREFIX):]).name}" if trained else "generic")  # a new model: a new index
     job = _job(state, "index_job")
-    if not (folder / "meta.json").is_file() and job.state != "done":
+    if not (folder / "meta.json").is_file():
+        if job.state == "failed":
+            raise ImagerecError(f"the search index could not be built: {job.message}")
         if job.state != "running":
             rows = project.labels()
             paths = [p for p, _ in rows]
             from ..data import ImageSource  # noqa: PLC0415
 
             source = ImageSource(paths, None, None, str(project.folder))
-            backbone = getattr(state, "embed_backbone", "auto")
-            size = getattr(state, "embed_image_size", None)
+            size = None if trained else getattr(state, "embed_image_size", None)
             job.run("index build", lambda: index_mod.build_index(source, folder, backbone=backbone, image_size=size, progress=False))
         return f'<p id="indexstate">Building the search index of the collection ({esc(job.message)}); search again in a moment.</p>'
-    if job.state == "failed":
-        raise ImagerecError(f"the search index could not be built: {job.message}")
     name, img = upload
     with tempfile.TemporaryDirectory() as tmp:
         query = Path(tmp) / "query.png"

@@ -69,23 +69,29 @@ class Reviewer:
         self._lock = threading.Lock()
         self._suggestions = None
         self._ids: np.ndarray | None = None  # image id of each feature row
+        self._features_of: str | None = None  # the backbone spec they came from
 
     # -- the features, once, in the background -----------------------------------------------------
 
     def start(self) -> None:
-        """Compute (or read back from the cache) every image's features, in a background thread."""
-        if self._ids is not None:
-            return
-        self.job.run("suggestion job", self._prepare)
+        """Compute (or read back from the cache) every image's features, in a background thread;
+        again after a training run finishes, with its network (the suggestions learn from it)."""
+        from ._setup import features_backbone  # noqa: PLC0415
 
-    def _prepare(self) -> None:
+        backbone = features_backbone(self.project, self.backbone)
+        if (self._ids is not None and backbone == self._features_of) or self.job.state == "running":
+            return
+        self.job.run("suggestion job", lambda: self._prepare(backbone))
+
+    def _prepare(self, backbone: str) -> None:
         from ..data import ImageSource  # noqa: PLC0415
-        from ._setup import collection_features  # noqa: PLC0415 - torch only when suggesting
+        from ._setup import RUN_PREFIX, collection_features  # noqa: PLC0415 - torch only when suggesting
 
         with self.project.connection() as con:
             paths = [r[0] for r in con.execute("SELECT path FROM images ORDER BY id")]
         source = ImageSource(paths, None, None, str(self.project.folder))
-        emb = collection_features(self.project.folder, source, self.backbone, self.image_size, progress=False)
+        size = None if backbone.startswith(RUN_PREFIX) else self.image_size
+        emb = collection_features(self.project.folder, source, backbone, size, progress=False)
         ids = self.project.ids_of_paths(list(emb.paths))
         rows = [n for n, p in enumerate(emb.paths) if p in ids]
         if len(rows) < 2:
@@ -93,6 +99,7 @@ class Reviewer:
         with self._lock:
             self._features = np.asarray(emb.features)[rows]
             self._ids = np.asarray([ids[emb.paths[n]] for n in rows], np.int64)
+            self._features_of, self._suggestions = backbone, None
 
     @property
     def ready(self) -> bool:

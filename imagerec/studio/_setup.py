@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import BEST, LAST, RUN_PREFIX
 from ..data import DEFAULT_MAX_PIXELS, load_images
 from ..errors import ImagerecError
 from ._db import Project
@@ -51,12 +52,26 @@ def import_data(project: Project, data: str, *, k: int | str | None = None, back
 FEATURES_DIR = "features"  # the project's embeddings cache: the clustering fills it, the review reuses it
 
 
+def features_backbone(project: Project, default: str) -> str:
+    """The backbone the studio embeds with: the network of its latest finished training run (features
+    that learn from the person's labels), else ``default`` (the studio's ``--backbone``)."""
+    for run in project.runs():  # newest first
+        folder = Path(run["run_dir"] or "")
+        if run["status"] == "done" and any((folder / name).is_file() for name in (BEST, LAST)):
+            return RUN_PREFIX + str(folder.resolve())
+    return default
+
+
 def collection_features(folder: Path, source, backbone: str, image_size: int | None, progress: bool = True):
-    """The raw embeddings of ``source``, cached by content in ``folder/features`` (unchanged files are not embedded again)."""
+    """The raw embeddings of ``source``, cached by content in ``folder/features`` (a trained run's in
+    ``folder/features/run-<run folder>``), so unchanged files are not embedded again."""
     from ..features import compute_features  # noqa: PLC0415 - torch only when embedding
 
-    return compute_features(source, backbone=backbone, image_size=image_size, cache_dir=Path(folder) / FEATURES_DIR,
-                            pca_dim=None, progress=progress).embeddings
+    cache = Path(folder) / FEATURES_DIR
+    if str(backbone).startswith(RUN_PREFIX):
+        cache = cache / f"run-{Path(str(backbone)[len(RUN_PREFIX):]).name}"
+    return compute_features(source, backbone=backbone, image_size=None if str(backbone).startswith(RUN_PREFIX) else image_size,
+                            cache_dir=cache, pca_dim=None, progress=progress).embeddings
 
 
 def _clustered(project, source, paths, data, k, backbone, image_size, progress):
