@@ -289,7 +289,7 @@ def fit_layer_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 RUN_PREFIX = "run:"  # a backbone spec naming a trained run: "run:RUN_FOLDER" or "run:FILE.safetensors"
 
 
-def feature_model(spec: str | nn.Module, *, pretrained: bool = True) -> nn.Module:
+def feature_model(spec: str | nn.Module, *, pretrained: bool | None = None) -> nn.Module:
     """The model that embeds images, from a backbone spec: the one place that reads one.
 
     Args:
@@ -297,7 +297,8 @@ def feature_model(spec: str | nn.Module, *, pretrained: bool = True) -> nn.Modul
             of ``imagerec train`` (its best checkpoint) or of a checkpoint file, with the run's
             preprocessing (see :func:`run_feature_model`); else a registry name (its pretrained
             weights, without a head).
-        pretrained: registry names only: load the pretrained weights.
+        pretrained: registry names only: True requires pretrained weights, None (the default)
+            loads them where the backbone has them, False leaves the weights random.
 
     Raises:
         ImagerecError: an unknown name, or a run that cannot be read.

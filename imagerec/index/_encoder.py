@@ -28,7 +28,7 @@ class QueryEncoder:
     """``encoder(source) -> (paths, features, skipped)`` with the index's model, on the CPU."""
 
     def __init__(self, backbone: str, pp: Preprocessing):
-        model = feature_model(backbone)
+        model = feature_model(backbone, pretrained=True)
         self.pp = pp
         digest = hashlib.sha256(json.dumps([backbone, pp.to_dict(), __version__]).encode())
         for tensor in model.state_dict().values():  # other weights (an upgraded package): another file

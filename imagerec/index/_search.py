@@ -221,7 +221,7 @@ class SearchIndex:
             paths, features, skipped = self._encoder(source, batch_size)
         else:
             if self._model is None:
-                self._model = feature_model(self.backbone)
+                self._model = feature_model(self.backbone, pretrained=True)
             if not len(source):
                 paths, features, skipped = [], None, source.skipped
             else:

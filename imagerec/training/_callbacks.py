@@ -261,9 +261,18 @@ def make_checkpoint(model, stage, meta, plan: Plan, step, history) -> Checkpoint
     )
 
 
+def describe_data(data) -> str:
+    """The data spec as the run records it: a spec as given, an ImageSource by its root."""
+    if isinstance(data, ImageSource):
+        return data.root
+    if isinstance(data, tuple):
+        return " | ".join(describe_data(d) for d in data if d is not None)
+    return str(data)
+
+
 def write_config(run_dir: Path, cfg: TrainConfig, plan: Plan, data) -> None:
     """The resolved configuration and the plan, beside the run's outputs."""
-    write_text_atomic(run_dir / "config.json", json.dumps({"config": cfg.to_dict(), "plan": plan.to_dict(), "data": str(data)}, indent=2))
+    write_text_atomic(run_dir / "config.json", json.dumps({"config": cfg.to_dict(), "plan": plan.to_dict(), "data": describe_data(data)}, indent=2))
 
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:

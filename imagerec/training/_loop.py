@@ -60,7 +60,7 @@ from ..errors import ImagerecError
 from ..inference import predict_source
 from ._calibrate import calibration_meta
 from ._calibrate import describe as describe_calibration
-from ._callbacks import EpochEnd, Replan, RunningLoss, SkipLog, make_checkpoint, write_config
+from ._callbacks import EpochEnd, Replan, RunningLoss, SkipLog, describe_data, make_checkpoint, write_config
 from ._config import TrainConfig
 from ._distributed import World, setup, teardown
 from ._plan import RESIZE_RAMP, Budget, Plan, make_plan
@@ -98,7 +98,7 @@ class TrainResult:
 
 
 def train(
-    data: str | os.PathLike | ImageSource | None,
+    data: str | os.PathLike | ImageSource | tuple[ImageSource, ImageSource | None] | None,
     out: str | os.PathLike | None,
     config: TrainConfig | None = None,
     *,
@@ -109,8 +109,9 @@ def train(
     """Fine-tune (or train from scratch) a registry backbone on a labelled data set.
 
     Args:
-        data: a labelled data set spec (see :func:`~imagerec.data.load_images`) or ImageSource.
-            May be None when resuming: the run's own data is used.
+        data: a labelled data set spec (see :func:`~imagerec.data.load_images`), an ImageSource
+            (no validation split), or a pair of ImageSources (train, val or None). May be None
+            when resuming: the run's own data is used.
         out: the run folder to write (None when resuming: the resumed folder).
         config: hyperparameters (defaults: the transfer recipe).
         resume: a run folder (or its ``last.safetensors``) to continue.
@@ -231,7 +232,7 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
     #    (validate, save, stop early) are its callbacks, called in this order.
     meta = {
         "backbone": cfg.backbone, "classes": classes, "preprocessing": pp.to_dict(), "config": cfg.to_dict(),
-        "data": str(data), "train_images": listed, **({"probe": {k: probe[k] for k in ("C", "images")}} if probe else {}),
+        "data": describe_data(data), "train_images": listed, **({"probe": {k: probe[k] for k in ("C", "images")}} if probe else {}),
     }
     skipped = SkipLog(train_src.skipped + (val_src.skipped if val_src else []), run_dir if world.main else None)
     skipped.report()
@@ -323,6 +324,8 @@ def _load_splits(data, cfg: TrainConfig, progress: bool, expect: dict | None = N
     max_pixels = cfg.max_pixels or DEFAULT_MAX_PIXELS
     if isinstance(data, ImageSource):
         train_src, val_src = data, None
+    elif isinstance(data, tuple):  # (train, val) made by the caller, e.g. semi-supervised training
+        train_src, val_src = data
     else:
         train_src = load_images(data, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels, allow_outside=cfg.allow_outside)
         val_src = None

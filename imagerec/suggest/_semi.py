@@ -1,0 +1,110 @@
+"""Semi-supervised training: the labelled images, plus the unlabelled ones whose suggestion is sure.
+
+One round of self-training with pseudo-labels. The suggestions (:func:`suggest`: a linear probe
+and label propagation over the kNN graph of the labelled and unlabelled images together, with
+calibrated confidences) name a class for every unlabelled image; those at ``threshold`` or above
+join the training split with that class. The run then trains as ``imagerec train`` does, within
+what is left of the same time budget, and validates on labelled images only, so its keep-rule and
+its calibration never see a pseudo-label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..data import DEFAULT_MAX_PIXELS, ImageSource, has_val_split, load_images, write_manifest
+from ..errors import ImagerecError
+from ..features import compute_features
+from ..training import TrainConfig, TrainResult, train
+from ._suggest import suggest
+
+PSEUDO_THRESHOLD = 0.9  # calibrated confidence an unlabelled image needs to join the training split
+PSEUDO_DIR = "pseudo"  # in the run folder: the embeddings cache and pseudo_labels.csv
+
+
+def check_threshold(threshold) -> float:
+    if not isinstance(threshold, (int, float)) or not 0 < float(threshold) <= 1:
+        raise ImagerecError(f"pseudo-label threshold {threshold!r} must be in (0, 1]; try {PSEUDO_THRESHOLD}")
+    return float(threshold)
+
+
+def train_semi_supervised(
+    data,
+    unlabeled,
+    out: str | os.PathLike,
+    config: TrainConfig | None = None,
+    *,
+    threshold: float = PSEUDO_THRESHOLD,
+    progress: bool = True,
+) -> tuple[TrainResult, dict]:
+    """Train on the labelled ``data`` and the confidently pseudo-labelled images of ``unlabeled``.
+
+    Args:
+        data: labelled images, as for :func:`~imagerec.training.train` (its training split is
+            carved the same way; the validation split stays labelled images only).
+        unlabeled: a folder (or manifest) of images without labels; labels it holds are ignored.
+        out: the run folder; ``out/pseudo/pseudo_labels.csv`` lists the images taken and their class.
+        config: the training settings; a ``time_budget`` covers the pseudo-labelling too.
+        threshold: calibrated confidence an unlabelled image needs, in (0, 1].
+        progress: show progress bars.
+
+    Returns:
+        (the training result, what the pseudo-labelling did: images, taken, threshold, seconds).
+
+    Raises:
+        ImagerecError: bad arguments or data (checked before any embedding), no unlabelled image,
+            or a budget spent before training could start.
+    """
+    started = time.perf_counter()
+    threshold = check_threshold(threshold)
+    config = config or TrainConfig()
+    cfg = config.resolved()
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise ImagerecError(f"{out}: is not empty; semi-supervised training starts a new run: pick another --out")
+    max_pixels = cfg.max_pixels or DEFAULT_MAX_PIXELS
+    labelled = load_images(data, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels, allow_outside=cfg.allow_outside)
+    val = None
+    if has_val_split(data, cfg.val_fraction):
+        val = load_images(data, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels, allow_outside=cfg.allow_outside)
+    if not labelled.labelled:
+        raise ImagerecError(f"{data}: holds no labels; give the labelled images as DIR/<class>/* or a CSV manifest path,label")
+    extra = load_images(unlabeled, max_pixels=max_pixels, allow_outside=cfg.allow_outside)
+    taken = {os.path.abspath(p) for p in labelled.paths + (val.paths if val else [])}
+    extra_paths = [p for p in extra.paths if os.path.abspath(p) not in taken]
+    if not extra_paths:
+        raise ImagerecError(f"{unlabeled}: holds no image that is not already labelled; give a folder of unlabelled images")
+    if any("#" in p and not os.path.isfile(p) for p in labelled.paths[:1] + extra_paths[:1]):
+        raise ImagerecError("semi-supervised training needs image files, not images held in arrays (e.g. cifar10-jpeg, not 'cifar10')")
+
+    # 1. the suggestions, on the features of the pretrained backbone (cached in the run folder)
+    both = ImageSource(list(labelled.paths) + extra_paths, None, None, f"{labelled.root} + {extra.root}", max_pixels=max_pixels)
+    emb = compute_features(both, backbone=cfg.backbone, cache_dir=Path(out) / PSEUDO_DIR, pca_dim=None, progress=progress).embeddings
+    name_of = dict(zip(labelled.paths, (labelled.classes[i] for i in labelled.labels)))
+    s = suggest(emb, [name_of.get(p) for p in emb.paths])
+    conf, suggested = s.suggester.confidence_, s.suggester.suggested_
+    rows = [n for n, p in enumerate(emb.paths) if p not in name_of and conf[n] >= threshold]
+    index = {c: i for i, c in enumerate(labelled.classes)}
+    pseudo_paths = [emb.paths[n] for n in rows]
+    pseudo_labels = np.asarray([index[s.classes[suggested[n]]] for n in rows], np.int64)
+    write_manifest(Path(out) / PSEUDO_DIR / "pseudo_labels.csv", zip(pseudo_paths, (labelled.classes[i] for i in pseudo_labels)))
+    info = {
+        "unlabelled_images": len(extra_paths), "pseudo_labelled": len(rows), "threshold": threshold,
+        "seconds": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+
+    # 2. train on both, in what is left of the budget
+    if cfg.time_budget is not None:
+        left = cfg.time_budget - (time.perf_counter() - started) / 60
+        if left <= 0:
+            raise ImagerecError(f"--time-budget {cfg.time_budget:g} min was spent on pseudo-labelling {len(extra_paths):,} images; raise the budget")
+        config = dataclasses.replace(config, time_budget=left)
+    train_src = ImageSource(
+        list(labelled.paths) + pseudo_paths, np.concatenate([np.asarray(labelled.labels, np.int64), pseudo_labels]), list(labelled.classes),
+        f"{labelled.root} + {len(rows)} pseudo-labelled of {extra.root}", max_pixels=max_pixels,
+    )  # fmt: skip
+    return train((train_src, val), out, config, progress=progress), info
