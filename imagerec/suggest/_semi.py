@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import DEFAULT_MAX_PIXELS, ImageSource, has_val_split, load_images, write_manifest
+from ..data import DEFAULT_MAX_PIXELS, ImageSource, load_images, write_manifest
 from ..errors import ImagerecError
 from ..features import compute_features
-from ..training import TrainConfig, TrainResult, train
+from ..training import TrainConfig, TrainResult, load_splits, train
 from ._suggest import suggest
 
 PSEUDO_THRESHOLD = 0.9  # calibrated confidence an unlabelled image needs to join the training split
@@ -67,13 +67,8 @@ def train_semi_supervised(
     if Path(out).exists() and any(Path(out).iterdir()):
         raise ImagerecError(f"{out}: is not empty; semi-supervised training starts a new run: pick another --out")
     max_pixels = cfg.max_pixels or DEFAULT_MAX_PIXELS
-    labelled = load_images(data, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels, allow_outside=cfg.allow_outside)
-    val = None
-    if has_val_split(data, cfg.val_fraction):
-        val = load_images(data, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, max_pixels=max_pixels, allow_outside=cfg.allow_outside)
-    if not labelled.labelled:
-        raise ImagerecError(f"{data}: holds no labels; give the labelled images as DIR/<class>/* or a CSV manifest path,label")
     extra = load_images(unlabeled, max_pixels=max_pixels, allow_outside=cfg.allow_outside)
+    labelled, val, _ = load_splits(data, cfg, progress)  # carved as train carves them; checked for labels and classes
     taken = {os.path.abspath(p) for p in labelled.paths + (val.paths if val else [])}
     extra_paths = [p for p in extra.paths if os.path.abspath(p) not in taken]
     if not extra_paths:

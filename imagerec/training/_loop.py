@@ -173,7 +173,7 @@ def _resumed_config(state) -> TrainConfig:
 def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: float, progress: bool, predict_after: int) -> TrainResult:
     # 1. Data: the training split and a validation split (its own folder, or a stratified carve-out).
     #    A resumed run must see the data it started with (checked before any image is decoded).
-    train_src, val_src, listed = _load_splits(data, cfg, progress, expect=None if state is None else state.meta)
+    train_src, val_src, listed = load_splits(data, cfg, progress, expect=None if state is None else state.meta)
     classes = train_src.classes
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -317,7 +317,7 @@ def size_margin(accuracy: float, images: int) -> float:
 # 1. Data
 
 
-def _load_splits(data, cfg: TrainConfig, progress: bool, expect: dict | None = None) -> tuple[ImageSource, ImageSource | None, int]:
+def load_splits(data, cfg: TrainConfig, progress: bool, expect: dict | None = None) -> tuple[ImageSource, ImageSource | None, int]:
     """The training and validation splits, and the number of training images listed (before
     decoding, which may skip some). With ``expect`` (a resumed run's metadata) the classes and
     that number must be the run's, checked before any image is decoded."""
