@@ -111,10 +111,10 @@ def test_the_studio_embeds_with_its_latest_finished_run(tmp_path):
     from imagerec.studio._setup import features_backbone
 
     project = Project(tmp_path / "project")
-    assert features_backbone(project, "auto") == "auto"
+    assert features_backbone(project, "auto", 160) == ("auto", 160)
     run_id = project.start_run(1.0, "seed_cnn", str(tmp_path / "r1"), 12)
     project.finish_run(run_id, "failed", message="stopped")
-    assert features_backbone(project, "auto") == "auto"  # no finished run, no checkpoint
+    assert features_backbone(project, "auto", 160) == ("auto", 160)  # no finished run, no checkpoint
     run_id = project.start_run(1.0, "seed_cnn", str(write_run(tmp_path / "r2", seed=1)), 12)
     project.finish_run(run_id, "done", accuracy=0.5)
-    assert features_backbone(project, "auto") == RUN_PREFIX + str((tmp_path / "r2").resolve())
+    assert features_backbone(project, "auto", 160) == (RUN_PREFIX + str((tmp_path / "r2").resolve()), None)  # at its own size

@@ -100,8 +100,7 @@ def start(project: Project, state) -> None:
     folder = project.folder / "audit"
     manifest = folder / "input.csv"
     write_manifest(manifest, rows)  # trusted: it names the collection's own folders
-    backbone = features_backbone(project, getattr(state, "embed_backbone", "auto"))
-    image_size = None if backbone.startswith(RUN_PREFIX) else getattr(state, "embed_image_size", None)  # a run's own size
+    backbone, image_size = features_backbone(project, getattr(state, "embed_backbone", "auto"), getattr(state, "embed_image_size", None))
     _job(state, "audit").run("audit", lambda: _in_child(project.folder, backbone, image_size))
 
 
@@ -266,7 +265,7 @@ def search(project: Project, state, upload) -> str:
     if not available("index"):
         raise ImagerecError("search is not available yet: this imagerec has no imagerec.index layer")
     index_mod = importlib.import_module("imagerec.index")
-    backbone = features_backbone(project, getattr(state, "embed_backbone", "auto"))
+    backbone, size = features_backbone(project, getattr(state, "embed_backbone", "auto"), getattr(state, "embed_image_size", None))
     trained = backbone.startswith(RUN_PREFIX)
     folder = project.folder / "index" / (f"run-{Path(backbone[len(RUN_PREFIX):]).name}" if trained else "generic")  # a new model: a new index
     job = _job(state, "index_job")
@@ -279,7 +278,6 @@ def search(project: Project, state, upload) -> str:
             from ..data import ImageSource  # noqa: PLC0415
 
             source = ImageSource(paths, None, None, str(project.folder))
-            size = None if trained else getattr(state, "embed_image_size", None)
             job.run("index build", lambda: index_mod.build_index(source, folder, backbone=backbone, image_size=size, progress=False))
         return f'<p id="indexstate">Building the search index of the collection ({esc(job.message)}); search again in a moment.</p>'
     name, img = upload

@@ -78,19 +78,18 @@ class Reviewer:
         again after a training run finishes, with its network (the suggestions learn from it)."""
         from ._setup import features_backbone  # noqa: PLC0415
 
-        backbone = features_backbone(self.project, self.backbone)
+        backbone, size = features_backbone(self.project, self.backbone, self.image_size)
         if (self._ids is not None and backbone == self._features_of) or self.job.state == "running":
             return
-        self.job.run("suggestion job", lambda: self._prepare(backbone))
+        self.job.run("suggestion job", lambda: self._prepare(backbone, size))
 
-    def _prepare(self, backbone: str) -> None:
+    def _prepare(self, backbone: str, size: int | None) -> None:
         from ..data import ImageSource  # noqa: PLC0415
-        from ._setup import RUN_PREFIX, collection_features  # noqa: PLC0415 - torch only when suggesting
+        from ._setup import collection_features  # noqa: PLC0415 - torch only when suggesting
 
         with self.project.connection() as con:
             paths = [r[0] for r in con.execute("SELECT path FROM images ORDER BY id")]
         source = ImageSource(paths, None, None, str(self.project.folder))
-        size = None if backbone.startswith(RUN_PREFIX) else self.image_size
         emb = collection_features(self.project.folder, source, backbone, size, progress=False)
         ids = self.project.ids_of_paths(list(emb.paths))
         rows = [n for n, p in enumerate(emb.paths) if p in ids]

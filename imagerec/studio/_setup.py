@@ -52,14 +52,15 @@ def import_data(project: Project, data: str, *, k: int | str | None = None, back
 FEATURES_DIR = "features"  # the project's embeddings cache: the clustering fills it, the review reuses it
 
 
-def features_backbone(project: Project, default: str) -> str:
-    """The backbone the studio embeds with: the network of its latest finished training run (features
-    that learn from the person's labels), else ``default`` (the studio's ``--backbone``)."""
+def features_backbone(project: Project, default: str, image_size: int | None) -> tuple[str, int | None]:
+    """The backbone the studio embeds with, and its input size: the network of its latest finished
+    training run at that run's own size (features that learn from the person's labels), else
+    ``default`` at ``image_size`` (the studio's ``--backbone`` and ``--image-size``)."""
     for run in project.runs():  # newest first
         folder = Path(run["run_dir"] or "")
         if run["status"] == "done" and any((folder / name).is_file() for name in (BEST, LAST)):
-            return RUN_PREFIX + str(folder.resolve())
-    return default
+            return RUN_PREFIX + str(folder.resolve()), None
+    return default, image_size
 
 
 def collection_features(folder: Path, source, backbone: str, image_size: int | None, progress: bool = True):
@@ -70,8 +71,7 @@ def collection_features(folder: Path, source, backbone: str, image_size: int | N
     cache = Path(folder) / FEATURES_DIR
     if str(backbone).startswith(RUN_PREFIX):
         cache = cache / f"run-{Path(str(backbone)[len(RUN_PREFIX):]).name}"
-    return compute_features(source, backbone=backbone, image_size=None if str(backbone).startswith(RUN_PREFIX) else image_size,
-                            cache_dir=cache, pca_dim=None, progress=progress).embeddings
+    return compute_features(source, backbone=backbone, image_size=image_size, cache_dir=cache, pca_dim=None, progress=progress).embeddings
 
 
 def _clustered(project, source, paths, data, k, backbone, image_size, progress):
