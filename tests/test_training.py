@@ -31,6 +31,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def test_a_split_smaller_than_a_batch_is_one_batch(tmp_path, capsys):
+    data = make_colour_dataset(tmp_path / "few", per_class=4)  # 12 images, 9 after the carve-out
+    result = train(data, tmp_path / "run", TrainConfig(epochs=2, val_fraction=0.25, **{**FAST, "batch_size": 64}), progress=False)
+    assert result.plan.total_steps == 2  # one step an epoch
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["batch_size"] == 9
+    assert "batches of 9" in capsys.readouterr().err
+
+
 def test_run_folder_contents(colour_folder, tmp_path):
     result = train(colour_folder, tmp_path / "run", TrainConfig(epochs=3, val_fraction=0.25, **FAST), progress=False)
     run = tmp_path / "run"

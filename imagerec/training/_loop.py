@@ -178,6 +178,11 @@ def _train(data, run_dir: Path, cfg: TrainConfig, state, world: World, started: 
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _say(f"training on {train_src.describe()}; validating on {val_src.describe() if val_src else 'nothing'}")
+    per_process = len(train_src) // world.size
+    if 1 <= per_process < cfg.batch_size:  # a split smaller than one batch: the whole split is the batch
+        if world.main:
+            _say(f"batch size {cfg.batch_size} is more than the {per_process} training images a process has: batches of {per_process}")
+        cfg = replace(cfg, batch_size=per_process)
 
     # 2. Model: the backbone with a new head for these classes.
     pretrained = cfg.pretrained and cfg.backbone in list_backbones(pretrained=True)
