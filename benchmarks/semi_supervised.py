@@ -31,14 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     from imagerec import Classifier
     from imagerec.data import write_manifest
-    from imagerec.suggest import PSEUDO_THRESHOLD, train_semi_supervised
+    from imagerec.suggest import PSEUDO_SHARE, train_semi_supervised
     from imagerec.training import TrainConfig, train
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", default=",".join(suite.PHOTO_SETS))
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--time-budget", type=float, default=1.5, help="minutes per run, pseudo-labelling included")
-    parser.add_argument("--threshold", type=float, default=PSEUDO_THRESHOLD)
+    parser.add_argument("--share", type=float, default=PSEUDO_SHARE)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--work", default="/tmp/imagerec-suite")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
@@ -71,7 +71,7 @@ def main() -> None:
             row["alone_s"] = round(time.perf_counter() - started, 1)
             row["alone"] = float(Classifier.load(folder / "alone").evaluate(str(data.root), split="test").summary["accuracy"])
             started = time.perf_counter()
-            _, info = train_semi_supervised(str(folder / "labelled.csv"), str(folder / "pool.csv"), folder / "semi", config, threshold=args.threshold, progress=False)
+            _, info = train_semi_supervised(str(folder / "labelled.csv"), str(folder / "pool.csv"), folder / "semi", config, share=args.share, progress=False)
             row["semi_s"] = round(time.perf_counter() - started, 1)
             row["semi"] = float(Classifier.load(folder / "semi").evaluate(str(data.root), split="test").summary["accuracy"])
             truth = {data.train.paths[i]: data.classes[data.train.labels[i]] for i in rest}

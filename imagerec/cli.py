@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder for checkpoints, metrics.csv and config.json")
     p.add_argument("--resume", help="continue the run in this folder from its last checkpoint")
     p.add_argument("--config", help="TOML or JSON file of training settings (flags override it)")
-    p.add_argument("--unlabeled", metavar="MORE", help="a folder of unlabelled images: those whose suggested class is sure join the training split")
-    p.add_argument("--pseudo-threshold", type=float, default=None, help="with --unlabeled: calibrated confidence a pseudo-label needs (default: 0.9)")
+    p.add_argument("--unlabeled", metavar="MORE", help="a folder of unlabelled images: the surest of those suggested for each class join the training split")
+    p.add_argument("--pseudo-share", type=float, default=None, help="with --unlabeled: the share of each class's suggested images taken, most confident first (default: 0.25)")
     _add_config_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
@@ -489,17 +489,17 @@ def _run_train(args) -> None:
     config = None if args.resume and not args.config and not any(v is not None for v in overrides.values()) else load_config(args.config, **overrides)
     if args.resume and config is not None:
         raise ImagerecError("--resume continues a run with its own settings; drop the other flags (or start a new run with --out)")
-    if args.pseudo_threshold is not None and not args.unlabeled:
-        raise ImagerecError("--pseudo-threshold applies to --unlabeled; give the unlabelled images with --unlabeled MORE")
+    if args.pseudo_share is not None and not args.unlabeled:
+        raise ImagerecError("--pseudo-share applies to --unlabeled; give the unlabelled images with --unlabeled MORE")
     if args.unlabeled:
-        from .suggest import PSEUDO_THRESHOLD, train_semi_supervised  # noqa: PLC0415
+        from .suggest import PSEUDO_SHARE, train_semi_supervised  # noqa: PLC0415
 
         if args.resume or not (args.data and args.out):
             raise ImagerecError("--unlabeled starts a new run: give DATA and --out (a semi-supervised run is not resumed)")
-        threshold = PSEUDO_THRESHOLD if args.pseudo_threshold is None else args.pseudo_threshold
-        result, info = train_semi_supervised(args.data, args.unlabeled, args.out, config, threshold=threshold, progress=not args.no_progress)
+        share = PSEUDO_SHARE if args.pseudo_share is None else args.pseudo_share
+        result, info = train_semi_supervised(args.data, args.unlabeled, args.out, config, share=share, progress=not args.no_progress)
         print(f"pseudo-labelled {info['pseudo_labelled']:,} of {info['unlabelled_images']:,} unlabelled images "
-              f"(confidence >= {info['threshold']:g}) in {info['seconds']:.0f} s")  # fmt: skip
+              f"(the surest {info['share']:.0%} of each class's) in {info['seconds']:.0f} s")  # fmt: skip
     else:
         result = train(args.data, args.out, config, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") != "0":

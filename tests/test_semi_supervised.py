@@ -1,5 +1,5 @@
-"""``imagerec train DATA --unlabeled MORE``: unlabelled images whose suggestion is sure join the
-training split; validation stays labelled; the budget covers the pseudo-labelling."""
+"""``imagerec train DATA --unlabeled MORE``: the surest share of the unlabelled images suggested for
+each class join the training split; validation stays labelled; the budget covers the pseudo-labelling."""
 
 from __future__ import annotations
 
@@ -33,25 +33,26 @@ def folders(tmp_path) -> tuple[Path, Path]:
     return labelled, flat
 
 
-def test_the_sure_suggestions_join_the_training_split_and_validation_stays_labelled(folders, tmp_path):
+def test_the_surest_share_of_each_class_joins_the_training_split_and_validation_stays_labelled(folders, tmp_path):
     labelled, flat = folders
-    result, info = train_semi_supervised(labelled, flat, tmp_path / "run", TrainConfig(**FAST), threshold=0.34, progress=False)
+    result, info = train_semi_supervised(labelled, flat, tmp_path / "run", TrainConfig(**FAST), share=0.25, progress=False)
     assert info["unlabelled_images"] == 36
     with open(tmp_path / "run" / "pseudo" / "pseudo_labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == info["pseudo_labelled"] > 0
+    assert len(rows) == info["pseudo_labelled"]
     assert all(Path(r["path"]).parent == flat.resolve() and r["label"] in ("red", "green", "blue") for r in rows)
+    assert 3 <= len(rows) <= 9 + 3  # a quarter of 36, at least one of each suggested class
     meta = load_checkpoint(tmp_path / "run").meta
     assert meta["train_images"] == 18 + len(rows)  # 6 of each colour's 8 labelled images, plus the pseudo-labelled
     assert "pseudo-labelled" in meta["data"]
     assert result.best_val_accuracy is not None
 
 
-def test_a_threshold_above_every_confidence_takes_none(folders, tmp_path):
+def test_the_whole_share_takes_every_unlabelled_image(folders, tmp_path):
     labelled, flat = folders
-    _, info = train_semi_supervised(labelled, flat, tmp_path / "run", TrainConfig(**FAST), threshold=1.0, progress=False)
-    assert info["pseudo_labelled"] == 0
-    assert load_checkpoint(tmp_path / "run").meta["train_images"] == 18
+    _, info = train_semi_supervised(labelled, flat, tmp_path / "run", TrainConfig(**FAST), share=1.0, progress=False)
+    assert info["pseudo_labelled"] == 36
+    assert load_checkpoint(tmp_path / "run").meta["train_images"] == 18 + 36
 
 
 def test_the_budget_covers_the_pseudo_labelling(folders, tmp_path):
@@ -65,14 +66,14 @@ def test_the_budget_covers_the_pseudo_labelling(folders, tmp_path):
 def test_cli_semi_supervised_run_and_its_bad_input(folders, tmp_path, capsys):
     labelled, flat = folders
     flags = ["--backbone", "seed_cnn", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--no-progress"]
-    code, out, err = run_cli(capsys, "train", labelled, "--unlabeled", flat, "--out", tmp_path / "run", "--pseudo-threshold", "0.34", *flags)
+    code, out, err = run_cli(capsys, "train", labelled, "--unlabeled", flat, "--out", tmp_path / "run", "--pseudo-share", "0.5", *flags)
     assert code == 0, err
     assert "pseudo-labelled" in out and "run folder" in out
     code, _, err = run_cli(capsys, "train", labelled, "--unlabeled", tmp_path / "nowhere", "--out", tmp_path / "r2", *flags)
     assert_user_error(code, err, "nowhere")
-    code, _, err = run_cli(capsys, "train", labelled, "--unlabeled", flat, "--out", tmp_path / "r3", "--pseudo-threshold", "1.5", *flags)
+    code, _, err = run_cli(capsys, "train", labelled, "--unlabeled", flat, "--out", tmp_path / "r3", "--pseudo-share", "1.5", *flags)
     assert_user_error(code, err, "1.5", "(0, 1]")
-    code, _, err = run_cli(capsys, "train", labelled, "--out", tmp_path / "r4", "--pseudo-threshold", "0.5", *flags)
+    code, _, err = run_cli(capsys, "train", labelled, "--out", tmp_path / "r4", "--pseudo-share", "0.5", *flags)
     assert_user_error(code, err, "--unlabeled")
     code, _, err = run_cli(capsys, "train", labelled, "--unlabeled", labelled, "--out", tmp_path / "r5", *flags)
     assert_user_error(code, err, "not already labelled")

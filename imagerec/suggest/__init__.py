@@ -14,16 +14,16 @@
 The suggestions average a linear probe and label propagation over the kNN graph of the
 features (:class:`Suggester`); labelled images are judged out of fold, so ``disagrees`` flags a
 label that the other labels contradict. :func:`train_semi_supervised` trains on the labelled
-images and the unlabelled ones whose suggestion is sure (``imagerec train DATA --unlabeled MORE``).
+images and the unlabelled ones whose suggestion is surest (``imagerec train DATA --unlabeled MORE``).
 """
 
 from ._collection import label_collection
 from ._model import METHODS, MIN_CALIBRATION_LABELS, Suggester
 from ._select import select_next
-from ._semi import PSEUDO_THRESHOLD, train_semi_supervised
+from ._semi import PSEUDO_SHARE, train_semi_supervised
 from ._suggest import PCA_DIM, Suggestions, suggest
 
 __all__ = [
-    "METHODS", "MIN_CALIBRATION_LABELS", "PCA_DIM", "PSEUDO_THRESHOLD", "Suggester", "Suggestions", "label_collection", "select_next",
+    "METHODS", "MIN_CALIBRATION_LABELS", "PCA_DIM", "PSEUDO_SHARE", "Suggester", "Suggestions", "label_collection", "select_next",
     "suggest", "train_semi_supervised",
 ]  # fmt: skip

@@ -1,9 +1,13 @@
-"""Semi-supervised training: the labelled images, plus the unlabelled ones whose suggestion is sure.
+"""Semi-supervised training: the labelled images, plus the unlabelled ones whose suggestion is surest.
 
 One round of self-training with pseudo-labels. The suggestions (:func:`suggest`: a linear probe
-and label propagation over the kNN graph of the labelled and unlabelled images together, with
-calibrated confidences) name a class for every unlabelled image; those at ``threshold`` or above
-join the training split with that class. The run then trains as ``imagerec train`` does, within
+and label propagation over the kNN graph of the labelled and unlabelled images together) name a
+class for every unlabelled image; of the images suggested for each class, the most confident
+``share`` join the training split with that class. A share per class rather than a confidence
+threshold: with a few labels a class the suggester fits no temperature (fewer than
+:data:`MIN_CALIBRATION_LABELS`), so the same confidence means different things from one collection
+to the next, while a rank does not; per class, so a class the suggestions favour does not crowd
+out the others (measured: docs/BENCHMARKS.md, "Semi-supervised training"). The run then trains as ``imagerec train`` does, within
 what is left of the same time budget, and validates on labelled images only, so its keep-rule and
 its calibration never see a pseudo-label.
 """
@@ -21,16 +25,17 @@ from ..data import DEFAULT_MAX_PIXELS, ImageSource, load_images, write_manifest
 from ..errors import ImagerecError
 from ..features import compute_features
 from ..training import TrainConfig, TrainResult, load_splits, train
+from ._model import MIN_CALIBRATION_LABELS
 from ._suggest import suggest
 
-PSEUDO_THRESHOLD = 0.9  # calibrated confidence an unlabelled image needs to join the training split
+PSEUDO_SHARE = 0.25  # of the unlabelled images suggested for a class, the most confident share is taken
 PSEUDO_DIR = "pseudo"  # in the run folder: the embeddings cache and pseudo_labels.csv
 
 
-def check_threshold(threshold) -> float:
-    if not isinstance(threshold, (int, float)) or not 0 < float(threshold) <= 1:
-        raise ImagerecError(f"pseudo-label threshold {threshold!r} must be in (0, 1]; try {PSEUDO_THRESHOLD}")
-    return float(threshold)
+def check_share(share) -> float:
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < float(share) <= 1:
+        raise ImagerecError(f"pseudo-label share {share!r} must be in (0, 1]; try {PSEUDO_SHARE}")
+    return float(share)
 
 
 def train_semi_supervised(
@@ -39,10 +44,10 @@ def train_semi_supervised(
     out: str | os.PathLike,
     config: TrainConfig | None = None,
     *,
-    threshold: float = PSEUDO_THRESHOLD,
+    share: float = PSEUDO_SHARE,
     progress: bool = True,
 ) -> tuple[TrainResult, dict]:
-    """Train on the labelled ``data`` and the confidently pseudo-labelled images of ``unlabeled``.
+    """Train on the labelled ``data`` and the surest pseudo-labelled images of ``unlabeled``.
 
     Args:
         data: labelled images, as for :func:`~imagerec.training.train` (its training split is
@@ -50,18 +55,19 @@ def train_semi_supervised(
         unlabeled: a folder (or manifest) of images without labels; labels it holds are ignored.
         out: the run folder; ``out/pseudo/pseudo_labels.csv`` lists the images taken and their class.
         config: the training settings; a ``time_budget`` covers the pseudo-labelling too.
-        threshold: calibrated confidence an unlabelled image needs, in (0, 1].
+        share: of the unlabelled images suggested for each class, the most confident share
+            taken (at least one a class that has any), in (0, 1].
         progress: show progress bars.
 
     Returns:
-        (the training result, what the pseudo-labelling did: images, taken, threshold, seconds).
+        (the training result, what the pseudo-labelling did: images, taken, share, seconds).
 
     Raises:
         ImagerecError: bad arguments or data (checked before any embedding), no unlabelled image,
             or a budget spent before training could start.
     """
     started = time.perf_counter()
-    threshold = check_threshold(threshold)
+    share = check_share(share)
     config = config or TrainConfig()
     cfg = config.resolved()
     if Path(out).exists() and any(Path(out).iterdir()):
@@ -82,13 +88,18 @@ def train_semi_supervised(
     name_of = dict(zip(labelled.paths, (labelled.classes[i] for i in labelled.labels)))
     s = suggest(emb, [name_of.get(p) for p in emb.paths])
     conf, suggested = s.suggester.confidence_, s.suggester.suggested_
-    rows = [n for n, p in enumerate(emb.paths) if p not in name_of and conf[n] >= threshold]
+    pool = np.asarray([n for n, p in enumerate(emb.paths) if p not in name_of], np.int64)
+    rows = []
+    for c in range(len(s.classes)):
+        mine = pool[suggested[pool] == c]
+        rows += mine[np.argsort(-conf[mine], kind="stable")][: max(1, int(share * len(mine)))].tolist() if len(mine) else []
+    rows.sort()
     index = {c: i for i, c in enumerate(labelled.classes)}
     pseudo_paths = [emb.paths[n] for n in rows]
     pseudo_labels = np.asarray([index[s.classes[suggested[n]]] for n in rows], np.int64)
     write_manifest(Path(out) / PSEUDO_DIR / "pseudo_labels.csv", zip(pseudo_paths, (labelled.classes[i] for i in pseudo_labels)))
     info = {
-        "unlabelled_images": len(extra_paths), "pseudo_labelled": len(rows), "threshold": threshold,
+        "unlabelled_images": len(extra_paths), "pseudo_labelled": len(rows), "share": share,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
 
