@@ -37,9 +37,17 @@ def run_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ImagerecError(f"{folder}: is a file, not a folder; give --out a folder name (e.g. runs/{folder.stem or 'run'})")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    with _flock(folder / LOCK_NAME, f"{folder}: another imagerec {what} is writing this folder"):
-        yield folder
+    try:
+        with _flock(folder / LOCK_NAME, f"{folder}: another imagerec {what} is writing this folder"):
+            yield folder
+    except BaseException:
+        if created and {p.name for p in folder.iterdir()} <= {LOCK_NAME}:  # refused before writing anything: leave no folder
+            with contextlib.suppress(OSError):
+                (folder / LOCK_NAME).unlink(missing_ok=True)
+                folder.rmdir()
+        raise
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import argparse
 import errno
 import math
 import os
+import re
 import sys
 from typing import Sequence
 
@@ -772,13 +773,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except ImagerecError as e:
-        print(f"imagerec {args.command}: error: {e}", file=sys.stderr)
+        print(f"imagerec {args.command}: error: {_printable(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # the system around the data: a full disk, a permission, a vanished file
-        print(f"imagerec {args.command}: error: {_os_error(e)}", file=sys.stderr)
+        print(f"imagerec {args.command}: error: {_printable(_os_error(e))}", file=sys.stderr)
         return 2
     except UnicodeError as e:
-        print(f"imagerec {args.command}: error: {_one_line(e)}; a file name or text file is not in the expected encoding: rename it or save it as UTF-8", file=sys.stderr)
+        print(f"imagerec {args.command}: error: {_printable(_one_line(e))}; a file name or text file is not in the expected encoding: rename it or save it as UTF-8", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("imagerec: interrupted", file=sys.stderr)
@@ -805,6 +806,15 @@ def _os_error(e: OSError) -> str:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters written as escapes (``\\n``, ``\\t``, ``\\x1b``): a file name
+    holding a newline or a terminal escape stays on the error's one line and cannot rewrite the screen."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 if __name__ == "__main__":

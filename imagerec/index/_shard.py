@@ -195,11 +195,12 @@ def scan_parts(parts: list[str | os.PathLike]) -> tuple[int, int, str, Preproces
         try:
             with np.load(path, allow_pickle=False) as d:
                 meta = json.loads(str(d["meta"]))
-                metas.append((meta["backbone"], Preprocessing.from_dict(meta["preprocessing"]), meta.get("shard")))
+                backbone_pp = (str(meta["backbone"]), Preprocessing.from_dict(meta["preprocessing"]))
         except FileNotFoundError:
             raise ImagerecError(f"{path}: no such embeddings file; make one with 'imagerec embed'") from None
         except (KeyError, ValueError, TypeError, OSError) as e:
             raise ImagerecError(f"{path}: not an imagerec embeddings file ({e}); make it again with 'imagerec embed'") from None
+        metas.append((*backbone_pp, read_shard(path)))  # the one check of a shard record
         n, dim = part_shape(path)
         rows += n
         dims.add(dim if n else 0)

@@ -255,14 +255,18 @@ def write(folder: str | os.PathLike, index, items: Items, meta: dict) -> dict:
 
     folder = Path(folder)
     g = next_generation(folder)
-    with atomic_path(folder / f"index-{g}.faiss", suffix=".faiss") as tmp:
-        with open(tmp, "wb") as f:  # through Python's file: FAISS's own open() takes no name that is not UTF-8
-            faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
-        index_sum = file_sha256(tmp)
     table = pd.DataFrame({"path": items.paths, "label": items.labels or [""] * len(items), "identity": items.identities})
-    with atomic_path(folder / f"items-{g}.csv", suffix=".csv") as tmp:
+    with atomic_path(folder / f"items-{g}.csv", suffix=".csv") as tmp:  # first: a name that cannot be written fails before the vectors are
         table.to_csv(tmp, index=False)
         items_sum = file_sha256(tmp)
+    try:
+        with atomic_path(folder / f"index-{g}.faiss", suffix=".faiss") as tmp:
+            with open(tmp, "wb") as f:  # through Python's file: FAISS's own open() takes no name that is not UTF-8
+                faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+            index_sum = file_sha256(tmp)
+    except BaseException:
+        (folder / f"items-{g}.csv").unlink(missing_ok=True)  # not committed: no orphan
+        raise
     return commit(folder, {**meta, "sha256": {"index": index_sum, "items": items_sum}}, g, count=int(index.ntotal), dim=int(index.d),
                   labelled=items.labels is not None)
 
