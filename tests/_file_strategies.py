@@ -174,7 +174,9 @@ def _array_edit(draw, arrays: dict) -> str:
         arrays["features"] = np.zeros(shape, dtype=dtype) + (np.ones(shape, dtype=dtype) if dtype != "U3" else "1")
         return f"features {dtype} {shape}"
     if kind == "values":
-        f = np.array(arrays.get("features", np.ones((n, DIM), np.float32)), dtype=np.float32, copy=True)
+        f = arrays.get("features")
+        numeric = isinstance(f, np.ndarray) and (np.issubdtype(f.dtype, np.number) or f.dtype == bool)
+        f = np.array(f if numeric else np.ones((n, DIM)), dtype=np.float32, copy=True)  # after an "object" or "U3" edit: fresh values
         if f.size:
             f.flat[draw(st.integers(0, f.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf, 3e38, 0.0]))
         if draw(st.booleans()) and f.size:
