@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from imagerec import TrainConfig, load_checkpoint, train
+from imagerec import ImagerecError, TrainConfig, load_checkpoint, train
 from imagerec.backbones import create_backbone
 from imagerec.data import load_images
 from imagerec.features import compute_features
+from imagerec.training._callbacks import not_worse, within_one_se
 from imagerec.training._probe import MISSING_CLASS_BIAS, PROBE_MAX_IMAGES, _full_rows, _loss_optimal_scale, fit_probe, wants_probe
 
 from .conftest import make_colour_dataset
@@ -90,10 +91,26 @@ def test_the_probe_is_epoch_zero_and_kept_until_fine_tuning_validates_as_well(tm
     assert best.meta["probe"]["images"] == 45
     kept = result.best_epoch
     assert kept in (0, 1)
-    val = {row["epoch"]: row["val_acc"] for row in result.history}
-    if kept == 0:  # the one-standard-error rule: fine-tuning replaced the probe only if it validated as well
-        assert val[1] < val[0]
+    acc = {row["epoch"]: row["val_acc"] for row in result.history}
+    loss = {row["epoch"]: row["val_loss"] for row in result.history}
+    replaces = acc[1] > acc[0] or (within_one_se(acc[1], acc[0], 15) and not_worse(loss[1], loss[0]))
+    assert kept == (1 if replaces else 0)  # fine-tuning replaced the probe only where it validated as well
     assert best.meta["step"] == (0 if kept == 0 else result.plan.total_steps)
+
+
+def test_fine_tuning_after_the_probe_takes_small_steps(tmp_path):
+    """Stage 2's peak learning rates after the probe are the configured ones times
+    probe_lr_scale (head lr, backbone lr x backbone_lr_scale); without the probe they are not scaled."""
+    data = make_colour_dataset(tmp_path / "d", per_class=12, size=(48, 48))
+    for probe, scale in ((True, 0.1), (False, 1.0)):
+        config = TrainConfig(epochs=1, head_epochs=0, val_fraction=0.25, probe=probe, lr=0.04, probe_lr_scale=0.1, **PROBED)
+        result = train(data, tmp_path / f"run-{probe}", config, progress=False)
+        assert result.plan.lr_scale == scale
+        groups = load_checkpoint(tmp_path / f"run-{probe}" / "last.safetensors").optimizer["param_groups"]
+        linear = 16 / 64  # batch_size / lr_batch
+        assert sorted({g["peak_lr"] for g in groups}) == pytest.approx([0.04 * 0.5 * linear * scale, 0.04 * linear * scale])
+    with pytest.raises(ImagerecError, match="probe_lr_scale=0"):
+        TrainConfig(probe_lr_scale=0)
 
 
 def test_a_budget_with_no_room_for_a_step_after_the_probe_gives_the_probe(tmp_path, monkeypatch, capsys):

@@ -55,13 +55,18 @@ def test_run_folder_contents(colour_folder, tmp_path):
 
 def test_best_is_the_latest_epoch_within_one_standard_error_of_the_highest(colour_folder, tmp_path):
     """12 validation images: an epoch that ties the highest accuracy, or is one image below it,
-    is noise, and the later (better-trained) epoch is kept as best, with its own temperature."""
-    from imagerec.training._callbacks import within_one_se
+    is noise, and the later (better-trained) epoch is kept as best, with its own temperature,
+    unless its validation loss is higher than the kept epoch's."""
+    from imagerec.training._callbacks import not_worse, within_one_se
 
     result = train(colour_folder, tmp_path / "run", TrainConfig(epochs=6, val_fraction=0.25, **FAST), progress=False)
     acc = [row["val_acc"] for row in result.history]
-    kept = max(i for i, a in enumerate(acc) if a >= max(acc) - max(math.sqrt(max(acc) * (1 - max(acc)) / 12), 1 / 12) - 1e-9)
-    assert kept > acc.index(max(acc))  # the premise: the first-best rule would keep an earlier epoch
+    kept, best_acc = 0, acc[0]
+    for i in range(1, len(acc)):  # the rule, written out: higher accuracy, or a tie within one SE at no higher loss
+        tie = acc[i] >= best_acc - max(math.sqrt(best_acc * (1 - best_acc) / 12), 1 / 12) - 1e-9
+        if acc[i] > best_acc or (tie and result.history[i]["val_loss"] <= result.history[kept]["val_loss"] + 1e-9):
+            kept = i
+        best_acc = max(best_acc, acc[i])
     best = load_checkpoint(tmp_path / "run")
     assert best.meta["step"] == result.history[kept]["step"] and best.meta["calibration"]["images"] == 12
     assert result.best_epoch == kept + 1
@@ -70,6 +75,8 @@ def test_best_is_the_latest_epoch_within_one_standard_error_of_the_highest(colou
     assert within_one_se(0.894, 0.9, 2000) and not within_one_se(0.892, 0.9, 2000)  # SE 0.0067
     assert within_one_se(0.95, 1.0, 20) and not within_one_se(0.9, 1.0, 20)  # at least one image
     assert not within_one_se(None, 0.9, 30)
+    assert not_worse(0.5, 0.6) and not_worse(0.6, 0.6) and not not_worse(0.61, 0.6)
+    assert not_worse(None, 0.6) and not_worse(0.6, None)  # no validation loss, or a resumed run's: accuracy decides
 
 
 def test_same_seed_same_metrics(colour_folder, tmp_path):

@@ -101,8 +101,9 @@ class RunningLoss(Callback):
 class EpochEnd(Callback):
     """At each epoch's end (or the run's): validate, record a row of ``metrics.csv``, save
     ``last`` and ``best`` (with a temperature fitted on that validation pass) when the validation
-    accuracy is the highest so far or within one standard error of it (:func:`within_one_se`),
-    so that ``best`` is the latest epoch the validation split cannot tell from the best one;
+    accuracy is the highest so far, or within one standard error of it (:func:`within_one_se`)
+    with a validation loss no higher than that of the weights kept (:func:`not_worse`), so that
+    ``best`` is the latest epoch the validation split cannot tell from the best one;
     stop after ``cfg.patience`` epochs without a higher accuracy. Between epochs, ``last`` is
     also saved every ``cfg.save_every`` steps, so a killed run loses little.
 
@@ -120,6 +121,7 @@ class EpochEnd(Callback):
         self.history, self.val_src, self.pp, self.cfg, self.world = history, val_src, pp, cfg, world
         self.skipped, self.started, self.calibrated = skipped, started, meta
         self.kept_epoch: int | None = None
+        self.kept_loss: float | None = None  # the validation loss of the weights saved as best (a resumed run: unknown)
         self.best = max([row["val_acc"] for row in history if row.get("val_acc") is not None], default=-1.0)
         self.stale = 0
         self.writer = _tensorboard(run_dir) if world.main else None
@@ -166,10 +168,10 @@ class EpochEnd(Callback):
         row = dict(row, val_loss=val_loss, val_acc=val_acc, images_per_s=images_per_s, elapsed_s=time.perf_counter() - self.started)
         self.history.append(row)
         improved = val_acc is None or val_acc > self.best
-        kept = improved or within_one_se(val_acc, self.best, val_images)
+        kept = improved or (within_one_se(val_acc, self.best, val_images) and not_worse(val_loss, self.kept_loss))
         self.best, self.stale = (val_acc if val_acc is not None else self.best, 0) if improved else (self.best, self.stale + 1)
         if kept:
-            self.kept_epoch = row["epoch"]
+            self.kept_epoch, self.kept_loss = row["epoch"], val_loss
             self.calibrated = calibrated(self.meta, self.cfg, self.val_src, val_out, self.world)  # from this model's own validation pass
         if self.world.main:
             self.skipped.report()
@@ -226,6 +228,15 @@ def within_one_se(val_acc: float | None, best: float, images: int) -> bool:
     if val_acc is None or best < 0 or not images:
         return False
     return val_acc >= best - max(math.sqrt(best * (1 - best) / images), 1 / images) - 1e-9
+
+
+def not_worse(val_loss: float | None, kept_loss: float | None) -> bool:
+    """Whether a later epoch whose accuracy ties the kept one's (within one standard error)
+    may replace it: its validation loss is no higher. On nine validation images the standard
+    error is more than one image: a fine-tuning epoch that had collapsed (1 of 9 right) tied the
+    probe (2 of 9) and replaced it, and scored 0.025 on the test split (skin lesions, 10
+    labelled images a class). Accuracy on a few images cannot tell them apart; the loss can."""
+    return val_loss is None or kept_loss is None or val_loss <= kept_loss + 1e-9
 
 
 def validate(model, val_src, pp, cfg, world: World, bf16: bool, skipped: SkipLog) -> tuple[float | None, float | None, Predictions | None, int]:

@@ -63,6 +63,9 @@ class TrainConfig:
         4, "stage 2: keep the first N layer groups of a pretrained backbone (stem, then stages) frozen; backward skips them, their batch norm still adapts (0: tune all)"
     )
     head_lr: float = _field(0.02, 'stage 1 learning rate (head only)')
+    probe_lr_scale: float = _field(
+        0.1, "after the probe, stage 2's learning rates (head and backbone) are these x this: the fitted head needs small steps (at 1, one step undid the probe)"
+    )
     optimizer: str = _field("sgd", "sgd or adamw")
     momentum: float = _field(0.9, "SGD momentum")
     nesterov: bool = _field(True, "Nesterov momentum (SGD)")
@@ -117,6 +120,7 @@ class TrainConfig:
             (self.lr_batch >= 1, f"lr_batch={self.lr_batch} must be >= 1"),
             (self.lr > 0 and self.head_lr > 0, f"lr={self.lr}, head_lr={self.head_lr} must be > 0"),
             (0 <= self.backbone_lr_scale <= 10, f"backbone_lr_scale={self.backbone_lr_scale} must be in [0, 10]"),
+            (0 < self.probe_lr_scale <= 10, f"probe_lr_scale={self.probe_lr_scale} must be in (0, 10]"),
             (0 <= self.momentum < 1, f"momentum={self.momentum} must be in [0, 1)"),
             (self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0"),
             (0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing} must be in [0, 1)"),

@@ -50,6 +50,8 @@ class Plan:
         replan_at: the step at which the budget fits the run again (None: no re-plan left).
         frozen_norm: stage 2 keeps the pretrained batch-norm statistics (eval mode) while the
             weights train (``norm_stats``; auto: after the probe).
+        lr_scale: stage 2's learning rates are the configured ones times this
+            (``probe_lr_scale`` after the probe, else 1).
     """
 
     steps_per_epoch: int
@@ -63,6 +65,7 @@ class Plan:
     replan_at: int | None = None
     start_size: int | None = None
     frozen_norm: bool = False
+    lr_scale: float = 1.0
 
     def __post_init__(self):
         self.start_size = self.start_size or self.image_size
@@ -120,6 +123,7 @@ def make_plan(cfg: TrainConfig, model: nn.Module, pretrained: bool, train_images
         )
     head_steps = round(cfg.head_epochs * steps_per_epoch) if pretrained and not probed else 0
     frozen_norm = cfg.norm_stats == "frozen" or (cfg.norm_stats == "auto" and probed)
+    lr_scale = cfg.probe_lr_scale if probed else 1.0
     start_size = max(8, 8 * round(image_size * cfg.resize_from / 8))
     timing = {}
     bf16 = cfg.precision == "bf16"
@@ -140,7 +144,7 @@ def make_plan(cfg: TrainConfig, model: nn.Module, pretrained: bool, train_images
         timing["eval_image_s"] = _time_eval(model, batch, cfg, bf16)
         head_steps, full_steps = budget.fit(timing, steps_per_epoch, head_steps, val_images, probed)
     replan_at = _first_fit(head_steps, full_steps) if budget is not None else None
-    return Plan(steps_per_epoch, head_steps, head_steps + full_steps, freeze, bf16, image_size, world.size, timing, replan_at, start_size, frozen_norm)
+    return Plan(steps_per_epoch, head_steps, head_steps + full_steps, freeze, bf16, image_size, world.size, timing, replan_at, start_size, frozen_norm, lr_scale)
 
 
 def _first_fit(head_steps: int, full_steps: int) -> int | None:

@@ -23,14 +23,15 @@ class Stage:
     Stage 1 trains the head alone: the backbone is frozen and kept in eval mode (batch-norm
     statistics stay those of the pretrained weights). Stage 2 trains everything but the first
     ``freeze`` layer groups (whose batch-norm statistics still adapt, in train mode), the
-    backbone at ``lr * backbone_lr_scale``; under torchrun it runs through
+    backbone at ``lr * backbone_lr_scale`` (both times ``lr_scale``: ``probe_lr_scale`` after
+    the probe); under torchrun it runs through
     DistributedDataParallel. Frozen early layers save most of the backward pass where the
     feature maps are largest: with 4 groups, steps 1.6x faster at 96 px and 2.1x at 128 px on a
     CPU (docs/BENCHMARKS.md).
     """
 
     def __init__(self, number: int, model: nn.Module, cfg: TrainConfig, world: World, head_steps: int, freeze: int = 0,
-                 frozen_norm: bool = False):
+                 frozen_norm: bool = False, lr_scale: float = 1.0):
         self.number, self.model, self.cfg, self.world, self.frozen_norm = number, model, cfg, world, frozen_norm
         head = list(model.get_classifier().parameters())
         head_ids = {id(p) for p in head}
@@ -47,7 +48,7 @@ class Stage:
             groups = []
             for is_head, share in ((False, cfg.backbone_lr_scale), (True, 1.0)):
                 params = [p for p in model.parameters() if (id(p) in head_ids) == is_head and p.requires_grad]
-                groups += decay_groups(params, cfg.weight_decay, cfg.lr * share * scale)
+                groups += decay_groups(params, cfg.weight_decay, cfg.lr * share * scale * lr_scale)
             self.net = model
             if world.size > 1:
                 device_ids = [world.device] if world.device.type == "cuda" else None
@@ -128,7 +129,8 @@ class Stages(Callback):
     def on_step_start(self, loop: Loop) -> None:
         wanted = 1 if loop.step < self.plan.head_steps else 2
         if self.stage is None or self.stage.number != wanted:
-            self.stage = Stage(wanted, self.model, self.cfg, self.world, self.plan.head_steps, self.plan.freeze_groups, self.plan.frozen_norm)
+            self.stage = Stage(wanted, self.model, self.cfg, self.world, self.plan.head_steps, self.plan.freeze_groups,
+                               self.plan.frozen_norm, self.plan.lr_scale)
             if self.resumed is not None and self.resumed.meta.get("stage") == wanted:
                 self.stage.optimizer.load_state_dict(self.resumed.optimizer)
         self.stage.schedule.on_step_start(loop)
